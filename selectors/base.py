@@ -1,0 +1,35 @@
+"""The one selector interface.
+
+A selector turns candidates (a polars DataFrame with at least `id`, plus whatever score or
+group columns it reads) and a `Budget` into the chosen rows, in order, with a reason each:
+
+    chosen = SomeSelector(param=...).select(candidates, budget, seed)
+    chosen.columns  ->  ["id", "reason", ...]
+
+Every random choice takes the seed; the same candidates, budget and seed give the same result.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import polars as pl
+
+from thresher.pipeline.budget import Budget
+
+
+class Selector(Protocol):
+    def select(self, candidates: pl.DataFrame, budget: Budget, seed: int) -> pl.DataFrame: ...
+
+
+def check_selection(chosen: pl.DataFrame, candidates: pl.DataFrame) -> pl.DataFrame:
+    """Guard every selector's output: id and reason present, ids unique and all candidates."""
+    missing = {"id", "reason"} - set(chosen.columns)
+    if missing:
+        raise ValueError(f"selection lacks columns {sorted(missing)}")
+    if chosen["id"].n_unique() != chosen.height:
+        raise ValueError("selection repeats ids")
+    unknown = chosen.filter(~pl.col("id").is_in(candidates["id"].implode()))
+    if unknown.height:
+        raise ValueError(f"selection holds {unknown.height} ids that are not candidates")
+    return chosen
