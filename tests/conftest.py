@@ -1,0 +1,61 @@
+"""Shared fixtures: paths to the bundled sample, and a tiny random causal LM built in code.
+
+The tiny LM uses the real SmolLM2 tokenizer (so chat templates and masks are realistic) with a
+2-layer, 64-wide Llama body, so forward passes and training steps take milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+SHARED = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def sample_pool_dir() -> Path:
+    return SAMPLE / "pool"
+
+
+@pytest.fixture(scope="session")
+def sample_pool(tmp_path_factory, sample_pool_dir):
+    """The bundled sample ingested once per session (read-only for tests)."""
+    from thresher.pipeline.pool import Pool, ingest
+
+    out = tmp_path_factory.mktemp("sample") / "pool"
+    ingest([sample_pool_dir], out)
+    return Pool(out)
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer_dir() -> Path:
+    from thresher.pipeline.models import DEFAULT_LM, resolve
+
+    return Path(resolve(DEFAULT_LM).path)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
+    """A randomly initialised 2-layer Llama saved as a normal HF directory, seeded."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny-lm")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
