@@ -114,7 +114,11 @@ class IngestReport:
         return sum(i.quarantined for i in self.inputs)
 
 
-def _snippet(rec) -> str:
+def _snippet(rec) -> str | None:
+    if rec is None:
+        return None
+    if isinstance(rec, str):  # the raw text of a row that could not be decoded
+        return rec[:SNIPPET]
     try:
         s = json.dumps(rec, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
@@ -173,7 +177,7 @@ def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_sh
                 if err is not None:
                     rep.quarantined += 1
                     qf.write(json.dumps({"file": str(path), "location": where, "reason": err,
-                                         "snippet": _snippet(rec) if rec is not None else None},
+                                         "snippet": _snippet(rec)},
                                         ensure_ascii=False) + "\n")
                     continue
                 key = hashlib.blake2b(row["id"].encode(), digest_size=12).digest()

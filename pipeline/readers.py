@@ -1,8 +1,8 @@
 """Streaming readers: JSONL, JSON arrays, Parquet and CSV, in bounded memory.
 
 `read_records(path)` yields `(location, record, error)` one row at a time: `record` is the
-decoded object (dict) or None, `error` a reason string when the raw row could not even be
-decoded (bad UTF-8, malformed JSON). Shape detection and conversion happen in `schema`.
+decoded object, or, when the raw row could not even be decoded (bad UTF-8, malformed JSON),
+the raw text (undecodable bytes replaced) with `error` giving the reason. Shape detection and conversion happen in `schema`.
 """
 
 from __future__ import annotations
@@ -60,15 +60,16 @@ def _jsonl(path: Path) -> Iterator[Row]:
             if not raw.strip():
                 continue
             where = f"line {lineno}"
+            raw = raw.rstrip(b"\r\n")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield where, None, f"invalid UTF-8 at byte {e.start} of the line"
+                yield where, raw.decode("utf-8", "replace"), f"invalid UTF-8 at byte {e.start} of the line"
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, None, f"malformed JSON: {e.msg} (column {e.colno})"
+                yield where, line, f"malformed JSON: {e.msg} (column {e.colno})"
                 continue
             yield where, rec, None
 

@@ -1,0 +1,36 @@
+import pytest
+
+from thresher.pipeline.artifacts import ArtifactStore, atomic_path
+
+
+def test_stage_key_depends_on_inputs_and_config(tmp_path):
+    store = ArtifactStore(tmp_path)
+    a = store.stage("embed", ["fp1"], {"model": "m", "part": "first_user"})
+    assert store.stage("embed", ["fp1"], {"part": "first_user", "model": "m"}).dir == a.dir
+    assert store.stage("embed", ["fp2"], {"model": "m", "part": "first_user"}).dir != a.dir
+    assert store.stage("embed", ["fp1"], {"model": "m", "part": "response"}).dir != a.dir
+    assert store.stage("cluster", ["fp1"], {"model": "m", "part": "first_user"}).dir != a.dir
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    stage = ArtifactStore(tmp_path).stage("s", ["x"], {})
+    with pytest.raises(RuntimeError):
+        with stage.writing("part-0.npy") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not stage.has("part-0.npy")
+    assert [p.name for p in stage.dir.iterdir()] == ["_SPEC.json"]
+    with stage.writing("part-0.npy") as tmp:
+        tmp.write_text("whole")
+    assert stage.path("part-0.npy").read_text() == "whole"
+    assert not stage.done
+    stage.complete({"rows": 3})
+    assert stage.done and stage.info() == {"rows": 3}
+
+
+def test_atomic_path_replaces_existing(tmp_path):
+    f = tmp_path / "out.txt"
+    f.write_text("old")
+    with atomic_path(f) as tmp:
+        tmp.write_text("new")
+    assert f.read_text() == "new"
