@@ -34,3 +34,25 @@ def test_atomic_path_replaces_existing(tmp_path):
     with atomic_path(f) as tmp:
         tmp.write_text("new")
     assert f.read_text() == "new"
+
+
+def test_token_counts_stage_resumes_from_finished_shards(tmp_path, sample_pool_dir, monkeypatch):
+    from thresher.pipeline import tokens
+    from thresher.pipeline.models import DEFAULT_LM, resolve
+    from thresher.pipeline.pool import Pool, ingest
+
+    ingest([sample_pool_dir], tmp_path / "pool", rows_per_shard=300)
+    pool = Pool(tmp_path / "pool")
+    store = ArtifactStore(tmp_path / "work")
+    model = resolve(DEFAULT_LM)
+    first = tokens.token_counts(pool, store, model)
+    assert first.height == 775 and first["id"].to_list() == pool.frame(["id"])["id"].to_list()
+
+    stage = store.stage("tokens", [pool.fingerprint], {"tokenizer": model.identity})
+    stage.path("part-00001.parquet").unlink()  # as if killed while writing shard 1
+    calls = []
+    real = tokens.encode
+    monkeypatch.setattr(tokens, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = tokens.token_counts(pool, store, model)
+    assert len(calls) == 300  # only the missing shard was recomputed
+    assert again.equals(first)
