@@ -1,0 +1,143 @@
+"""Clustering stage: FAISS k-means over any float matrix, cached by the matrix and the settings.
+
+    cl = cluster_matrix(store, emb.matrix(), k=100, fingerprint=emb.fingerprint, spherical=True)
+    cl.labels      int64 (n,)    nearest centroid of each row
+    cl.cos_dist    float32 (n,)  1 - cos(x, centroid)  (centroid renormalised, as NeMo Curator does)
+    cl.l2_dist     float32 (n,)  ||x - centroid||
+    cl.centroids   float32 (k, d)
+
+Works on embeddings and on any other feature matrix (S2L's loss trajectories). The artifacts
+(`labels.npy`, `cos_dist.npy`, `l2_dist.npy`, `centroids.npy`) live in
+`store.stage("cluster", [fingerprint], {k, niter, seed, spherical, ...})`. Training uses at most
+`max_points_per_centroid * k` rows (a seeded sample, as faiss itself would take) and assignment
+runs in blocks, so memory beyond the input stays O(block x k). faiss runs on the GPU when it has
+one (faiss-gpu) unless `gpu=False`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from thresher.pipeline.artifacts import ArtifactStore, Stage
+
+BLOCK = 65_536
+FILES = ("labels", "cos_dist", "l2_dist", "centroids")
+
+
+def matrix_fingerprint(x: np.ndarray) -> str:
+    """A content hash of a matrix (shape, dtype, bytes), for matrices without a stage key."""
+    h = hashlib.sha256(f"{x.shape}:{x.dtype}".encode())
+    for start in range(0, x.shape[0], BLOCK):
+        h.update(np.ascontiguousarray(x[start:start + BLOCK]).tobytes())
+    return "matrix:" + h.hexdigest()[:32]
+
+
+def _gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: bool = False,
+           gpu: bool | None = None, max_points_per_centroid: int = 256):
+    """Run faiss k-means; returns (centroids, labels, cos_dist, l2_dist). Deterministic per seed."""
+    import faiss
+
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of rows ({n}), got {k}")
+    use_gpu = _gpus() > 0 if gpu is None else (gpu and _gpus() > 0)
+    train_n = min(n, max_points_per_centroid * k)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(n, train_n, replace=False)) if train_n < n else slice(None)
+    train = np.ascontiguousarray(x[idx], dtype=np.float32)
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu,
+                      max_points_per_centroid=max_points_per_centroid, verbose=False)
+    km.train(train)
+    centroids = km.centroids.astype(np.float32)
+    unit_c = _unit(centroids)
+    index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
+    index.add(centroids)
+    labels = np.empty(n, dtype=np.int64)
+    cos_dist = np.empty(n, dtype=np.float32)
+    l2_dist = np.empty(n, dtype=np.float32)
+    for start in range(0, n, BLOCK):
+        block = np.ascontiguousarray(x[start:start + BLOCK], dtype=np.float32)
+        _, lab = index.search(block, 1)
+        lab = lab[:, 0]
+        c = centroids[lab]
+        labels[start:start + len(block)] = lab
+        l2_dist[start:start + len(block)] = np.linalg.norm(block - c, axis=1)
+        cos_dist[start:start + len(block)] = 1.0 - np.sum(_unit(block) * unit_c[lab], axis=1)
+    return centroids, labels, cos_dist, l2_dist
+
+
+@dataclass
+class Clusters:
+    stage: Stage
+    k: int
+
+    def _load(self, name: str) -> np.ndarray:
+        return np.load(self.stage.path(f"{name}.npy"))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._load("labels")
+
+    @property
+    def cos_dist(self) -> np.ndarray:
+        return self._load("cos_dist")
+
+    @property
+    def l2_dist(self) -> np.ndarray:
+        return self._load("l2_dist")
+
+    @property
+    def centroids(self) -> np.ndarray:
+        return self._load("centroids")
+
+    def paths(self) -> dict[str, str]:
+        return {name: str(self.stage.path(f"{name}.npy")) for name in FILES}
+
+
+def cluster_matrix(store: ArtifactStore, x: np.ndarray, k: int, fingerprint: str | None = None,
+                   niter: int = 20, seed: int = 1234, spherical: bool = False,
+                   gpu: bool | None = None) -> Clusters:
+    """k-means over `x` (cached: the same matrix and settings reuse the saved assignment)."""
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"cannot cluster a matrix of shape {x.shape}")
+    fingerprint = fingerprint or matrix_fingerprint(x)
+    stage = store.stage("cluster", [fingerprint],
+                        {"k": k, "niter": niter, "seed": seed, "spherical": spherical,
+                         "algorithm": "faiss.Kmeans"})
+    if not stage.done:
+        centroids, labels, cos_dist, l2_dist = kmeans(x, k, niter, seed, spherical, gpu)
+        for name, arr in zip(FILES, (labels, cos_dist, l2_dist, centroids)):
+            with stage.writing(f"{name}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, arr)
+        stage.complete({"rows": int(x.shape[0]), "k": k,
+                        "sizes": np.bincount(labels, minlength=k).tolist()})
+    return Clusters(stage, k)
+
+
+def default_k(n: int, per_cluster: int = 100, cap: int = 1000) -> int:
+    """Heuristic k for a pool of n rows: about `per_cluster` rows per cluster, at most `cap`."""
+    return max(1, min(cap, n // per_cluster))
+
+
+def cluster_for(ctx, emb, k: int, spherical: bool = False, niter: int = 20) -> Clusters:
+    """k-means over a method's embeddings (`emb` from `embed.embed_for`), timed and recorded."""
+    seed = int(ctx.option("kmeans_seed", 1234))
+    with ctx.timed("cluster"):
+        cl = cluster_matrix(ctx.store, emb.matrix(), k, fingerprint=emb.fingerprint, niter=niter,
+                            seed=seed, spherical=spherical)
+    ctx.config["clusters"] = str(cl.stage.dir)
+    return cl
