@@ -98,6 +98,65 @@ def _is_json(v: str) -> bool:
 
 
 @app.command()
+def embed(
+    pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
+    model: Annotated[str, typer.Option("--model", help="Sentence-transformers model: built-in name, directory, or org/name.")] = "all-minilm-l6-v2",
+    part: Annotated[str, typer.Option("--part", help="Text to embed: first_user|conversation|response.")] = "conversation",
+    workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+    batch_size: Annotated[int, typer.Option(help="Texts per batch.")] = 64,
+):
+    """Embed every row of a pool (cached, resumable per shard) and print the matrix path."""
+    from thresher.pipeline.artifacts import ArtifactStore
+    from thresher.pipeline.embed import embed_pool
+    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.select import default_workdir
+
+    try:
+        p = Pool(pool)
+        store = ArtifactStore(workdir or default_workdir(p.path))
+        e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size,
+                       progress=lambda shard, n: typer.echo(f"  embedded {shard} ({n} rows)", err=True))
+    except USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"embeddings {e.rows} x {e.dim} float16 ({e.model}, {e.part}) -> {e.path}")
+
+
+@app.command()
+def cluster(
+    pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
+    k: Annotated[int, typer.Option("--k", help="Number of clusters.")],
+    spherical: Annotated[bool, typer.Option("--spherical", help="Spherical k-means (cosine).")] = False,
+    niter: Annotated[int, typer.Option(help="k-means iterations.")] = 20,
+    seed: Annotated[int, typer.Option(help="k-means seed.")] = 1234,
+    model: Annotated[str, typer.Option("--model", help="Sentence-transformers model for the embeddings.")] = "all-minilm-l6-v2",
+    part: Annotated[str, typer.Option("--part", help="Text to embed: first_user|conversation|response.")] = "conversation",
+    workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+):
+    """k-means over a pool's embeddings (embedding first if needed); print the artifact paths."""
+    from thresher.pipeline.artifacts import ArtifactStore
+    from thresher.pipeline.cluster import cluster_matrix
+    from thresher.pipeline.embed import embed_pool
+    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.select import default_workdir
+
+    try:
+        p = Pool(pool)
+        store = ArtifactStore(workdir or default_workdir(p.path))
+        e = embed_pool(p, store, model, part=part, device=device)
+        c = cluster_matrix(store, e.matrix(), k, fingerprint=e.fingerprint, niter=niter,
+                           seed=seed, spherical=spherical)
+    except USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"embeddings -> {e.path}")
+    for name, path in c.paths().items():
+        typer.echo(f"{name} -> {path}")
+    sizes = c.stage.info()["sizes"]
+    typer.echo(f"k={k}: cluster sizes min {min(sizes)}, median {sorted(sizes)[len(sizes) // 2]}, max {max(sizes)}")
+
+
+@app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
     """List the selection methods, what each needs and what it costs."""
     from thresher.pipeline.registry import describe

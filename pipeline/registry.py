@@ -8,6 +8,10 @@ from thresher.pipeline.method import Method
 
 METHODS: dict[str, str] = {
     "random": "thresher.scoring.random_baseline:RandomMethod",
+    "semdedup": "thresher.scoring.semdedup:SemDeDupMethod",
+    "prototypes": "thresher.scoring.prototypes:PrototypesMethod",
+    "balanced": "thresher.scoring.balanced:BalancedMethod",
+    "diversity": "thresher.scoring.diversity:DiversityMethod",
 }
 
 
