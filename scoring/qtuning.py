@@ -1,0 +1,310 @@
+"""Q-Tuning (Wang et al. 2025, arXiv 2509.23873): per-batch sample and token pruning.
+
+Spec: methods-b.md §2. Q-Tuning is a trainer plug-in, not an offline selector: each mini-batch
+is placed on the error-uncertainty (EU) plane with the model being trained, then
+
+    Q1 high PPL, high Ent  noise          dropped
+    Q2 high PPL, low Ent   misconception  kept; its highest-smoothed-PPL tokens masked out
+    Q3 low PPL,  low Ent   redundant      dropped
+    Q4 low PPL,  high Ent  calibration    kept whole
+
+The quantile level alpha (= beta, bisected jointly as in the released code) is searched so that
+|Q2 u Q4| / B is within `tol` of the sample ratio; when the quadrants hold fewer than
+K = max(1, round(B * r_sample)) samples, the rest are filled by |minmax(PPL) - minmax(Ent)|
+(§2.3). Everything here works on numpy arrays aligned to token positions (position t scores the
+prediction of token t, as `pipeline/chat.encode` lays out its loss mask), so it is tested on
+hand-built arrays; `pipeline/train.py` calls `prune_batch` once per micro-batch and
+`write_masks` is the offline mode.
+
+Choices where the spec leaves room (also in README "Q-Tuning"):
+- token budget: `token_budget="sample"` (default) is the paper's per-sample rule: each Q2 sample
+  keeps round(r_token * its label tokens) (at least 1), dropping the highest smoothed scores.
+  `token_budget="batch"` is the released code's batch-global budget (§2.4).
+- entropy is averaged over the response (label) positions by default, the paper's formula;
+  `entropy_over="all"` averages over all non-pad positions as the released code does (§2.2).
+- compute: the trainer scores the batch with a separate no-grad forward (eval mode) and trains
+  on the kept samples only, the "two-pass" variant §2.4 suggests, so dropped samples cost no
+  backward pass. The released code reads the scores from the training forward instead.
+- ties in token scores are broken by position (the earlier token is dropped first); rounding
+  uses Python's round (half to even).
+- `scoring/eu_plane.py` (static quadrants at fixed quantiles over a pool) is not reused: Q-Tuning
+  needs the joint alpha=beta bisection with its own strict/non-strict comparisons and the
+  fill-up rule, which a fixed-quantile quadrant function does not express.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class QTuningConfig:
+    sample_ratio: float = 0.25     # r_sample; paper grid {0.125, 0.25, 0.5}
+    token_ratio: float = 0.5       # r_token; paper grid {0.5, 0.7}
+    lam: float = 0.5               # wise_lambda: neighbour weight in the smoothed token score
+    token_budget: str = "sample"   # "sample" (paper text) or "batch" (released code)
+    entropy_over: str = "response"  # "response" (paper formula) or "all" (released code)
+    tol: float = 0.01
+    max_iter: int = 10
+
+    def __post_init__(self):
+        for name in ("sample_ratio", "token_ratio"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ValueError(f"Q-Tuning {name} must be in (0, 1], got {v}")
+        if not 0 <= self.lam <= 1:
+            raise ValueError(f"Q-Tuning lam must be in [0, 1], got {self.lam}")
+        if self.token_budget not in ("sample", "batch"):
+            raise ValueError(f"Q-Tuning token_budget must be 'sample' or 'batch', got {self.token_budget!r}")
+        if self.entropy_over not in ("response", "all"):
+            raise ValueError(f"Q-Tuning entropy_over must be 'response' or 'all', got {self.entropy_over!r}")
+
+
+def sample_scores(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray,
+                  attention: np.ndarray, entropy_over: str = "response") -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample PPL (exp of the mean label-token NLL) and mean entropy, from [B, T] arrays."""
+    lm = loss_mask.astype(bool)
+    n = lm.sum(1)
+    if (n == 0).any():
+        raise ValueError("Q-Tuning: a sample has no loss tokens; it cannot be placed on the EU plane")
+    ppl = np.exp((np.where(lm, nll, 0.0).sum(1) / n).astype(np.float64))
+    if entropy_over == "all":
+        pos = attention.astype(bool).copy()
+        pos[:, 0] = False  # the first token has no prediction
+    else:
+        pos = lm
+    ent = np.where(pos, ent, 0.0).sum(1) / np.maximum(pos.sum(1), 1)
+    return ppl, ent.astype(np.float64)
+
+
+def bisect_quadrants(ppl: np.ndarray, ent: np.ndarray, r_sample: float, tol: float = 0.01,
+                     max_iter: int = 10) -> tuple[float, np.ndarray, np.ndarray]:
+    """alpha, Q2 mask, Q4 mask: `_dynamic_threshold_search_bisect` of the released code (§2.3)."""
+    B = len(ppl)
+    lo, hi = 0.0, 0.49
+    for _ in range(max_iter):
+        a = (lo + hi) / 2
+        q2 = (ppl > np.quantile(ppl, 1 - a)) & (ent <= np.quantile(ent, a))
+        q4 = (ppl <= np.quantile(ppl, a)) & (ent > np.quantile(ent, 1 - a))
+        frac = (q2.sum() + q4.sum()) / B
+        if abs(frac - r_sample) < tol:
+            break
+        if frac < r_sample:
+            lo = a
+        else:
+            hi = a
+    return a, q2, q4
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def fill_up(ppl: np.ndarray, ent: np.ndarray, q2: np.ndarray, q4: np.ndarray,
+            r_sample: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Add the top remaining samples by |minmax(PPL) - minmax(Ent)| until K are kept (§2.3).
+
+    Added samples with s2 >= s4 join Q2 (token-pruned), the others Q4. No truncation above K.
+    """
+    q2, q4 = q2.copy(), q4.copy()
+    K = max(1, round(len(ppl) * r_sample))
+    short = K - int((q2 | q4).sum())
+    if short <= 0:
+        return q2, q4, 0
+    pn, en = _minmax(ppl), _minmax(ent)
+    s2, s4 = pn - en, en - pn
+    rest = np.flatnonzero(~(q2 | q4))
+    order = rest[np.argsort(-np.maximum(s2, s4)[rest], kind="stable")][:short]
+    q2[order[s2[order] >= s4[order]]] = True
+    q4[order[s2[order] < s4[order]]] = True
+    return q2, q4, len(order)
+
+
+def smoothed_token_scores(nll: np.ndarray, valid: np.ndarray, lam: float = 0.5) -> np.ndarray:
+    """s_i = (1 - lam) PPL_i + lam (PPL_{i-1} + PPL_{i+1}), neighbours 0 outside valid labels (§2.4).
+
+    Works on [T] or [B, T]; positions that are not valid get -inf (never chosen to drop).
+    """
+    valid = valid.astype(bool)
+    p = np.where(valid, np.exp(np.where(valid, nll, 0.0).astype(np.float64)), 0.0)
+    left = np.zeros_like(p)
+    right = np.zeros_like(p)
+    left[..., 1:] = p[..., :-1]
+    right[..., :-1] = p[..., 1:]
+    s = (1 - lam) * p + lam * (left + right)
+    return np.where(valid, s, -np.inf)
+
+
+def _drop_highest(scores: np.ndarray, n: int) -> np.ndarray:
+    """Flat indices of the n highest finite scores (stable: earlier positions first on ties)."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    flat = scores.ravel()
+    order = np.argsort(-flat, kind="stable")
+    order = order[np.isfinite(flat[order])]
+    return order[:n]
+
+
+@dataclass
+class BatchPrune:
+    keep: np.ndarray        # bool [B]: samples trained on
+    loss_mask: np.ndarray   # bool [B, T]: tokens that keep their loss (all False for dropped rows)
+    quadrant: np.ndarray    # int [B]: 1..4 on the EU plane (2/4 include fill-ups), 0 = middle
+    report: dict
+
+
+def quadrant_of(ppl: np.ndarray, ent: np.ndarray, alpha: float, q2: np.ndarray,
+               q4: np.ndarray) -> np.ndarray:
+    """Per sample: 2 / 4 if kept as Q2 / Q4 (fill-ups included); 1 (noise) or 3 (redundant) by
+    the same alpha thresholds mirrored; 0 for the middle that no quadrant claims (dropped)."""
+    q1 = (ppl > np.quantile(ppl, 1 - alpha)) & (ent > np.quantile(ent, 1 - alpha))
+    q3 = (ppl <= np.quantile(ppl, alpha)) & (ent <= np.quantile(ent, alpha))
+    return np.where(q2, 2, np.where(q4, 4, np.where(q1, 1, np.where(q3, 3, 0))))
+
+
+def prune_batch(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray, attention: np.ndarray,
+                cfg: QTuningConfig) -> BatchPrune:
+    """Apply Q-Tuning to one batch of [B, T] per-token NLL / entropy arrays (position-aligned)."""
+    lm = loss_mask.astype(bool)
+    attention = attention.astype(bool)
+    B = lm.shape[0]
+    ppl, ent_s = sample_scores(nll, ent, lm, attention, cfg.entropy_over)
+    alpha, q2b, q4b = bisect_quadrants(ppl, ent_s, cfg.sample_ratio, cfg.tol, cfg.max_iter)
+    q2, q4, filled = fill_up(ppl, ent_s, q2b, q4b, cfg.sample_ratio)
+    keep = q2 | q4
+
+    new = lm & keep[:, None]
+    scores = smoothed_token_scores(nll, lm, cfg.lam)
+    if cfg.token_budget == "sample":
+        for i in np.flatnonzero(q2):
+            n = int(lm[i].sum())
+            n_keep = max(1, round(n * cfg.token_ratio))
+            new[i, _drop_highest(scores[i], n - n_keep)] = False
+    else:  # batch-global budget of the released code (§2.4)
+        t_total = int(attention[:, 1:].sum())
+        keep_tok = round(t_total * cfg.sample_ratio * cfg.token_ratio)
+        removed = int(attention[~keep, 1:].sum())
+        drop_need = t_total - keep_tok - removed
+        cand = np.where(q2[:, None] & lm, scores, -np.inf)
+        flat = _drop_highest(cand, drop_need)
+        new.reshape(-1)[flat] = False
+
+    q2_tokens = int(lm[q2].sum())
+    report = {
+        "samples": B, "kept_samples": int(keep.sum()), "q2": int(q2b.sum()), "q4": int(q4b.sum()),
+        "filled": filled, "alpha": round(float(alpha), 6),
+        "label_tokens": int(lm.sum()), "kept_sample_tokens": int(lm[keep].sum()),
+        "kept_tokens": int(new.sum()), "q2_tokens": q2_tokens,
+        "q2_kept_tokens": int(new[q2].sum()),
+    }
+    report["sample_frac"] = report["kept_samples"] / B
+    report["token_frac"] = report["kept_tokens"] / max(report["label_tokens"], 1)
+    report["q2_token_frac"] = report["q2_kept_tokens"] / q2_tokens if q2_tokens else None
+    return BatchPrune(keep, new, quadrant_of(ppl, ent_s, alpha, q2, q4), report)
+
+
+def summarize(reports: list[dict]) -> dict:
+    """Totals over batches: kept-sample and kept-token fractions (token ones over label tokens)."""
+    tot = {k: sum(r[k] for r in reports) for k in
+           ("samples", "kept_samples", "label_tokens", "kept_tokens", "q2_tokens",
+            "q2_kept_tokens", "filled")}
+    return {
+        "batches": len(reports), **tot,
+        "sample_frac": tot["kept_samples"] / max(tot["samples"], 1),
+        "token_frac": tot["kept_tokens"] / max(tot["label_tokens"], 1),
+        "q2_token_frac": tot["q2_kept_tokens"] / tot["q2_tokens"] if tot["q2_tokens"] else None,
+    }
+
+
+# ---------------------------------------------------------------- per-token statistics
+
+def score_tokens(model, tok, encoded: list, entropy_over: str = "response"):
+    """Padded [B, T] arrays (nll, entropy, loss_mask, attention) for `chat.encode` results, from
+    one pass of the fused forward engine (`pipeline/forward.run_forward`, eval mode, no grad).
+
+    Position t holds the NLL / entropy of the prediction of token t. With entropy_over="all"
+    every position after the first is scored (so entropy covers prompt + response); the NLL is
+    still read at the loss positions only.
+    """
+    from thresher.pipeline.chat import Encoded
+    from thresher.pipeline.forward import run_forward
+
+    B = len(encoded)
+    T = max(len(e.input_ids) for e in encoded)
+    lm = np.zeros((B, T), dtype=bool)
+    att = np.zeros((B, T), dtype=bool)
+    for i, e in enumerate(encoded):
+        lm[i, :len(e.input_ids)] = e.loss_mask
+        att[i, :len(e.input_ids)] = True
+    scored = lm if entropy_over == "response" else att.copy()
+    scored[:, 0] = False
+    encs = [Encoded(e.input_ids, scored[i, :len(e.input_ids)].copy(), False)
+            for i, e in enumerate(encoded)]
+    res = run_forward(model, tok, [{}] * B, {"token_loss", "token_entropy"}, encoded=encs)
+    nll = np.zeros((B, T))
+    ent = np.zeros((B, T))
+    for i in range(B):
+        nll[i, scored[i]] = res["token_loss"][i]
+        ent[i, scored[i]] = res["token_entropy"][i]
+    return nll, ent, lm, att
+
+
+# ---------------------------------------------------------------- offline mode
+
+def write_masks(rows: list[dict], out: Path, model_name: str, cfg: QTuningConfig,
+                max_tokens: int = 512, device: str | None = None) -> dict:
+    """Offline approximation (§2.1): score every row once with the base model, apply the
+    quadrant rule globally (all rows as one batch), and write one JSONL line per row:
+    {id, keep, quadrant, ppl, entropy, input_ids, keep_mask}. `keep_mask[t]` = 1 where token t
+    keeps its loss (chat.encode layout); dropped rows have an all-zero mask. `thresher train
+    --token-masks FILE` applies them. Not the published (dynamic) method."""
+    import torch
+
+    from thresher.pipeline.chat import encode
+    from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
+
+    resolved = resolve(model_name)
+    tok = load_tokenizer(resolved)
+    model = load_causal_lm(resolved, pick_device(device), dtype=torch.float32)
+    encs = [encode(tok, r, max_tokens) for r in rows]
+    empty = [r["id"] for r, e in zip(rows, encs) if not e.loss_mask.any()]
+    if empty:
+        raise ValueError(f"{len(empty)} rows have no response tokens within {max_tokens} tokens "
+                         f"(e.g. {empty[:3]}); raise --max-tokens or drop them")
+    nll, ent, lm, att = score_tokens(model, tok, encs, cfg.entropy_over)
+    ppl, ent_s = sample_scores(nll, ent, lm, att, cfg.entropy_over)
+    res = prune_batch(nll, ent, lm, att, cfg)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, (r, e) in enumerate(zip(rows, encs)):
+            n = len(e.input_ids)
+            f.write(json.dumps({
+                "id": r["id"], "keep": bool(res.keep[i]), "quadrant": int(res.quadrant[i]),
+                "ppl": float(ppl[i]), "entropy": float(ent_s[i]),
+                "input_ids": e.input_ids.tolist(),
+                "keep_mask": res.loss_mask[i, :n].astype(int).tolist()}) + "\n")
+    tmp.replace(out)
+    return {"rows": len(rows), "model": resolved.identity, "config": asdict(cfg), **res.report}
+
+
+def read_masks(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """id -> (input_ids, keep_mask) from a file written by `write_masks`."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                out[rec["id"]] = (np.asarray(rec["input_ids"], dtype=np.int64),
+                                  np.asarray(rec["keep_mask"], dtype=bool))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path} line {lineno}: not a Q-Tuning mask record ({e})") from None
+    return out

@@ -1,0 +1,155 @@
+"""The LoRA trainer on the tiny random Llama: learns, checkpoints, resumes bit-for-bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from thresher.pipeline.train import (
+    TrainConfig,
+    load_rows,
+    load_trained,
+    plan_batches,
+    train,
+    train_file,
+)
+from thresher.scoring.qtuning import QTuningConfig
+
+
+@pytest.fixture(scope="module")
+def rows(sample_pool):
+    ids = sample_pool.frame(["id", "source"]).filter(source="gsm8k")["id"].to_list()[:6]
+    return sample_pool.rows(ids)
+
+
+def cfg(tiny_lm_dir, **kw):
+    base = dict(model=str(tiny_lm_dir), batch_size=2, max_tokens=128, lr=2e-2, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _eval_loss(model, tok, rows):
+    from thresher.pipeline.forward import run_forward
+
+    out = run_forward(model, tok, rows, {"loss"}, max_tokens=128)
+    return float(np.mean(out["loss"]))
+
+
+def test_training_lowers_the_loss_on_a_repeated_set(tmp_path, tiny_lm_dir, rows):
+    from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+
+    small = rows[:2] * 4   # a small set seen many times
+    base = load_causal_lm(resolve(str(tiny_lm_dir)))
+    tok = load_tokenizer(resolve(str(tiny_lm_dir)))
+    before = _eval_loss(base, tok, rows[:2])
+    allmods = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    res = train(small, tmp_path / "run", cfg(tiny_lm_dir, epochs=6, lr=5e-2, lora_dropout=0.0,
+                                             target_modules=allmods), progress=False)
+    model, tok = load_trained(tmp_path / "run")
+    after = _eval_loss(model, tok, rows[:2])
+    assert res["complete"] and res["steps"] == 6 * 4
+    assert after < before - 0.2
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 24 and np.mean([r["loss"] for r in log[-4:]]) < log[0]["loss"]
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["steps"] == 24
+
+
+def test_checkpoints_at_chosen_steps_and_every_n(tmp_path, tiny_lm_dir, rows):
+    res = train(rows, tmp_path / "run", cfg(tiny_lm_dir, epochs=2, save_steps=(1, 5), every=4),
+                progress=False)
+    # 6 rows / batch 2 = 3 steps per epoch, 6 steps in all
+    assert res["total_steps"] == 6
+    assert res["checkpoints"] == ["checkpoint-1", "checkpoint-4", "checkpoint-5"]
+    for step in (1, 4, 5):
+        meta = json.loads((tmp_path / "run" / f"checkpoint-{step}" / "checkpoint.json").read_text())
+        assert meta["step"] == step
+    model, _ = load_trained(tmp_path / "run" / "checkpoint-4")  # S2L / EL2N load them like this
+    assert model.active_adapter == "default"
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tiny_lm_dir, rows):
+    c = cfg(tiny_lm_dir, epochs=2, grad_accum=2, save_steps=(2,))   # 2 steps/epoch, 4 in all
+    full = train(rows, tmp_path / "a", c, progress=False)
+    part = train(rows, tmp_path / "b", c, stop_after=3, progress=False)   # killed after step 3
+    assert not part["complete"] and not (tmp_path / "b" / "adapter").exists()
+    resumed = train(rows, tmp_path / "b", c, progress=False)             # resumes from step 2
+    assert resumed["complete"] and resumed["steps"] == full["steps"] == 4
+    wa = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], rtol=0, atol=1e-6)
+    la = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]   # step 3 of the killed run was not kept twice
+    np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb], atol=1e-6)
+    # weights moved at all (otherwise equality would prove nothing)
+    first = load_file(tmp_path / "b" / "checkpoint-2" / "adapter_model.safetensors")
+    assert any(not np.allclose(first[k], wb[k]) for k in wb)
+
+
+def test_resume_refuses_checkpoints_of_another_run(tmp_path, tiny_lm_dir, rows):
+    train(rows, tmp_path / "r", cfg(tiny_lm_dir, save_steps=(1,)), stop_after=2, progress=False)
+    with pytest.raises(ValueError, match="different run"):
+        train(rows, tmp_path / "r", cfg(tiny_lm_dir, lr=1e-3), progress=False)
+
+
+def test_length_grouped_plan_is_a_seeded_partition():
+    lengths = np.random.default_rng(0).integers(5, 500, size=320).tolist()   # 2+ megabatches
+    a = plan_batches(lengths, 3, seed=1, epoch=0)
+    assert sorted(i for b in a for i in b) == list(range(320))
+    assert a == plan_batches(lengths, 3, seed=1, epoch=0)
+    assert a != plan_batches(lengths, 3, seed=1, epoch=1)
+    assert a != plan_batches(lengths, 3, seed=2, epoch=0)
+    assert all(lengths[b[0]] >= lengths[b[-1]] for b in a)
+    # grouped: the spread of lengths inside a batch is far below that of unsorted batches
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a])
+    raw = np.mean([max(lengths[i:i + 3]) - min(lengths[i:i + 3]) for i in range(0, 318, 3)])
+    assert spread < raw / 5
+
+
+def test_train_file_reports_quarantined_rows(tmp_path, tiny_lm_dir, rows):
+    f = tmp_path / "subset.jsonl"
+    good = [json.dumps({"id": r["id"], "messages": r["messages"]}) for r in rows[:2]]
+    f.write_text("\n".join(good + ['{"messages": []}', "not json"]) + "\n")
+    res = train_file(f, tmp_path / "run", cfg(tiny_lm_dir), progress=False)
+    assert res["quarantined"] == 2 and res["trained_rows"] == 2
+    bad = (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()
+    assert len(bad) == 2 and "line 4" in bad[1]
+    got, q = load_rows(f)
+    assert len(got) == 2 and len(q) == 2
+
+
+def test_qtuning_hook_reports_each_batch(tmp_path, tiny_lm_dir, sample_pool):
+    ids = sample_pool.frame(["id", "source"]).filter(source="gsm8k")["id"].to_list()[:16]
+    rows = sample_pool.rows(ids)
+    q = QTuningConfig(sample_ratio=0.5, token_ratio=0.5)
+    res = train(rows, tmp_path / "q", cfg(tiny_lm_dir, batch_size=8, qtuning=q), progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "q" / "qtuning.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["samples"] == 8 for r in recs)
+    assert all(r["kept_samples"] >= 4 for r in recs)   # K = round(8 * .5), no truncation above
+    s = res["qtuning"]
+    assert s["sample_frac"] == sum(r["kept_samples"] for r in recs) / 16
+    # per-sample budget: each Q2 sample keeps round(n * .5) (>= 1) of its tokens
+    assert s["q2_token_frac"] is None or 0.4 <= s["q2_token_frac"] <= 0.75
+    # the step trained on exactly the kept tokens
+    log = [json.loads(x) for x in (tmp_path / "q" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in log] == [r["kept_tokens"] for r in recs]
+
+
+def test_token_mask_file_is_applied(tmp_path, tiny_lm_dir, rows):
+    from thresher.scoring.qtuning import write_masks
+
+    masks = tmp_path / "masks.jsonl"
+    info = write_masks(rows, masks, str(tiny_lm_dir), QTuningConfig(sample_ratio=0.5), max_tokens=128)
+    res = train(rows, tmp_path / "m", cfg(tiny_lm_dir), token_masks=masks, progress=False)
+    assert res["trained_rows"] == info["kept_samples"]
+    assert res["train_tokens"] == info["kept_tokens"]
+    other = tmp_path / "other.jsonl"
+    other.write_text(masks.read_text().replace('"input_ids": [', '"input_ids": [7, ', 1))
+    with pytest.raises(ValueError, match="input_ids differ"):
+        train(rows, tmp_path / "m2", cfg(tiny_lm_dir), token_masks=other, progress=False)
