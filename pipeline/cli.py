@@ -156,6 +156,126 @@ def cluster(
     typer.echo(f"k={k}: cluster sizes min {min(sizes)}, median {sorted(sizes)[len(sizes) // 2]}, max {max(sizes)}")
 
 
+def _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, save_steps=None,
+                  every=0, device=None, merge=False, qtuning=False, sample_ratio=0.25,
+                  token_ratio=0.5, token_budget="sample"):
+    from thresher.pipeline.train import TrainConfig
+    from thresher.scoring.qtuning import QTuningConfig
+
+    steps = [int(s) for s in (save_steps or "").replace(" ", "").split(",") if s]
+    q = QTuningConfig(sample_ratio=sample_ratio, token_ratio=token_ratio,
+                      token_budget=token_budget) if qtuning else None
+    return TrainConfig(model=model or "smollm2-135m-instruct", epochs=epochs, lr=lr,
+                       batch_size=batch_size, grad_accum=grad_accum, max_tokens=max_tokens,
+                       seed=seed, save_steps=tuple(steps), every=every, device=device, merge=merge,
+                       qtuning=q)
+
+
+@app.command()
+def train(
+    subset: Annotated[Path, typer.Argument(help="Training rows: any input file (JSONL, JSON, Parquet, CSV) or a pool directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory (adapter, checkpoints, logs); a rerun resumes.")],
+    model: Annotated[str | None, typer.Option(help="Causal LM (default smollm2-135m-instruct).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule, 3% warmup).")] = 2e-4,
+    batch_size: Annotated[int, typer.Option(help="Rows per micro-batch (Q-Tuning's EU-plane batch).")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="Truncate rows to this many tokens.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, dropout and data order.")] = 0,
+    save_steps: Annotated[str | None, typer.Option(help="Checkpoint after these optimizer steps, e.g. 10,20,40.")] = None,
+    every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0 = off).")] = 0,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Also save the merged model (base + adapter).")] = False,
+    qtuning: Annotated[bool, typer.Option("--qtuning", help="Dynamic Q-Tuning: per-batch sample and token pruning.")] = False,
+    sample_ratio: Annotated[float, typer.Option(help="Q-Tuning sample ratio r_sample.")] = 0.25,
+    token_ratio: Annotated[float, typer.Option(help="Q-Tuning token ratio r_token (of Q2 samples' tokens).")] = 0.5,
+    token_budget: Annotated[str, typer.Option(help="Q-Tuning token budget: sample (paper) | batch (released code).")] = "sample",
+    token_masks: Annotated[Path | None, typer.Option(help="Per-token keep masks from `thresher qtuning-masks`.")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore checkpoints in --out and start over.")] = False,
+):
+    """Train a LoRA adapter on a subset (response-only loss), with checkpoints and resume."""
+    from thresher.pipeline.train import train_file
+
+    try:
+        cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed,
+                            save_steps, every, device, merge, qtuning, sample_ratio, token_ratio,
+                            token_budget)
+        s = train_file(subset, out, cfg, resume=not fresh, token_masks=token_masks)
+    except USER_ERRORS as e:
+        _fail(e)
+    if s.get("quarantined"):
+        typer.echo(f"  {subset}: {s['quarantined']} rows quarantined (see {out / 'quarantine.jsonl'})", err=True)
+    if s["no_loss_token_rows"]:
+        typer.echo(f"  {len(s['no_loss_token_rows'])} rows have no response token within "
+                   f"{max_tokens} tokens and were not trained on", err=True)
+    typer.echo(f"trained {s['trained_rows']} rows, {s['steps']} steps, loss {s['first_loss']:.4f} -> "
+               f"{s['final_loss']:.4f} in {s['seconds']:.1f}s -> {out / 'adapter'}")
+    if "qtuning" in s:
+        q = s["qtuning"]
+        q2 = f"{q['q2_token_frac']:.3f}" if q["q2_token_frac"] is not None else "-"
+        typer.echo(f"Q-Tuning: kept {q['sample_frac']:.3f} of samples, {q['token_frac']:.3f} of "
+                   f"label tokens ({q2} of Q2 tokens) over {q['batches']} batches -> {out / 'qtuning.jsonl'}")
+
+
+@app.command()
+def verify(
+    subset: Annotated[list[Path], typer.Option("--subset", help="Selected subset file; repeat to compare methods at equal size.")],
+    eval: Annotated[list[Path], typer.Option("--eval", help="Held-out eval set file; repeatable.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (verify.json, verify.md, runs/).")] = Path("verify-out"),
+    pool: Annotated[Path | None, typer.Option(help="Pool for the random subset (default: from the subset's manifest).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Also train on the whole pool.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for the random subset and training.")] = 0,
+    model: Annotated[str | None, typer.Option(help="Causal LM (default smollm2-135m-instruct).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    batch_size: Annotated[int, typer.Option(help="Rows per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="Truncate rows to this many tokens.")] = 512,
+    max_eval: Annotated[int, typer.Option(help="Evaluate on the first N rows of each eval set.")] = 100,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length for exact match (0 = no generation).")] = 256,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+):
+    """Train on each subset and on a random subset of the same size; compare held-out loss and accuracy."""
+    from thresher.pipeline.verify import run_verify
+
+    try:
+        cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, device=device)
+        r = run_verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
+                       max_eval=max_eval, max_new_tokens=max_new_tokens)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(r["markdown"])
+    typer.echo(f"verify took {r['seconds']:.0f}s -> {out / 'verify.json'}, {out / 'verify.md'}")
+
+
+@app.command("qtuning-masks")
+def qtuning_masks(
+    source: Annotated[Path, typer.Argument(help="Pool directory or any input file.")],
+    out: Annotated[Path, typer.Option("--out", help="JSONL of {id, keep, quadrant, ppl, entropy, input_ids, keep_mask}.")],
+    model: Annotated[str | None, typer.Option(help="Causal LM that scores the rows (default smollm2-135m-instruct).")] = None,
+    sample_ratio: Annotated[float, typer.Option(help="Q-Tuning sample ratio r_sample.")] = 0.25,
+    token_ratio: Annotated[float, typer.Option(help="Q-Tuning token ratio r_token.")] = 0.5,
+    token_budget: Annotated[str, typer.Option(help="sample (paper) | batch (released code).")] = "sample",
+    max_tokens: Annotated[int, typer.Option(help="Truncate rows to this many tokens.")] = 512,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+):
+    """Offline Q-Tuning: base-model EU plane over all rows at once; per-row token keep masks."""
+    from thresher.pipeline.train import load_rows
+    from thresher.scoring.qtuning import QTuningConfig, write_masks
+
+    try:
+        rows, bad = load_rows(source)
+        if bad:
+            typer.echo(f"  {source}: {len(bad)} rows quarantined, e.g. {bad[0]['location']}: {bad[0]['reason']}", err=True)
+        info = write_masks(rows, out, model or "smollm2-135m-instruct",
+                           QTuningConfig(sample_ratio=sample_ratio, token_ratio=token_ratio,
+                                         token_budget=token_budget), max_tokens=max_tokens, device=device)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(f"kept {info['kept_samples']} of {info['samples']} rows, {info['kept_tokens']} of "
+               f"{info['label_tokens']} label tokens -> {out}")
+
+
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
     """List the selection methods, what each needs and what it costs."""

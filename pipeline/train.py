@@ -103,11 +103,11 @@ def load_rows(path: Path | str) -> tuple[list[dict], list[dict]]:
         return list(pool.iter_rows(["id", "source", "kind", "messages", "text", "n_chars", "meta"])), []
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    rows, bad, shape = [], [], None
+    rows, bad = [], []
     for where, rec, err in read_records(path):
         if err is None:
-            try:
-                shape = shape or (detect_shape(rec) if isinstance(rec, dict) else None)
+            try:  # shape per record: a written subset mixes chat rows and {"id", "text"} rows
+                shape = detect_shape(rec) if isinstance(rec, dict) else None
                 if shape is None:
                     raise RowError("cannot tell the format (no messages/conversations/"
                                    "instruction/output/text field)")
@@ -280,6 +280,18 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     data_key = config_key([e.id for e in examples], [int(e.loss_mask.sum()) for e in examples])
     run_key = config_key(cfg.identity(), resolved.identity, data_key)
 
+    if resume and (out / "train.json").exists() and (out / "adapter").is_dir():
+        done = json.loads((out / "train.json").read_text())
+        if done.get("run_key") == run_key:
+            log.info("%s already holds this finished run; not training again", out)
+            return done
+        raise ValueError(f"{out} holds a finished run with other data, model or settings; "
+                         "use another --out or resume=False")
+    if not resume:
+        for old in ("adapter", "merged"):
+            shutil.rmtree(out / old, ignore_errors=True)
+        (out / "train.json").unlink(missing_ok=True)
+
     set_seed(cfg.seed)
     model = load_causal_lm(resolved, device, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(
@@ -375,7 +387,7 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     bar.close()
 
     summary = {
-        "out": str(out), "model": cfg.model, "model_identity": resolved.identity,
+        "out": str(out), "model": cfg.model, "model_identity": resolved.identity, "run_key": run_key,
         "config": asdict(cfg), "rows": len(rows), "trained_rows": len(examples),
         "no_loss_token_rows": empty, "steps": step, "total_steps": total,
         "train_tokens": int(sum(int(e.loss_mask.sum()) for e in examples)),

@@ -1,0 +1,313 @@
+"""`thresher verify`: does a subset train a better model than a random one of the same size?
+
+    report = run_verify(["rds.jsonl", "deita.jsonl"], ["gsm8k_test.jsonl"], out="verify-out")
+
+For every subset (one per method, all of the same size), for a seeded random subset of that size
+from the same pool, and optionally for the whole pool (`full=True`), train a LoRA adapter with
+the same `TrainConfig` (`pipeline/train.py`); then evaluate each adapter and the untrained base
+model on every eval set:
+    loss / ppl     held-out NLL over the response tokens (token-weighted over rows), exp(loss)
+    exact_match    greedy generation scored against the reference's final answer, for eval rows
+                   whose reference carries one (GSM8K's `#### N`); the prediction is the number
+                   after the generation's last `####`, else its last number.
+Both use the first `max_eval` rows of each eval set; generation stops at `max_new_tokens`
+(0 = no generation). The pool comes from `<subset>.manifest.json` (inputs.pool) or `pool=`.
+
+Writes OUT/verify.json, OUT/verify.md (the comparison table, also returned) and OUT/verify.png
+when matplotlib is installed (it is not a dependency; the table says when the plot is skipped).
+Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from thresher.pipeline.artifacts import atomic_path, write_json_atomic
+from thresher.pipeline.chat import encode, prompt_text
+from thresher.pipeline.train import TrainConfig, load_rows, load_trained, train
+
+log = logging.getLogger(__name__)
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+# ---------------------------------------------------------------- answers
+
+def _number(text: str) -> str | None:
+    """A number string normalised for comparison: no commas, no trailing zeros after a point."""
+    text = text.replace(",", "").strip().rstrip(".")
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return str(int(v)) if v == int(v) else repr(v)
+
+
+def reference_answer(text: str) -> str | None:
+    """GSM8K: the number after `####` in the reference solution, else None (no final answer)."""
+    if "####" not in text:
+        return None
+    m = NUMBER.search(text.rsplit("####", 1)[1])
+    return _number(m.group()) if m else None
+
+
+def predicted_answer(text: str) -> str | None:
+    """The number after the last `####` of a generation, else its last number."""
+    if "####" in text:
+        m = NUMBER.search(text.rsplit("####", 1)[1])
+        if m:
+            return _number(m.group())
+    found = NUMBER.findall(text)
+    return _number(found[-1]) if found else None
+
+
+def _reference(row: dict) -> str | None:
+    if row["kind"] != "chat":
+        return None
+    last = [m["content"] for m in row["messages"] if m["role"] == "assistant"][-1]
+    return reference_answer(last)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def heldout_loss(model, tok, rows: list[dict], max_tokens: int) -> dict:
+    """Response-only NLL, token-weighted over rows, through the fused forward engine."""
+    from thresher.pipeline.forward import run_forward
+
+    out = run_forward(model, tok, rows, {"loss"}, max_tokens=max_tokens)
+    n = out["n_loss_tokens"].astype(np.float64)
+    ok = n > 0
+    if not ok.any():
+        raise ValueError(f"no eval row has a response token within {max_tokens} tokens")
+    loss = float((out["loss"][ok] * n[ok]).sum() / n[ok].sum())
+    return {"loss": loss, "ppl": math.exp(loss), "rows": int(ok.sum()), "tokens": int(n.sum()),
+            "rows_without_response_tokens": int((~ok).sum())}
+
+
+def exact_match(model, tok, rows: list[dict], max_new_tokens: int, batch_size: int = 8) -> dict | None:
+    """Greedy-generation accuracy on the rows whose reference has a final answer (None if none)."""
+    import torch
+
+    items = [(r, _reference(r)) for r in rows]
+    items = [(r, a) for r, a in items if a is not None]
+    if not items or max_new_tokens <= 0:
+        return None
+    device = next(model.parameters()).device
+    stop = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+            if isinstance(t, int) and t != tok.unk_token_id]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    correct, samples = 0, []
+    try:
+        for s in range(0, len(items), batch_size):
+            chunk = items[s:s + batch_size]
+            prompts = [prompt_text(tok, r["messages"]) for r, _ in chunk]
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=stop or None)
+            texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for (r, ref), text in zip(chunk, texts):
+                pred = predicted_answer(text)
+                correct += pred == ref
+                if len(samples) < 3:
+                    samples.append({"id": r["id"], "reference": ref, "predicted": pred,
+                                    "generation": text[-300:]})
+    finally:
+        tok.padding_side = side
+    return {"exact_match": correct / len(items), "correct": correct, "n": len(items),
+            "max_new_tokens": max_new_tokens, "samples": samples}
+
+
+def evaluate(model, tok, evals: dict[str, list[dict]], max_tokens: int,
+             max_new_tokens: int) -> dict:
+    out = {}
+    for name, rows in evals.items():
+        t0 = time.perf_counter()
+        res = heldout_loss(model, tok, rows, max_tokens)
+        em = exact_match(model, tok, rows, max_new_tokens)
+        if em is not None:
+            res.update(em)
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        out[name] = res
+    return out
+
+
+# ---------------------------------------------------------------- the comparison
+
+def find_pool(subset: Path) -> Path:
+    manifest = Path(f"{subset}.manifest.json")
+    if not manifest.exists():
+        raise FileNotFoundError(f"{subset}: no manifest {manifest.name} to find its pool; pass --pool")
+    pool = json.loads(manifest.read_text()).get("inputs", {}).get("pool")
+    if not pool:
+        raise ValueError(f"{manifest}: no inputs.pool; pass --pool")
+    return Path(pool)
+
+
+def random_subset(pool, n: int, seed: int) -> list[dict]:
+    """A seeded uniform sample of n pool rows: the same selector as `--method random`."""
+    from thresher.pipeline.budget import Budget
+    from thresher.selectors.random_sample import RandomSelector
+
+    if n > pool.n_rows:
+        raise ValueError(f"subset has {n} rows but the pool only {pool.n_rows}")
+    cands = pool.frame(["id"])
+    chosen = RandomSelector().select(cands, Budget.parse(n), seed)
+    return pool.rows(chosen["id"].to_list())
+
+
+def _names(subsets: list[Path]) -> list[str]:
+    names, seen = [], {}
+    for s in subsets:
+        base = s.name.split(".")[0]
+        k = seen[base] = seen.get(base, 0) + 1
+        names.append(base if k == 1 else f"{base}-{k}")
+    reserved = {"base", "random", "full"} & set(names)
+    if reserved:
+        raise ValueError(f"subset file names {sorted(reserved)} clash with the reference rows; rename them")
+    return names
+
+
+def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | str,
+               pool: Path | str | None = None, full: bool = False, seed: int = 0,
+               cfg: TrainConfig | None = None, max_eval: int = 100, max_new_tokens: int = 256,
+               progress: bool = True) -> dict:
+    from thresher.pipeline.pool import Pool
+
+    t_start = time.perf_counter()
+    cfg = cfg or TrainConfig(seed=seed)
+    subsets = [Path(s) for s in subsets]
+    if not subsets or not evals:
+        raise ValueError("verify needs at least one --subset and one --eval")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = _names(subsets)
+
+    quarantine: dict[str, int] = {}
+    train_sets: dict[str, list[dict]] = {}
+    for name, s in zip(names, subsets):
+        rows, bad = load_rows(s)
+        train_sets[name] = rows
+        quarantine[str(s)] = len(bad)
+        if bad:
+            log.warning("%s: %d rows quarantined, e.g. %s: %s", s, len(bad), bad[0]["location"],
+                        bad[0]["reason"])
+    sizes = {str(s): len(train_sets[n]) for n, s in zip(names, subsets)}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"subsets differ in size, so the comparison is not at equal budget: "
+                         + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    n = next(iter(sizes.values()))
+
+    pool_paths = [Path(pool)] if pool else sorted({find_pool(s).resolve() for s in subsets})
+    if len(pool_paths) > 1:
+        raise ValueError(f"subsets come from different pools {[str(p) for p in pool_paths]}; "
+                         "pass --pool to pick the one to draw the random subset from")
+    the_pool = Pool(pool_paths[0])
+    train_sets["random"] = random_subset(the_pool, n, seed)
+    if full:
+        train_sets["full"] = list(the_pool.iter_rows())
+
+    eval_sets: dict[str, list[dict]] = {}
+    for e in evals:
+        rows, bad = load_rows(e)
+        name = Path(e).name.split(".")[0]
+        if name in eval_sets:
+            raise ValueError(f"two eval sets are named {name!r}; rename one")
+        eval_sets[name] = rows[:max_eval]
+        quarantine[str(e)] = len(bad)
+
+    report: dict = {"config": asdict(cfg), "seed": seed, "pool": str(the_pool.path),
+                    "subset_rows": n, "max_eval": max_eval, "max_new_tokens": max_new_tokens,
+                    "subsets": {nm: str(s) for nm, s in zip(names, subsets)},
+                    "quarantined": quarantine, "runs": {}}
+
+    from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
+
+    resolved = resolve(cfg.model)
+    device = pick_device(cfg.device)
+    tok = load_tokenizer(resolved)
+    base = load_causal_lm(resolved, device)
+    t0 = time.perf_counter()
+    report["runs"]["base"] = {"rows": 0, "evals": evaluate(base, tok, eval_sets, cfg.max_tokens,
+                                                           max_new_tokens),
+                              "eval_seconds": round(time.perf_counter() - t0, 2)}
+    del base
+    for name, rows in train_sets.items():
+        run_dir = out / "runs" / name
+        summary = train(rows, run_dir, cfg, progress=progress)
+        model, tok = load_trained(run_dir, device)
+        t0 = time.perf_counter()
+        report["runs"][name] = {
+            "rows": len(rows), "trained_rows": summary["trained_rows"], "steps": summary["steps"],
+            "train_tokens": summary["train_tokens"], "first_loss": summary["first_loss"],
+            "final_loss": summary["final_loss"], "train_seconds": summary["seconds"],
+            "evals": evaluate(model, tok, eval_sets, cfg.max_tokens, max_new_tokens),
+            "eval_seconds": round(time.perf_counter() - t0, 2)}
+        del model
+        write_json_atomic(out / "verify.json", report)   # partial results survive a kill
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    table = comparison_table(report)
+    plot = _plot(report, out / "verify.png")
+    table += ("\n" + (f"Plot: {plot.name}" if plot else
+                      "Plot skipped: matplotlib is not installed (`pip install matplotlib`).") + "\n")
+    report["table"] = str(out / "verify.md")
+    write_json_atomic(out / "verify.json", report)
+    with atomic_path(out / "verify.md") as tmp:
+        tmp.write_text(table)
+    report["markdown"] = table
+    return report
+
+
+def comparison_table(report: dict) -> str:
+    evals = list(next(iter(report["runs"].values()))["evals"])
+    head = ["run", "rows"]
+    for e in evals:
+        head += [f"{e} loss", f"{e} ppl"]
+        if any("exact_match" in r["evals"][e] for r in report["runs"].values()):
+            head.append(f"{e} EM")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in report["runs"].items():
+        cells = [name, str(r["rows"])]
+        for e in evals:
+            ev = r["evals"][e]
+            cells += [f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}"]
+            if f"{e} EM" in head:
+                cells.append(f"{ev['exact_match']:.3f} ({ev['correct']}/{ev['n']})"
+                             if "exact_match" in ev else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"\nTrained with LoRA r={report['config']['lora_r']}, lr={report['config']['lr']}, "
+            f"{report['config']['epochs']} epoch(s), seed {report['seed']}; eval on the first "
+            f"{report['max_eval']} rows of each set; base = no training; random = seeded random "
+            f"{report['subset_rows']} rows of {report['pool']}.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def _plot(report: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = list(report["runs"])
+    evals = list(report["runs"][runs[0]]["evals"])
+    fig, axes = plt.subplots(1, len(evals), figsize=(4 * len(evals), 3), squeeze=False)
+    for ax, e in zip(axes[0], evals):
+        ax.bar(runs, [report["runs"][r]["evals"][e]["loss"] for r in runs])
+        ax.set_title(f"{e}: held-out loss")
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
