@@ -47,8 +47,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: bool = False,
-           gpu: bool | None = None, max_points_per_centroid: int = 256):
-    """Run faiss k-means; returns (centroids, labels, cos_dist, l2_dist). Deterministic per seed."""
+           gpu: bool | None = None, max_points_per_centroid: int = 256, nredo: int = 1):
+    """Run faiss k-means; returns (centroids, labels, cos_dist, l2_dist). Deterministic per seed.
+
+    `nredo` > 1 keeps the best of that many runs (faiss initialises from random rows)."""
     import faiss
 
     n, d = x.shape
@@ -59,7 +61,7 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: 
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(n, train_n, replace=False)) if train_n < n else slice(None)
     train = np.ascontiguousarray(x[idx], dtype=np.float32)
-    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu,
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu, nredo=nredo,
                       max_points_per_centroid=max_points_per_centroid, verbose=False)
     km.train(train)
     centroids = km.centroids.astype(np.float32)

@@ -1,0 +1,218 @@
+"""Embedding stage (alignment, float16, resume after a kill, cache) and the FAISS k-means stage,
+plus the embedding-based methods end to end with a tiny random sentence-transformers model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from thresher.pipeline import embed as embed_mod
+from thresher.pipeline.artifacts import ArtifactStore
+from thresher.pipeline.cluster import cluster_matrix, kmeans
+from thresher.pipeline.embed import ShardEmbedder, embed_pool
+from thresher.pipeline.models import DEFAULT_EMBEDDER, resolve
+from thresher.pipeline.pool import Pool, ingest
+from thresher.pipeline.schema import row_text
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tmp_path_factory):
+    """A 1-layer, 32-wide random BERT with MiniLM's tokenizer, saved as a sentence-transformer."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:   # sentence-transformers < 6
+        from sentence_transformers import models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-st")
+    tok = AutoTokenizer.from_pretrained(resolve(DEFAULT_EMBEDDER).path)
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=256))
+    (out / "bert").mkdir()
+    bert.save_pretrained(out / "bert")
+    tok.save_pretrained(out / "bert")
+    body = models.Transformer(str(out / "bert"), max_seq_length=128)
+    st = SentenceTransformer(modules=[body, models.Pooling(32, "mean")], device="cpu")
+    st.save(str(out / "st"))
+    return str(out / "st")
+
+
+@pytest.fixture(scope="module")
+def sharded_pool(tmp_path_factory, sample_pool_dir):
+    out = tmp_path_factory.mktemp("sharded") / "pool"
+    ingest([sample_pool_dir], out, rows_per_shard=100)
+    return Pool(out)
+
+
+def test_embeddings_aligned_float16_normalised(tmp_path, sharded_pool, tiny_embedder):
+    emb = embed_pool(sharded_pool, ArtifactStore(tmp_path), tiny_embedder, part="first_user")
+    x = emb.matrix()
+    assert isinstance(x, np.memmap) and x.dtype == np.float16
+    assert x.shape == (sharded_pool.n_rows, 32) and emb.path.name == "embeddings.npy"
+    np.testing.assert_allclose(np.linalg.norm(x.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    # row i of the matrix is the embedding of pool row i (despite length-sorted batches)
+    rows = list(sharded_pool.iter_rows(["kind", "messages", "text"]))
+    pick = [0, 150, 433, len(rows) - 1]
+    one = ShardEmbedder(tiny_embedder, part="first_user").encode(
+        [row_text(rows[i], "first_user") for i in pick])
+    np.testing.assert_allclose(x[pick].astype(np.float32), one.astype(np.float32), atol=3e-3)
+    other = embed_pool(sharded_pool, ArtifactStore(tmp_path), tiny_embedder, part="response")
+    chat = [i for i, r in enumerate(rows) if r["kind"] == "chat"][:5]
+    assert other.path != emb.path and not np.allclose(other.matrix()[chat], x[chat])
+    with pytest.raises(ValueError, match="unknown text part"):
+        embed_pool(sharded_pool, ArtifactStore(tmp_path), tiny_embedder, part="title")
+
+
+def test_embedding_resumes_only_missing_shards(tmp_path, sharded_pool, tiny_embedder):
+    n_shards = len(sharded_pool.shards)
+    assert n_shards == 8
+    done: list[str] = []
+
+    def killed_after_three(shard, n):
+        done.append(shard)
+        if len(done) == 3:
+            raise KeyboardInterrupt("killed")
+
+    store = ArtifactStore(tmp_path / "w")
+    with pytest.raises(KeyboardInterrupt):
+        embed_pool(sharded_pool, store, tiny_embedder, progress=killed_after_three)
+    stage_dir = next((tmp_path / "w" / "embed").iterdir())
+    assert sorted(p.name for p in stage_dir.glob("part-*.npy")) == [f"{s}.npy" for s in done]
+    assert not (stage_dir / "embeddings.npy").exists()
+
+    resumed: list[str] = []
+    emb = embed_pool(sharded_pool, store, tiny_embedder, progress=lambda s, n: resumed.append(s))
+    assert resumed == [s.stem for s in sharded_pool.shards if s.stem not in done]
+    fresh = embed_pool(sharded_pool, ArtifactStore(tmp_path / "fresh"), tiny_embedder)
+    np.testing.assert_array_equal(emb.matrix(), fresh.matrix())
+
+    class Boom:   # a finished stage never loads the model again
+        def __init__(self, *a, **k):
+            raise AssertionError("model loaded for a cached stage")
+
+    orig = embed_mod.ShardEmbedder
+    embed_mod.ShardEmbedder = Boom
+    try:
+        again = embed_pool(sharded_pool, store, tiny_embedder)
+    finally:
+        embed_mod.ShardEmbedder = orig
+    assert again.path == emb.path
+
+
+def blobs(n_per=200, k=4, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 5
+    x = np.repeat(centers, n_per, axis=0) + rng.normal(size=(k * n_per, d))
+    return x.astype(np.float32), np.repeat(np.arange(k), n_per)
+
+
+def test_kmeans_recovers_blobs_and_distances():
+    from sklearn.metrics import adjusted_rand_score
+
+    x, truth = blobs()
+    centroids, labels, cos_dist, l2 = kmeans(x, 4, niter=20, seed=1, nredo=5)
+    assert adjusted_rand_score(truth, labels) == 1.0
+    c = centroids[labels]
+    np.testing.assert_allclose(l2, np.linalg.norm(x - c, axis=1), rtol=1e-4)
+    cos = np.sum(x * c, 1) / np.linalg.norm(x, axis=1) / np.linalg.norm(c, axis=1)
+    np.testing.assert_allclose(cos_dist, 1 - cos, atol=1e-5)
+    again = kmeans(x, 4, niter=20, seed=1, nredo=5)
+    np.testing.assert_array_equal(labels, again[1])
+    sph = kmeans(x, 4, niter=20, seed=1, spherical=True)
+    np.testing.assert_allclose(np.linalg.norm(sph[0], axis=1), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="k must be"):
+        kmeans(x[:3], 4)
+
+
+def test_cluster_stage_cached_by_matrix_and_config(tmp_path, monkeypatch):
+    from thresher.pipeline import cluster as cluster_mod
+
+    x, _ = blobs()
+    store = ArtifactStore(tmp_path)
+    cl = cluster_matrix(store, x, 4, niter=10)
+    assert cl.labels.shape == (800,) and cl.centroids.shape == (4, 16)
+    assert all(p.endswith(".npy") for p in cl.paths().values())
+    monkeypatch.setattr(cluster_mod, "kmeans", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("recomputed")))
+    assert cluster_matrix(store, x, 4, niter=10).stage.dir == cl.stage.dir   # cache hit
+    with pytest.raises(AssertionError, match="recomputed"):
+        cluster_matrix(store, x + 1, 4, niter=10)                           # new matrix: new key
+
+
+def select(pool, tmp_path, method, budget, seed=0, **options):
+    from thresher.pipeline.select import run_select
+
+    out = tmp_path / f"{method}-{seed}-{len(options)}.jsonl"
+    run_select(pool.path, method, budget, out, seed=seed, workdir=tmp_path / "work",
+               options=options)
+    return pl.read_parquet(str(out) + ".selection.parquet"), json.loads(
+        (out.parent / (out.name + ".manifest.json")).read_text())
+
+
+def test_prototypes_hard_keeps_farthest(tmp_path, sample_pool, tiny_embedder):
+    chosen, m = select(sample_pool, tmp_path, "prototypes", "50", embedder=tiny_embedder, k=5)
+    cl_dir = m["config"]["method"]["clusters"]
+    dist = np.load(f"{cl_dir}/cos_dist.npy")
+    assert chosen.height == 50
+    assert chosen["proto_dist"].min() >= np.sort(dist)[::-1][49] - 1e-6
+    easy, _ = select(sample_pool, tmp_path, "prototypes", "50", embedder=tiny_embedder, k=5,
+                     keep="easy")
+    assert easy["proto_dist"].max() <= np.sort(dist)[49] + 1e-6
+    assert m["models"]["embedder"].startswith("st@")
+
+
+def test_balanced_methods_and_determinism(tmp_path, sample_pool, tiny_embedder):
+    cap = sample_pool.meta_field("capability")
+    sizes = dict(cap.value_counts().iter_rows())
+    chosen, _ = select(sample_pool, tmp_path, "balanced", "200", by="capability")
+    got = dict(chosen["capability"].value_counts().iter_rows())
+    share = 200 // len(sizes)
+    assert all(got[c] >= min(n, share) for c, n in sizes.items())
+    again, _ = select(sample_pool, tmp_path, "balanced", "200", by="capability")
+    assert chosen["id"].to_list() == again["id"].to_list()
+    by_cluster, _ = select(sample_pool, tmp_path, "balanced", "60", by="cluster", k=6,
+                           embedder=tiny_embedder)
+    assert by_cluster.height == 60 and by_cluster["cluster"].n_unique() == 6
+    with pytest.raises(ValueError, match="no row has an original field"):
+        select(sample_pool, tmp_path, "balanced", "10", by="nonexistent")
+
+
+def test_diversity_and_semdedup_methods_deterministic(tmp_path, sample_pool, tiny_embedder):
+    a, _ = select(sample_pool, tmp_path, "diversity", "40", embedder=tiny_embedder, threshold=0.999)
+    b, _ = select(sample_pool, tmp_path, "diversity", "40", embedder=tiny_embedder, threshold=0.999)
+    assert a["id"].to_list() == b["id"].to_list() and a.height == 40
+    s1, m = select(sample_pool, tmp_path, "semdedup", "100", seed=3, embedder=tiny_embedder,
+                   keep="random", k=4)
+    s2, _ = select(sample_pool, tmp_path, "semdedup", "100", seed=3, embedder=tiny_embedder,
+                   keep="random", k=4)
+    assert s1["id"].to_list() == s2["id"].to_list()
+    survivors = m["config"]["method"]["survivors"]
+    if survivors > 100:   # budget below the survivors: filled by a seeded sample, said so
+        assert s1["reason"].str.contains("sampled at random").all()
+
+
+def test_cli_embed_and_cluster_print_paths(tmp_path, sample_pool, tiny_embedder):
+    from typer.testing import CliRunner
+
+    from thresher.pipeline.cli import app
+
+    r = CliRunner().invoke(app, ["embed", str(sample_pool.path), "--model", tiny_embedder,
+                                 "--part", "first_user", "--workdir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    path = r.output.strip().splitlines()[-1].split("-> ")[-1]
+    assert np.load(path, mmap_mode="r").shape == (sample_pool.n_rows, 32)
+    r = CliRunner().invoke(app, ["cluster", str(sample_pool.path), "--k", "5", "--spherical",
+                                 "--model", tiny_embedder, "--workdir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    labels = [ln.split("-> ")[1] for ln in r.output.splitlines() if ln.startswith("labels")][0]
+    assert np.load(labels).max() == 4
+    r = CliRunner().invoke(app, ["cluster", str(sample_pool.path), "--k", "100000",
+                                 "--model", tiny_embedder, "--workdir", str(tmp_path)])
+    assert r.exit_code == 2 and "k must be" in r.output
