@@ -3,7 +3,7 @@
     thresher select POOL --method balanced --budget 1300 --by capability
     thresher select POOL --method balanced --budget 10% --by cluster --param k=100
 
-`--by source` (default) uses the row's source; `--by cluster` k-means clusters of the
+`--by source` (default) uses the row's source (`--by kind`: chat or text); `--by cluster` k-means clusters of the
 embeddings (all-MiniLM-L6-v2, spherical faiss k-means, `--param k=`, default 100 as in S2L,
 capped at n); any other name is an original field kept in the row's metadata (e.g. capability).
 Rows without that field form one "(none)" group; a field no row has is an error.
@@ -28,8 +28,8 @@ class BalancedMethod(Method):
     def select(self, ctx: Context) -> pl.DataFrame:
         by = ctx.option("by", "source")
         cands = ctx.candidates
-        if by == "source":
-            group = cands["source"]
+        if by in ("source", "kind"):           # canonical columns
+            group = cands[by]
         elif by == "cluster":
             emb = embed_for(ctx)
             k = min(int(ctx.option("k", 100)), cands.height)
@@ -40,7 +40,7 @@ class BalancedMethod(Method):
             group = ctx.pool.meta_field(by)
             if group.null_count() == group.len():
                 raise ValueError(f"--by {by}: no row has an original field {by!r} "
-                                 "(use source, cluster, or a field present in the input)")
-        col = f"group_{by}" if by in cands.columns else by
+                                 "(use source, kind, cluster, or a field present in the input)")
+        col = by if by not in cands.columns or by in ("source", "kind") else f"group_{by}"
         chosen = Balanced(col).select(cands.with_columns(group.alias(col)), ctx.budget, ctx.seed)
         return chosen.select("id", "reason", col)
