@@ -206,7 +206,7 @@ def train(
     if s.get("quarantined"):
         typer.echo(f"  {subset}: {s['quarantined']} rows quarantined (see {out / 'quarantine.jsonl'})", err=True)
     if s["no_loss_token_rows"]:
-        typer.echo(f"  {len(s['no_loss_token_rows'])} rows have no response token within "
+        typer.echo(f"  {s['no_loss_token_rows']} rows have no response token within "
                    f"{max_tokens} tokens and were not trained on", err=True)
     typer.echo(f"trained {s['trained_rows']} rows, {s['steps']} steps, loss {s['first_loss']:.4f} -> "
                f"{s['final_loss']:.4f} in {s['seconds']:.1f}s -> {out / 'adapter'}")

@@ -389,7 +389,7 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     summary = {
         "out": str(out), "model": cfg.model, "model_identity": resolved.identity, "run_key": run_key,
         "config": asdict(cfg), "rows": len(rows), "trained_rows": len(examples),
-        "no_loss_token_rows": empty, "steps": step, "total_steps": total,
+        "no_loss_token_rows": len(empty), "no_loss_token_ids": empty[:20], "steps": step, "total_steps": total,
         "train_tokens": int(sum(int(e.loss_mask.sum()) for e in examples)),
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -153,3 +154,27 @@ def test_token_mask_file_is_applied(tmp_path, tiny_lm_dir, rows):
     other.write_text(masks.read_text().replace('"input_ids": [', '"input_ids": [7, ', 1))
     with pytest.raises(ValueError, match="input_ids differ"):
         train(rows, tmp_path / "m2", cfg(tiny_lm_dir), token_masks=other, progress=False)
+
+
+def test_cli_train_and_bad_input(tmp_path, tiny_lm_dir, rows):
+    from typer.testing import CliRunner
+
+    from thresher.pipeline.cli import app
+
+    f = tmp_path / "subset.jsonl"
+    f.write_text("".join(json.dumps({"id": r["id"], "messages": r["messages"]}) + "\n"
+                         for r in rows[:4]))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(f), "--out", str(tmp_path / "run"), "--model",
+                              str(tiny_lm_dir), "--batch-size", "2", "--max-tokens", "128",
+                              "--save-steps", "1", "--qtuning", "--sample-ratio", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "trained 4 rows, 2 steps" in res.output
+    kept = float(re.search(r"Q-Tuning: kept ([0-9.]+) of samples", res.output).group(1))
+    assert kept >= 0.5   # at least K = round(2 * .5) per batch of 2; no truncation above K
+    assert (tmp_path / "run" / "checkpoint-1").is_dir()
+    res = runner.invoke(app, ["train", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no such file" in res.output
+    res = runner.invoke(app, ["train", str(f), "--out", str(tmp_path / "y"), "--model",
+                              str(tiny_lm_dir), "--qtuning", "--token-ratio", "1.5"])
+    assert res.exit_code == 2 and "token_ratio" in res.output
