@@ -46,7 +46,6 @@ def main() -> None:
 
     import faiss
     from sklearn.cluster import KMeans
-
     from thresher.pipeline.cluster import kmeans
 
     x = data(args.n, args.d)

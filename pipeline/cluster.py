@@ -20,7 +20,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-
 from thresher.pipeline.artifacts import ArtifactStore, Stage
 
 BLOCK = 65_536

@@ -15,10 +15,11 @@ by token length into batches (little padding); on a GPU the model runs in bf16 (
 is not supported). Vectors are L2-normalised in float32 before the cast to float16 (unless
 `normalize=False`).
 
-Scale-out hook: `ShardEmbedder` embeds one shard's rows and holds the model, so a Ray actor pool
-(`ray.data ... .map_batches(ShardEmbedder, fn_constructor_args=(...), num_gpus=1)`) or any other
-executor can call it per shard and write `<shard>.npy` into the same stage directory; `embed_pool`
-then finds those shards done and only concatenates. Ray is not required here.
+Scale-out hook: `embed_shard(stage, shard, embedder)` embeds one pool shard into the stage
+directory, and `ShardEmbedder` holds the model (one per GPU). A Ray actor pool (one actor per
+GPU, each with a `ShardEmbedder`, mapping `embed_shard` over `pool.shards`) or any other executor
+can fill the stage; `embed_pool` then finds every shard done and only concatenates. Ray is not
+required here.
 """
 
 from __future__ import annotations
@@ -29,9 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
+import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import ArtifactStore, Stage
-from thresher.pipeline.models import DEFAULT_EMBEDDER, ResolvedModel, pick_device, pick_dtype, resolve
+from thresher.pipeline.models import (
+    DEFAULT_EMBEDDER,
+    ResolvedModel,
+    pick_device,
+    pick_dtype,
+    resolve,
+)
 from thresher.pipeline.pool import Pool
 from thresher.pipeline.schema import row_text
 
@@ -114,6 +121,20 @@ class Embeddings:
         return np.load(self.path, mmap_mode="r")
 
 
+def embed_shard(stage: Stage, shard: Path, embedder: ShardEmbedder) -> int:
+    """Embed one pool shard into `<stage>/<shard>.npy` (atomic); the unit of work and of resume.
+
+    A multi-GPU executor calls this from one worker per GPU, each holding its own
+    `ShardEmbedder` (e.g. a Ray actor pool over `pool.shards`); `embed_pool` then finds every
+    shard done and only concatenates.
+    """
+    rows = pq.read_table(shard, columns=["kind", "messages", "text"]).to_pylist()
+    vec = embedder(rows)
+    with stage.writing(f"{shard.stem}.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, vec)
+    return len(rows)
+
+
 def embed_config(model: ResolvedModel, part: str, max_seq_length: int | None,
                  normalize: bool) -> dict:
     return {"model": model.identity, "part": part, "max_seq_length": max_seq_length,
@@ -137,23 +158,16 @@ def embed_pool(pool: Pool, store: ArtifactStore, model: str | ResolvedModel = DE
     embedder: ShardEmbedder | None = None   # loaded only if some shard is missing
     names = []
     for shard in pool.shards:
-        name = f"{shard.stem}.npy"
-        names.append(name)
-        if stage.has(name):
+        names.append(f"{shard.stem}.npy")
+        if stage.has(names[-1]):
             continue
         if embedder is None:
             embedder = ShardEmbedder(resolved, part, device, dtype, batch_size, max_seq_length,
                                      normalize)
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(shard, columns=["kind", "messages", "text"]).to_pylist()
-        vec = embedder(rows)
-        with stage.writing(name) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, vec)
-        log.info("embedded %s (%d rows)", shard.name, len(rows))
+        n = embed_shard(stage, shard, embedder)
+        log.info("embedded %s (%d rows)", shard.name, n)
         if progress is not None:
-            progress(shard.stem, len(rows))
+            progress(shard.stem, n)
 
     parts = [np.load(stage.path(n), mmap_mode="r") for n in names]
     dim = parts[0].shape[1] if parts else 0

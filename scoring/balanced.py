@@ -12,7 +12,6 @@ Rows without that field form one "(none)" group; a field no row has is an error.
 from __future__ import annotations
 
 import polars as pl
-
 from thresher.pipeline.cluster import cluster_for
 from thresher.pipeline.embed import embed_for
 from thresher.pipeline.method import Context, Method

@@ -15,7 +15,6 @@ all-MiniLM-L6-v2 (DEITA uses the last hidden state of a 7B LM; deviation, see RE
 from __future__ import annotations
 
 import polars as pl
-
 from thresher.pipeline.embed import embed_for
 from thresher.pipeline.method import Context, Method
 from thresher.selectors.diversity import DiversityFilter

@@ -12,7 +12,6 @@ per-cluster variant is not implemented.
 from __future__ import annotations
 
 import polars as pl
-
 from thresher.pipeline.cluster import cluster_for, default_k
 from thresher.pipeline.embed import embed_for
 from thresher.pipeline.method import Context, Method

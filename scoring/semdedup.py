@@ -33,7 +33,6 @@ import re
 
 import numpy as np
 import polars as pl
-
 from thresher.pipeline.artifacts import atomic_path
 from thresher.pipeline.cluster import cluster_for, default_k
 from thresher.pipeline.embed import embed_for
@@ -101,7 +100,7 @@ def eps_for_fraction(max_sim: np.ndarray, include: np.ndarray, fraction: float) 
     """The eps whose rule `max_sim >= 1 - eps` keeps about `fraction` of all rows (>= 0)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {fraction}")
-    want = max(1, int(round(fraction * len(max_sim))))
+    want = max(1, round(fraction * len(max_sim)))
     vals = np.sort(np.where(np.isnan(max_sim), -np.inf, max_sim)[include])
     if want >= len(vals):
         return 0.0                      # cannot keep more than eps=0 keeps

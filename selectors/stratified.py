@@ -19,7 +19,6 @@ import math
 
 import numpy as np
 import polars as pl
-
 from thresher.pipeline.budget import Budget
 from thresher.selectors.balanced import sample_groups
 
@@ -52,7 +51,7 @@ class Stratified:
         rest = rest.with_columns(_bin=pl.Series(b))
         picked = sample_groups(rest, rest["_bin"].cast(pl.String).str.zfill(6),
                                budget.rows(candidates), seed)
-        edge = lambda e: pl.lit(lo) + pl.lit(width) * e   # noqa: E731
+        edge = lambda e: pl.lit(lo) + pl.lit(width) * e
         picked = picked.with_columns(reason=pl.format(
             "stratum {}/{} of {} in [{}, {}]: {} of its {} rows at random (seed {}){}",
             pl.col("_bin") + 1, pl.lit(self.bins), pl.lit(col),

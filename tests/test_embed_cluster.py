@@ -8,7 +8,6 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-
 from thresher.pipeline import embed as embed_mod
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.cluster import cluster_matrix, kmeans
@@ -199,9 +198,8 @@ def test_diversity_and_semdedup_methods_deterministic(tmp_path, sample_pool, tin
 
 
 def test_cli_embed_and_cluster_print_paths(tmp_path, sample_pool, tiny_embedder):
-    from typer.testing import CliRunner
-
     from thresher.pipeline.cli import app
+    from typer.testing import CliRunner
 
     r = CliRunner().invoke(app, ["embed", str(sample_pool.path), "--model", tiny_embedder,
                                  "--part", "first_user", "--workdir", str(tmp_path)])
@@ -211,7 +209,7 @@ def test_cli_embed_and_cluster_print_paths(tmp_path, sample_pool, tiny_embedder)
     r = CliRunner().invoke(app, ["cluster", str(sample_pool.path), "--k", "5", "--spherical",
                                  "--model", tiny_embedder, "--workdir", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    labels = [ln.split("-> ")[1] for ln in r.output.splitlines() if ln.startswith("labels")][0]
+    labels = next(ln.split("-> ")[1] for ln in r.output.splitlines() if ln.startswith("labels"))
     assert np.load(labels).max() == 4
     r = CliRunner().invoke(app, ["cluster", str(sample_pool.path), "--k", "100000",
                                  "--model", tiny_embedder, "--workdir", str(tmp_path)])

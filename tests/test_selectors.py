@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-
 from thresher.pipeline.budget import Budget
 from thresher.selectors.balanced import Balanced, allocate_smallest_first
 from thresher.selectors.diversity import DiversityFilter

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-
 from thresher.pipeline.cluster import kmeans
-from thresher.scoring.semdedup import (eps_for_fraction, exact_duplicates, semantic_matches)
+from thresher.scoring.semdedup import eps_for_fraction, exact_duplicates, semantic_matches
 
 
 def planted(n_base=60, n_groups=12, copies=2, d=48, seed=0):
@@ -39,7 +38,7 @@ def dedup(emb, ids, keep="hard", k=4, eps=0.01, batch=1024, seed=0):
 
 def test_removes_exactly_the_planted_copies_and_keeps_one_of_each():
     emb, ids, groups = planted()
-    removed, max_sim, dup_of, labels, _ = dedup(emb, ids)
+    removed, _, dup_of, labels, _ = dedup(emb, ids)
     planted_rows = {r for g in groups for r in g}
     assert set(np.flatnonzero(removed)) <= planted_rows            # nothing else removed
     for g in groups:
@@ -109,12 +108,13 @@ def test_eps_for_fraction_hits_target():
 @pytest.mark.slow
 def test_cli_semdedup_real_minilm_removes_planted_copies(tmp_path, sample_pool_dir):
     """Real MiniLM on 40 sample rows + 8 exact copies (case/space changed) + 8 near copies."""
+    from thresher.pipeline.cli import app
     from typer.testing import CliRunner
 
-    from thresher.pipeline.cli import app
+    def read(name):
+        return [json.loads(line) for line in (sample_pool_dir / name).read_text().splitlines()]
 
-    rows = [json.loads(line) for line in open(sample_pool_dir / "gsm8k_train.jsonl")][:25]
-    rows += [json.loads(line) for line in open(sample_pool_dir / "mbpp.jsonl")][:15]
+    rows = read("gsm8k_train.jsonl")[:25] + read("mbpp.jsonl")[:15]
     extra, planted_pairs = [], []
     for i, r in enumerate(rows[:16]):
         copy = json.loads(json.dumps(r))
