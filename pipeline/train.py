@@ -36,6 +36,7 @@ import numpy as np
 
 from thresher.pipeline.artifacts import atomic_path, config_key, write_json_atomic
 from thresher.pipeline.chat import encode
+from thresher.pipeline.forward import _body_and_head
 from thresher.pipeline.models import DEFAULT_LM
 from thresher.scoring.qtuning import QTuningConfig, prune_batch, read_masks, score_tokens, summarize
 
@@ -181,13 +182,22 @@ def collate(examples: list[Example], pad_id: int):
     return ids, att, mask
 
 
-def masked_loss(logits, ids, mask):
-    """Mean cross-entropy over the masked positions (position t scores token t)."""
+def masked_loss(model, parts, ids, att, mask):
+    """Mean cross-entropy over the masked positions (position t scores token t).
+
+    When the logits are exactly head(final hidden state) (`forward._body_and_head`), the LM head
+    runs only on the positions that predict a loss token, as in the forward engine: prompt
+    positions never reach the vocabulary projection (less compute, no [B, T, V] logits)."""
     import torch.nn.functional as F
 
     lm = mask[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1][lm].float(), ids[:, 1:][lm], reduction="sum")
-    return ce / lm.sum()
+    if parts is not None:
+        body, head = parts
+        hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][lm])
+    else:
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1][lm]
+    return F.cross_entropy(logits.float(), ids[:, 1:][lm])
 
 
 # ---------------------------------------------------------------- state
@@ -297,6 +307,7 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     model = get_peft_model(model, LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+    parts = _body_and_head(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, round(cfg.warmup_ratio * total), total)
@@ -354,8 +365,7 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
                 ids, att, mask = ids.to(device), att.to(device), mask.to(device)
                 with torch.autocast(device.split(":")[0], dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
-                    logits = model(input_ids=ids, attention_mask=att).logits
-                loss = masked_loss(logits, ids, mask)
+                    loss = masked_loss(model, parts, ids, att, mask)
                 scaler.scale(loss / len(group)).backward()
                 loss_sum += loss.item()
                 tokens += int(mask[:, 1:].sum())

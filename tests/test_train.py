@@ -178,3 +178,31 @@ def test_cli_train_and_bad_input(tmp_path, tiny_lm_dir, rows):
     res = runner.invoke(app, ["train", str(f), "--out", str(tmp_path / "y"), "--model",
                               str(tiny_lm_dir), "--qtuning", "--token-ratio", "1.5"])
     assert res.exit_code == 2 and "token_ratio" in res.output
+
+
+def test_head_only_on_loss_positions_gives_the_full_logits_loss(tiny_lm_dir, rows):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from thresher.pipeline.forward import _body_and_head
+    from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+    from thresher.pipeline.train import collate, make_examples, masked_loss
+
+    tok = load_tokenizer(resolve(str(tiny_lm_dir)))
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(resolve(str(tiny_lm_dir))), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
+    torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
+    ex, _ = make_examples(tok, rows[:3], 128)
+    ids, att, mask = collate(ex, tok.pad_token_id)
+    parts = _body_and_head(model)
+    assert parts is not None
+    grads = []
+    for p in (parts, None):
+        model.zero_grad()
+        loss = masked_loss(model, p, ids, att, mask)
+        loss.backward()
+        grads.append((loss.item(), [q.grad.clone() for q in model.parameters() if q.requires_grad]))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
