@@ -24,7 +24,7 @@ How it stays cheap: rows are sorted by length and packed into batches under a to
 (padding only to the longest row of the batch); the transformer body runs once; the LM head runs
 only on the positions that predict a loss token (prompt positions never reach the vocabulary
 projection), in chunks of at most LOGIT_CHUNK elements, so at most one [chunk, V] float32
-tensor of log-probabilities and one of probabilities exist at a time; hidden states are pooled
+tensor of logits and one of probabilities exist at a time; hidden states are pooled
 straight from the body's output (no `output_hidden_states` copy of every layer).
 """
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -43,15 +44,25 @@ from thresher.pipeline.artifacts import ArtifactStore, Stage
 from thresher.pipeline.chat import Encoded, encode
 from thresher.pipeline.pool import Pool
 
+if TYPE_CHECKING:
+    from thresher.pipeline.method import Context
+
 log = logging.getLogger(__name__)
 
 SIGNALS = frozenset({"loss", "entropy", "el2n", "token_loss", "token_entropy", "rds"})
 LOGIT_SIGNALS = SIGNALS - {"rds"}
 DEFAULT_MAX_TOKENS = 2048        # RDS+ truncates the pool at 2048 tokens (methods-a.md §3.2)
-DEFAULT_TOKEN_BUDGET = 4096      # padded tokens per batch; see bench/forward_throughput.py
-LOGIT_CHUNK = 1 << 24            # elements of one [positions, V] float32 block (64 MiB)
+DEFAULT_TOKEN_BUDGET = 1024      # padded tokens per batch on CPU: 512-1024 ran 1.3-1.8x faster than
+                                 # 4096 here (less padding, cache-resident); bench/RESULTS.md
+GPU_TOKEN_BUDGET = 16384         # on a GPU, bigger batches fill the device
+LOGIT_CHUNK = 1 << 21            # elements of one [positions, V] float32 block (8 MiB: stays in
+                                 # cache; 4x larger blocks ran the statistics 2x slower here)
 ENGINE_VERSION = 1               # bump when the numbers an unchanged configuration gives change
 SCALARS = ("loss", "ppl", "entropy", "el2n")
+
+
+def default_token_budget(device) -> int:
+    return GPU_TOKEN_BUDGET if str(device).startswith("cuda") else DEFAULT_TOKEN_BUDGET
 
 
 def check_signals(signals) -> frozenset[str]:
@@ -97,23 +108,22 @@ def _body_and_head(model):
 
 
 def _logit_stats(logits, y, want: frozenset[str]) -> dict:
-    """Per-position statistics of one [n, V] float32 block of logits (modified in place)."""
+    """Per-position statistics of one [n, V] float32 block of logits z.
+
+    loss = lse - z_y; with p = softmax(z): entropy = lse - p.z, ||p - e_y||^2 = 1 - 2 p_y + p.p.
+    One extra [n, V] block (p) at most; blocks are sized to stay in cache (LOGIT_CHUNK)."""
     import torch
 
     out = {}
     lse = torch.logsumexp(logits, dim=-1)
-    logit_y = logits.gather(1, y[:, None])[:, 0]
-    out["loss"] = lse - logit_y
+    out["loss"] = lse - logits.gather(1, y[:, None])[:, 0]
     if want & {"entropy", "token_entropy", "el2n"}:
-        logp = logits.sub_(lse[:, None])                      # log-softmax, in place
-        p = logp.exp()                                        # the one other [n, V] block
+        p = torch.softmax(logits, dim=-1)
         if want & {"entropy", "token_entropy"}:
-            out["entropy"] = -torch.linalg.vecdot(p, logp)
+            out["entropy"] = lse - torch.linalg.vecdot(p, logits)
         if "el2n" in want:
-            p_y = out["loss"].neg().exp()
-            sq = 1.0 - 2.0 * p_y + torch.linalg.vecdot(p, p)  # ||p - e_y||^2
+            sq = 1.0 - 2.0 * out["loss"].neg().exp() + torch.linalg.vecdot(p, p)   # ||p - e_y||^2
             out["el2n"] = sq.clamp_min(0.0).sqrt()
-        del p
     return out
 
 
@@ -166,7 +176,7 @@ def _model_device(model):
 
 
 def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = DEFAULT_MAX_TOKENS,
-                token_budget: int = DEFAULT_TOKEN_BUDGET, response_only: bool = True,
+                token_budget: int | None = None, response_only: bool = True,
                 encoded: list[Encoded] | None = None) -> dict:
     """Signals for `rows` (canonical rows) from an already loaded causal LM, in row order.
 
@@ -189,6 +199,7 @@ def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = D
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _model_device(model)
+    token_budget = token_budget or default_token_budget(device.type)
     parts = _body_and_head(model)
     stats = bool(want & LOGIT_SIGNALS)
 
@@ -312,16 +323,17 @@ def forward_stage(pool: Pool, store: ArtifactStore, identity: str, signals, max_
 
 
 def forward_signals(pool: Pool, store: ArtifactStore, model_name: str, signals,
-                    max_tokens: int = DEFAULT_MAX_TOKENS, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                    max_tokens: int = DEFAULT_MAX_TOKENS, token_budget: int | None = None,
                     response_only: bool = True, device: str | None = None,
-                    dtype: str | None = None, trust_remote_code: bool = False,
-                    progress=None) -> ForwardResult:
+                    dtype: str | None = None, threads: int | None = None,
+                    trust_remote_code: bool = False, progress=None) -> ForwardResult:
     """Run (or reuse) the forward pass over every shard of `pool`; returns the finished stage.
 
     Each shard's output is written atomically (`{shard}.rds.npy` then `{shard}.parquet`, the
     latter marking the shard done), so a killed run resumes at the first unfinished shard. The
-    model is loaded only if some shard still needs computing."""
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
+    model is loaded only if some shard still needs computing. `threads` sets torch's CPU thread
+    count for the pass (restored afterwards; None keeps it)."""
+    from thresher.pipeline.models import pick_device, resolve
 
     resolved = resolve(model_name) if isinstance(model_name, str | Path) else model_name
     dev = pick_device(device)
@@ -331,9 +343,28 @@ def forward_signals(pool: Pool, store: ArtifactStore, model_name: str, signals,
     result = ForwardResult(stage, stats, rds)
     if stage.done:
         return result
+    import torch
+
     want = (STATS_SIGNALS if stats else frozenset()) | ({"rds"} if rds else frozenset())
+    names: list[str] = []
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        _run_shards(pool, stage, resolved, dev, torch_dtype, want, rds, stats, names, max_tokens,
+                    token_budget, response_only, trust_remote_code, progress)
+    finally:
+        torch.set_num_threads(saved_threads)
+    _assemble(stage, names, stats, rds)
+    stage.complete({"rows": pool.n_rows, "shards": names, "stats": stats, "rds": rds})
+    return result
+
+
+def _run_shards(pool, stage, resolved, dev, torch_dtype, want, rds, stats, names, max_tokens,
+                token_budget, response_only, trust_remote_code, progress) -> None:
+    from thresher.pipeline.models import load_causal_lm, load_tokenizer
+
     model = tok = None
-    names = []
     for shard, rows in pool.iter_shards(["id", "kind", "messages", "text"]):
         names.append(shard)
         if stage.has(f"{shard}.parquet") and (not rds or stage.has(f"{shard}.rds.npy")):
@@ -352,9 +383,6 @@ def forward_signals(pool: Pool, store: ArtifactStore, model_name: str, signals,
         log.info("forward: %s done (%d rows)", shard, len(rows))
         if progress is not None:
             progress(len(rows))
-    _assemble(stage, names, stats, rds)
-    stage.complete({"rows": pool.n_rows, "shards": names, "stats": stats, "rds": rds})
-    return result
 
 
 def _assemble(stage: Stage, names: list[str], stats: bool, rds: bool) -> None:
@@ -376,8 +404,79 @@ def _assemble(stage: Stage, names: list[str], stats: bool, rds: bool) -> None:
             del arr
 
 
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
 def engine_dtype(device: str, requested: str | None = None):
-    """The dtype the engine runs in: `pick_dtype` on GPU; on CPU see bench/RESULTS.md."""
+    """The dtype the engine runs in: `pick_dtype` on GPU or when asked; on a CPU with native
+    bf16 instructions (AVX512-BF16, AMX, Arm BF16) bfloat16, else float32.
+
+    Measured here (bench/RESULTS.md): on an AVX512-BF16 EPYC a bf16 matmul runs ~5x faster than
+    fp32 and the transformer body ~3x; without the instructions bf16 is emulated and slower."""
     from thresher.pipeline.models import pick_dtype
 
-    return pick_dtype(device, requested)
+    if (requested and requested != "auto") or not device.startswith("cpu"):
+        return pick_dtype(device, requested)
+    import torch
+
+    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+
+
+def _flag(value) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    return bool(value)
+
+
+def forward_for(ctx, signals, pool: Pool | None = None) -> ForwardResult:
+    """`forward_signals` with the settings a method's context carries (CLI --model, --device,
+    --param max_tokens=, response_only=, token_budget=, dtype=, threads=), recorded in the
+    manifest; the model identity goes to ctx.models["lm"]. `pool` defaults to ctx.pool (RDS+
+    also runs it over its target sets)."""
+    from thresher.pipeline.models import DEFAULT_LM, pick_device, resolve
+
+    model = resolve(ctx.option("model", DEFAULT_LM))
+    ctx.models["lm"] = model.identity
+    device = pick_device(ctx.option("device", "auto"))
+    dtype = engine_dtype(device, ctx.option("dtype", "auto"))
+    ctx.config["dtype"] = str(dtype).removeprefix("torch.")
+    settings = {
+        "max_tokens": int(ctx.option("max_tokens", DEFAULT_MAX_TOKENS)),
+        "token_budget": int(ctx.option("token_budget", default_token_budget(device))),
+        "threads": ctx.option("threads", None),
+    }
+    if check_signals(signals) & LOGIT_SIGNALS:
+        settings["response_only"] = _flag(ctx.option("response_only", True))
+    if settings["max_tokens"] < 2 or settings["token_budget"] < 1:
+        raise ValueError("max_tokens must be >= 2 and token_budget >= 1")
+    with ctx.timed("forward"):
+        return forward_signals(pool or ctx.pool, ctx.store, model, signals, device=device,
+                               dtype=str(dtype).removeprefix("torch."), **settings)
+
+
+def scored_candidates(ctx: Context, columns: list[str]) -> pl.DataFrame:
+    """ctx.candidates joined with the forward-pass columns; rows without a score left out
+    (and counted in the manifest)."""
+    scores = forward_for(ctx, {"loss", "entropy", "el2n"}).scores()
+    cand = ctx.candidates.join(scores.select("id", "n_loss_tokens", *columns), on="id",
+                               how="left", maintain_order="left")
+    ok = pl.all_horizontal([pl.col(c).is_not_null() & pl.col(c).is_not_nan() for c in columns])
+    dropped = cand.height - cand.filter(ok).height
+    ctx.config["unscored_rows"] = dropped
+    if dropped:
+        log.warning("%d rows have no loss tokens (response truncated away?) and are not ranked; "
+                    "raise --param max_tokens to score them", dropped)
+    cand = cand.filter(ok)
+    if cand.height == 0:
+        raise ValueError("no row has a loss token to score; check the pool and --param max_tokens")
+    return cand

@@ -12,6 +12,10 @@ METHODS: dict[str, str] = {
     "prototypes": "thresher.scoring.prototypes:PrototypesMethod",
     "balanced": "thresher.scoring.balanced:BalancedMethod",
     "diversity": "thresher.scoring.diversity:DiversityMethod",
+    "perplexity": "thresher.scoring.perplexity:PerplexityMethod",
+    "el2n": "thresher.scoring.el2n:El2nMethod",
+    "eu-plane": "thresher.scoring.eu_plane:EuPlaneMethod",
+    "rds": "thresher.scoring.rds:RdsMethod",
 }
 
 

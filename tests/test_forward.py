@@ -181,8 +181,8 @@ def small_pool(tmp_path, rows):
 
 
 def test_pool_stage_is_deterministic_and_aligned(tmp_path, small_pool, tiny_lm_dir, rows):
-    a = forward_signals(small_pool, ArtifactStore(tmp_path / "w1"), str(tiny_lm_dir), {"el2n", "rds"})
-    b = forward_signals(small_pool, ArtifactStore(tmp_path / "w2"), str(tiny_lm_dir), {"el2n", "rds"})
+    a = forward_signals(small_pool, ArtifactStore(tmp_path / "w1"), str(tiny_lm_dir), {"el2n", "rds"}, dtype="fp32")
+    b = forward_signals(small_pool, ArtifactStore(tmp_path / "w2"), str(tiny_lm_dir), {"el2n", "rds"}, dtype="fp32")
     sa, sb = a.scores(), b.scores()
     assert sa.equals(sb)
     assert np.array_equal(np.asarray(a.rds()), np.asarray(b.rds()))

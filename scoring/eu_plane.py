@@ -1,0 +1,128 @@
+"""Q-Tuning's error-uncertainty plane, static version (methods-b.md §2.2-2.3).
+
+Each row gets error = perplexity and uncertainty = mean predictive entropy, both over its
+loss tokens, from one forward pass of a reference model. Quadrants by quantile thresholds
+(alpha on perplexity, beta on entropy):
+
+    Q1  ppl >  q(1-alpha)  and ent >  q(1-beta)   high error, high uncertainty: noise      dropped
+    Q2  ppl >  q(1-alpha)  and ent <= q(beta)     confidently wrong: misconceptions        kept
+    Q3  ppl <= q(alpha)    and ent <= q(beta)     known already: redundant                 dropped
+    Q4  ppl <= q(alpha)    and ent >  q(1-beta)   right but unsure: calibration data       kept
+    -   anything between the thresholds (only when alpha, beta < 0.5)
+
+Selection keeps Q2 + Q4, as the paper: alpha = beta is bisected on [0, 0.49] (10 steps,
+tolerance 0.01) so that |Q2 u Q4| is about the budget; if they fall short, the rest is filled
+by s = |minmax(ppl) - minmax(ent)| (fill rows with ppl_n >= ent_n count as Q2-like). The
+functions `eu_quadrants`, `search_alpha` and `eu_keep` are the plane itself, usable per batch
+by the dynamic in-training Q-Tuning (`scoring/qtuning.py`).
+
+Deviations, stated: (1) Q-Tuning is a trainer plug-in scored on each batch by the model being
+trained; this is the offline approximation over the whole pool with a fixed model (the spec
+says so in §2.1). (2) The released code averages entropy over all non-pad tokens, the paper's
+formula over the loss tokens; this follows the formula. (3) The released code does not cut
+Q2 u Q4 down to the budget; a static selection must, so rows are ranked Q2/Q4 first, then fill
+rows, each by s (most extreme first), and cut. `--param alpha=A` fixes alpha = beta instead of
+bisecting; `--param keep_quadrants=Q2,Q4` changes which quadrants are kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from thresher.pipeline.forward import scored_candidates
+from thresher.pipeline.method import Context, Method
+
+QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
+MEANING = {"Q1": "high ppl, high entropy", "Q2": "high ppl, low entropy",
+           "Q3": "low ppl, low entropy", "Q4": "low ppl, high entropy"}
+
+
+def eu_quadrants(ppl, ent, alpha: float = 0.5, beta: float | None = None) -> np.ndarray:
+    """Quadrant label per row ("Q1".."Q4", or "-" between the thresholds)."""
+    ppl, ent = np.asarray(ppl, dtype=np.float64), np.asarray(ent, dtype=np.float64)
+    beta = alpha if beta is None else beta
+    if not (0 < alpha <= 0.5 and 0 < beta <= 0.5):
+        raise ValueError(f"alpha and beta must be in (0, 0.5], got {alpha}, {beta}")
+    p_hi, p_lo = ppl > np.quantile(ppl, 1 - alpha), ppl <= np.quantile(ppl, alpha)
+    e_hi, e_lo = ent > np.quantile(ent, 1 - beta), ent <= np.quantile(ent, beta)
+    out = np.full(len(ppl), "-", dtype=object)
+    out[p_hi & e_hi], out[p_hi & e_lo] = "Q1", "Q2"
+    out[p_lo & e_lo], out[p_lo & e_hi] = "Q3", "Q4"
+    return out
+
+
+def search_alpha(ppl, ent, ratio: float, keep=("Q2", "Q4"), tol: float = 0.01,
+                 max_iter: int = 10) -> float:
+    """alpha = beta such that the kept quadrants hold about `ratio` of the rows (bisection,
+    as `_dynamic_threshold_search_bisect`)."""
+    lo, hi, alpha = 0.0, 0.49, 0.245
+    for _ in range(max_iter):
+        alpha = (lo + hi) / 2
+        frac = np.isin(eu_quadrants(ppl, ent, alpha), keep).mean()
+        if abs(frac - ratio) < tol:
+            break
+        lo, hi = (alpha, hi) if frac < ratio else (lo, alpha)
+    return alpha
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def eu_keep(ppl, ent, ratio: float, keep=("Q2", "Q4"), alpha: float | None = None) -> dict:
+    """The Q-Tuning sample rule: which rows to keep for a target ratio.
+
+    Returns quadrant labels, alpha, s = |minmax(ppl) - minmax(ent)|, `kept` (in a kept
+    quadrant), `fill` (added by s when the quadrants hold fewer than round(N * ratio)) and
+    `q2_like` (Q2 rows and fill rows with ppl_n >= ent_n, eligible for token pruning)."""
+    ppl, ent = np.asarray(ppl, dtype=np.float64), np.asarray(ent, dtype=np.float64)
+    if len(ppl) != len(ent) or len(ppl) == 0:
+        raise ValueError("ppl and entropy must be non-empty and of equal length")
+    if alpha is None:
+        alpha = search_alpha(ppl, ent, ratio, keep)
+    labels = eu_quadrants(ppl, ent, alpha)
+    kept = np.isin(labels, keep)
+    ppl_n, ent_n = _minmax(ppl), _minmax(ent)
+    s = np.abs(ppl_n - ent_n)
+    k = max(1, round(len(ppl) * ratio))
+    fill = np.zeros(len(ppl), dtype=bool)
+    short = k - int(kept.sum())
+    if short > 0:
+        rest = np.flatnonzero(~kept)
+        order = rest[np.lexsort((rest, -s[rest]))]          # by s, ties by position
+        fill[order[:short]] = True
+    q2_like = (labels == "Q2") | (fill & (ppl_n >= ent_n))
+    return {"labels": labels, "alpha": alpha, "s": s, "kept": kept, "fill": fill, "q2_like": q2_like}
+
+
+class EuPlaneMethod(Method):
+    name = "eu-plane"
+    needs = "a causal LM forward pass (--model, default smollm2-135m-instruct)"
+    cost = "one forward pass over the pool (shared cache with perplexity/el2n), O(N log N)"
+    summary = "Q-Tuning's error-uncertainty plane (static): keep Q2 (confidently wrong) + Q4 (right but unsure)"
+
+    def select(self, ctx: Context) -> pl.DataFrame:
+        keep = tuple(str(ctx.option("keep_quadrants", "Q2,Q4")).replace(" ", "").split(","))
+        if not keep or set(keep) - set(QUADRANTS):
+            raise ValueError(f"keep_quadrants must list some of {', '.join(QUADRANTS)}, got {keep}")
+        fixed = ctx.option("alpha", None)
+        cand = scored_candidates(ctx, ["ppl", "entropy"])
+        ratio = ctx.budget.rows(cand) / cand.height
+        res = eu_keep(cand["ppl"].to_numpy(), cand["entropy"].to_numpy(), ratio, keep,
+                      None if fixed is None else float(fixed))
+        ctx.config["alpha_found"] = round(float(res["alpha"]), 6)
+        ctx.config["quadrant_counts"] = {q: int((res["labels"] == q).sum()) for q in (*QUADRANTS, "-")}
+        ctx.config["fill_rows"] = int(res["fill"].sum())
+        tier = np.where(res["kept"], 0, np.where(res["fill"], 1, 2))
+        reason = [f"{q} ({MEANING[q]})" if t == 0 else
+                  f"fill by |ppl_n - ent_n| ({'Q2' if q2 else 'Q4'}-like; quadrant {q})"
+                  for q, t, q2 in zip(res["labels"], tier, res["q2_like"])]
+        ranked = (cand.with_columns(quadrant=pl.Series(res["labels"].tolist(), dtype=pl.String),
+                                    s=res["s"], tier=tier, reason=pl.Series(reason, dtype=pl.String))
+                  .filter(pl.col("tier") < 2)
+                  .sort(["tier", "s", "id"], descending=[False, True, False])
+                  .select("id", "reason", "quadrant", "ppl", "entropy", "s",
+                          *(["n_tokens"] if "n_tokens" in cand.columns else [])))
+        return ctx.budget.cut(ranked, cand)

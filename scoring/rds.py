@@ -1,0 +1,154 @@
+"""RDS+ (Ivison et al. 2025; methods-a.md §3): pick the pool rows whose representations are
+closest to a target set's.
+
+Representation (§3.2): the final-layer hidden state of a causal LM over the full example
+(prompt and response, in the model's chat template), position-weighted mean over every token
+(w_i = i / sum_j j), L2-normalised; computed for pool and targets by the same model in the
+fused forward pass (`pipeline/forward.py`), cached per shard. Similarity is cosine = dot.
+
+Selection (§3.3, Alg. 1): one target file (task): round-robin over its examples, each taking
+its best remaining pool row. Several `--target` files (tasks): a task scores a pool row by the
+max over its examples, then round-robin over tasks. Duplicates consume the turn, as the RDS+
+code does (`--param retry_duplicates=true` walks down to the best untaken row instead).
+
+Scale: the pool vectors go into a FAISS inner-product index (IndexFlatIP); each list is the
+top-k of a batched search whose k doubles as rows get taken, so no |targets| x N similarity
+matrix is ever built. For a task's max-aggregated list, an entry is final only when its score
+beats every example's k-th score (rows outside all top-k lists cannot score higher).
+
+Deviations: the paper renders examples in the Tulu chat format; here each model's own chat
+template is used (`pipeline/chat.encode`), so pool and targets match whatever model is chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from thresher.pipeline.artifacts import file_fingerprint
+from thresher.pipeline.forward import _flag, forward_for
+from thresher.pipeline.method import Context, Method
+from thresher.pipeline.pool import Pool, ingest
+from thresher.selectors.round_robin import RoundRobin
+
+log = logging.getLogger(__name__)
+ADD_CHUNK = 65536
+
+
+def target_pool(ctx: Context, path: Path) -> Pool:
+    """A target file ingested once into the work directory (keyed by its content)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"target file {path} does not exist")
+    out = ctx.store.root / "targets" / f"{path.stem}-{file_fingerprint(path)[:16]}"
+    if not (out / "pool.json").exists():
+        ingest([path], out)
+    pool = Pool(out)
+    info = pool.info
+    if info["quarantined"]:
+        log.warning("target %s: %d of %d rows could not be read (see %s)", path,
+                    info["quarantined"], info["read"], out / "quarantine.jsonl")
+    if pool.n_rows == 0:
+        raise ValueError(f"target file {path} has no usable rows (see {out / 'quarantine.jsonl'})")
+    return pool
+
+
+class FaissRanking:
+    """Lazily grown top-k lists of pool positions for a set of query vectors (one task)."""
+
+    def __init__(self, index, queries: np.ndarray, k: int):
+        import faiss
+
+        self.index, self.queries = index, np.array(queries, dtype=np.float32, order="C")
+        faiss.normalize_L2(self.queries)           # stored as float16: re-normalise
+        self.k = 0
+        self._search(min(index.ntotal, max(1, k)))
+
+    def _search(self, k: int) -> None:
+        self.k = k
+        self.D, self.I = self.index.search(self.queries, k)
+
+    def ranked(self, members: list[int], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first n positions by max score over the query rows `members`, best first."""
+        while True:
+            D, I = self.D[members], self.I[members]
+            rows, scores = I.ravel(), D.ravel()
+            valid = rows >= 0
+            rows, scores = rows[valid], scores[valid]
+            order = np.lexsort((-scores, rows))                  # per row, best score first
+            rows, scores = rows[order], scores[order]
+            first = np.ones(len(rows), dtype=bool)
+            first[1:] = rows[1:] != rows[:-1]
+            rows, scores = rows[first], scores[first]            # max over the members
+            if self.k < self.index.ntotal:                       # only provably final entries
+                final = scores > D[:, -1].max()
+                rows, scores = rows[final], scores[final]
+            order = np.lexsort((rows, -scores))
+            if len(order) >= n or self.k >= self.index.ntotal:
+                return rows[order[:n]].astype(np.int64), scores[order[:n]].astype(np.float64)
+            self._search(min(self.index.ntotal, max(2 * self.k, n + 1)))
+
+
+class _View:
+    def __init__(self, ranking: FaissRanking, members: list[int]):
+        self.ranking, self.members = ranking, members
+
+    def head(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.ranking.ranked(self.members, n)
+
+
+def build_index(vectors: np.ndarray, rows: np.ndarray):
+    """IndexFlatIP over vectors[rows] (float16 memmap ok), re-normalised in float32, in chunks."""
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    for s in range(0, len(rows), ADD_CHUNK):
+        block = np.ascontiguousarray(vectors[rows[s:s + ADD_CHUNK]], dtype=np.float32)
+        faiss.normalize_L2(block)
+        index.add(block)
+    return index
+
+
+def rds_lists(index, tasks: list[np.ndarray], names: list[str], n_budget: int):
+    """Round-robin lists: one per target example (one task) or one per task (several)."""
+    if len(tasks) == 1:
+        q = tasks[0]
+        ranking = FaissRanking(index, q, k=2 * -(-n_budget // len(q)) + 8)
+        return [_View(ranking, [i]) for i in range(len(q))], [f"{names[0]}[{i}]" for i in range(len(q))], "target example"
+    lists = []
+    for q in tasks:
+        ranking = FaissRanking(index, q, k=2 * -(-n_budget // len(tasks)) + 8)
+        lists.append(_View(ranking, list(range(len(q)))))
+    return lists, names, "task"
+
+
+class RdsMethod(Method):
+    name = "rds"
+    needs = "a causal LM forward pass (hidden states) over the pool and --target file(s)"
+    cost = "one forward pass over pool + targets (cached), FAISS top-k search"
+    summary = "RDS+: round-robin over target examples (or tasks) by cosine of weighted-mean hidden states"
+
+    def select(self, ctx: Context) -> pl.DataFrame:
+        import faiss  # noqa: F401  (fail early with a clear ModuleNotFoundError)
+
+        targets = ctx.option("target", None)
+        if not targets:
+            raise ValueError("--method rds needs --target FILE (repeat --target for several tasks)")
+        targets = [targets] if isinstance(targets, str | Path) else list(targets)
+        retry = _flag(ctx.option("retry_duplicates", False))
+        pool_vecs = forward_for(ctx, {"rds"}).rds()
+        tasks, names = [], []
+        for t in targets:
+            tp = target_pool(ctx, Path(t))
+            tasks.append(np.asarray(forward_for(ctx, {"rds"}, pool=tp).rds(), dtype=np.float32))
+            names.append(Path(t).stem)
+        ctx.config["target_rows"] = {n: len(q) for n, q in zip(names, tasks)}
+        cand = ctx.candidates
+        with ctx.timed("faiss"):
+            index = build_index(pool_vecs, cand["row"].to_numpy().astype(np.int64))
+            lists, list_names, what = rds_lists(index, tasks, names, ctx.budget.rows(cand))
+            return RoundRobin(lists, list_names, retry_duplicates=retry, what=what).select(
+                cand, ctx.budget, ctx.seed)

@@ -1,0 +1,195 @@
+"""RDS+: the round-robin selector, the FAISS-backed lazy lists against brute force, the method."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from thresher.pipeline.budget import Budget
+from thresher.scoring.rds import FaissRanking, build_index, rds_lists
+from thresher.selectors.round_robin import RoundRobin, StaticList
+
+ROOT_TARGETS = __import__("pathlib").Path(__file__).resolve().parent.parent / "data" / "sample" / "targets"
+
+
+def cands(n):
+    return pl.DataFrame({"id": [f"r{i}" for i in range(n)], "n_tokens": [10 * (i + 1) for i in range(n)]})
+
+
+def ids(sel):
+    return [int(i[1:]) for i in sel["id"]]
+
+
+def test_round_robin_duplicate_uses_up_the_turn_like_rds_code():
+    lists = [StaticList([0, 1, 2]), StaticList([1, 3, 4])]
+    sel = RoundRobin(lists).select(cands(6), Budget.parse("5"), 0)
+    # q0:0, q1:1, q0:1 (taken: turn lost), q1:3, q0:2, q1:4
+    assert ids(sel) == [0, 1, 3, 2, 4]
+    assert sel["picked_by"].to_list() == ["0", "1", "1", "0", "1"]
+
+
+def test_round_robin_retry_takes_best_untaken():
+    lists = [StaticList([0, 1, 2]), StaticList([1, 3, 4])]
+    sel = RoundRobin(lists, retry_duplicates=True).select(cands(6), Budget.parse("5"), 0)
+    assert ids(sel) == [0, 1, 2, 3, 4]
+
+
+def test_round_robin_budget_no_duplicates_and_exhaustion():
+    rng = np.random.default_rng(0)
+    lists = [StaticList(rng.permutation(50)) for _ in range(4)]
+    for budget in ("1", "7", "50", "80"):
+        sel = RoundRobin(lists).select(cands(50), Budget.parse(budget), 0)
+        assert sel.height == min(int(budget), 50)
+        assert sel["id"].n_unique() == sel.height
+    short = [StaticList([3]), StaticList([3, 4])]
+    sel = RoundRobin(short).select(cands(10), Budget.parse("10"), 0)
+    assert ids(sel) == [3, 4]                     # every list exhausted: stops, no error
+
+
+def test_round_robin_token_budget():
+    lists = [StaticList([9, 8, 7, 6, 5]), StaticList([0, 1, 2, 3, 4])]
+    sel = RoundRobin(lists).select(cands(10), Budget.parse("150tok"), 0)
+    assert ids(sel) == [9, 0]          # 100 + 10 tokens; row 8 (90 more) would overflow
+    assert sel["n_tokens"].sum() <= 150
+    sel = RoundRobin(lists).select(cands(10), Budget.parse("105tok"), 0)
+    assert ids(sel) == [9]
+
+
+def brute_single(E_q, E_pool, n):
+    """methods-a.md §3.7 select_single, verbatim in spirit: full matrix, argsort, dedup."""
+    S = E_q @ E_pool.T
+    order = np.argsort(-S, axis=1, kind="stable")
+    chosen, ptr, seen = [], [0] * len(E_q), set()
+    while len(chosen) < n:
+        for v in range(len(E_q)):
+            d = order[v, ptr[v]]
+            ptr[v] += 1
+            if d not in seen:
+                seen.add(d)
+                chosen.append(int(d))
+            if len(chosen) >= n:
+                break
+    return chosen
+
+
+def brute_multi(tasks, E_pool, n):
+    S_t = [(E_q @ E_pool.T).max(0) for E_q in tasks]
+    order = [np.argsort(-s, kind="stable") for s in S_t]
+    chosen, ptr, seen = [], [0] * len(tasks), set()
+    while len(chosen) < n:
+        for t in range(len(tasks)):
+            d = order[t][ptr[t]]
+            ptr[t] += 1
+            if d not in seen:
+                seen.add(d)
+                chosen.append(int(d))
+            if len(chosen) >= n:
+                break
+    return chosen
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def space():
+    rng = np.random.default_rng(1)
+    pool = unit(rng.normal(size=(400, 16)))
+    tasks = [unit(rng.normal(size=(5, 16))), unit(rng.normal(size=(3, 16))), unit(rng.normal(size=(1, 16)))]
+    return pool, tasks
+
+
+def test_faiss_lists_grow_and_match_brute_force_max(space):
+    pool, tasks = space
+    index = build_index(pool, np.arange(len(pool)))
+    ranking = FaissRanking(index, tasks[0], k=4)          # tiny k: forces several regrowths
+    rows, scores = ranking.ranked([0, 1, 2, 3, 4], 120)
+    ref = (tasks[0] @ pool.T).max(0)
+    assert rows.tolist() == np.argsort(-ref, kind="stable")[:120].tolist()
+    np.testing.assert_allclose(scores, np.sort(ref)[::-1][:120], rtol=1e-5)
+    assert ranking.k < len(pool)                          # never needed the whole pool
+    one, _ = ranking.ranked([2], 30)
+    assert one.tolist() == np.argsort(-(tasks[0][2] @ pool.T), kind="stable")[:30].tolist()
+
+
+@pytest.mark.parametrize("n", [1, 17, 100, 400])
+def test_rds_selection_equals_the_spec_pseudocode(space, n):
+    pool, tasks = space
+    index = build_index(pool.astype(np.float16), np.arange(len(pool)))
+    c = cands(len(pool))
+    lists, names, what = rds_lists(index, tasks[:1], ["gsm"], n)
+    assert what == "target example" and len(lists) == 5
+    got = ids(RoundRobin(lists, names).select(c, Budget.parse(str(n)), 0))
+    assert got == brute_single(tasks[0], unit(pool.astype(np.float16).astype(np.float32)), n)
+    lists, names, what = rds_lists(index, tasks, ["a", "b", "c"], n)
+    assert what == "task" and names == ["a", "b", "c"]
+    got = ids(RoundRobin(lists, names).select(c, Budget.parse(str(n)), 0))
+    assert got == brute_multi(tasks, unit(pool.astype(np.float16).astype(np.float32)), n)
+
+
+def _small_pool_file(path, sample_pool, per_source=8):
+    frame = sample_pool.frame(["id", "source", "kind", "messages", "text", "n_chars"])
+    frame = frame.filter(pl.col("n_chars") < 1200)
+    with open(path, "w") as f:
+        for src in sorted(set(frame["source"])):
+            for r in frame.filter(pl.col("source") == src).head(per_source).to_dicts():
+                rec = {"id": r["id"], "source": r["source"]}
+                rec.update({"messages": r["messages"]} if r["kind"] == "chat" else {"text": r["text"]})
+                f.write(json.dumps(rec) + "\n")
+
+
+def _head(src, dst, n):
+    with open(src) as f, open(dst, "w") as g:
+        for _, line in zip(range(n), f):
+            g.write(line)
+
+
+def test_rds_method_end_to_end_on_tiny_model(tmp_path, sample_pool, tiny_lm_dir):
+    from thresher.pipeline.pool import ingest
+    from thresher.pipeline.select import run_select
+
+    _small_pool_file(tmp_path / "rows.jsonl", sample_pool, per_source=6)
+    ingest([tmp_path / "rows.jsonl"], tmp_path / "pool", rows_per_shard=10)
+    _head(ROOT_TARGETS / "gsm8k_test.jsonl", tmp_path / "gsm.jsonl", 6)
+    _head(ROOT_TARGETS / "mbpp_test.jsonl", tmp_path / "mbpp.jsonl", 4)
+    opts = {"model": str(tiny_lm_dir), "target": [str(tmp_path / "gsm.jsonl"), str(tmp_path / "mbpp.jsonl")]}
+    m = run_select(tmp_path / "pool", "rds", "9", tmp_path / "out.jsonl", workdir=tmp_path / "w", options=opts)
+    sel = pl.read_parquet(tmp_path / "out.jsonl.selection.parquet")
+    assert sel.height == 9 and sel["id"].n_unique() == 9
+    assert sel["picked_by"].to_list()[:2] == ["gsm", "mbpp"]     # round-robin over tasks
+    assert set(sel["picked_by"]) == {"gsm", "mbpp"}
+    assert m["models"]["lm"].startswith(tiny_lm_dir.name)
+    assert m["config"]["method"]["target_rows"] == {"gsm": 6, "mbpp": 4}
+    again = run_select(tmp_path / "pool", "rds", "9", tmp_path / "out2.jsonl", workdir=tmp_path / "w", options=opts)
+    assert pl.read_parquet(tmp_path / "out2.jsonl.selection.parquet")["id"].equals(sel["id"])
+    assert again["timings"]["forward"] < m["timings"]["forward"] + 60   # cached: no recompute crash
+    with pytest.raises(ValueError, match="needs --target"):
+        run_select(tmp_path / "pool", "rds", "9", tmp_path / "o3.jsonl", workdir=tmp_path / "w",
+                   options={"model": str(tiny_lm_dir)})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_select(tmp_path / "pool", "rds", "9", tmp_path / "o3.jsonl", workdir=tmp_path / "w",
+                   options={"model": str(tiny_lm_dir), "target": [str(tmp_path / "nope.jsonl")]})
+
+
+@pytest.mark.slow
+def test_rds_with_smollm2_picks_rows_like_the_target(tmp_path, sample_pool):
+    """Real SmolLM2-135M on 48 sample rows: a GSM8K target picks mostly gsm8k, MBPP mostly mbpp."""
+    from thresher.pipeline.pool import ingest
+    from thresher.pipeline.select import run_select
+
+    _small_pool_file(tmp_path / "rows.jsonl", sample_pool, per_source=10)
+    ingest([tmp_path / "rows.jsonl"], tmp_path / "pool")
+    counts = {}
+    for name, want in (("gsm8k_test", "gsm8k"), ("mbpp_test", "mbpp")):
+        _head(ROOT_TARGETS / f"{name}.jsonl", tmp_path / f"{name}.jsonl", 8)
+        run_select(tmp_path / "pool", "rds", "8", tmp_path / f"{name}.out.jsonl", workdir=tmp_path / "w",
+                   options={"target": [str(tmp_path / f"{name}.jsonl")], "max_tokens": 512})
+        sel = pl.read_parquet(tmp_path / f"{name}.out.jsonl.selection.parquet")
+        src = dict(sample_pool.frame(["id", "source"]).iter_rows())
+        picked = [src[i] for i in sel["id"]]
+        counts[name] = picked
+        assert picked.count(want) >= 6, (name, picked)
