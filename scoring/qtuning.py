@@ -27,9 +27,9 @@ Choices where the spec leaves room (also in README "Q-Tuning"):
   backward pass. The released code reads the scores from the training forward instead.
 - ties in token scores are broken by position (the earlier token is dropped first); rounding
   uses Python's round (half to even).
-- `scoring/eu_plane.py` (static quadrants at fixed quantiles over a pool) is not reused: Q-Tuning
-  needs the joint alpha=beta bisection with its own strict/non-strict comparisons and the
-  fill-up rule, which a fixed-quantile quadrant function does not express.
+- the plane itself (quadrants, the alpha bisection, the fill-up) is `scoring/eu_plane.eu_keep`,
+  shared with the static `eu-plane` method; this module adds the per-batch scoring, the token
+  pruning and the reports.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from thresher.scoring.eu_plane import eu_keep
 
 
 @dataclass
@@ -81,50 +83,6 @@ def sample_scores(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray,
     return ppl, ent.astype(np.float64)
 
 
-def bisect_quadrants(ppl: np.ndarray, ent: np.ndarray, r_sample: float, tol: float = 0.01,
-                     max_iter: int = 10) -> tuple[float, np.ndarray, np.ndarray]:
-    """alpha, Q2 mask, Q4 mask: `_dynamic_threshold_search_bisect` of the released code (§2.3)."""
-    B = len(ppl)
-    lo, hi = 0.0, 0.49
-    for _ in range(max_iter):
-        a = (lo + hi) / 2
-        q2 = (ppl > np.quantile(ppl, 1 - a)) & (ent <= np.quantile(ent, a))
-        q4 = (ppl <= np.quantile(ppl, a)) & (ent > np.quantile(ent, 1 - a))
-        frac = (q2.sum() + q4.sum()) / B
-        if abs(frac - r_sample) < tol:
-            break
-        if frac < r_sample:
-            lo = a
-        else:
-            hi = a
-    return a, q2, q4
-
-
-def _minmax(x: np.ndarray) -> np.ndarray:
-    span = x.max() - x.min()
-    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
-
-
-def fill_up(ppl: np.ndarray, ent: np.ndarray, q2: np.ndarray, q4: np.ndarray,
-            r_sample: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Add the top remaining samples by |minmax(PPL) - minmax(Ent)| until K are kept (§2.3).
-
-    Added samples with s2 >= s4 join Q2 (token-pruned), the others Q4. No truncation above K.
-    """
-    q2, q4 = q2.copy(), q4.copy()
-    K = max(1, round(len(ppl) * r_sample))
-    short = K - int((q2 | q4).sum())
-    if short <= 0:
-        return q2, q4, 0
-    pn, en = _minmax(ppl), _minmax(ent)
-    s2, s4 = pn - en, en - pn
-    rest = np.flatnonzero(~(q2 | q4))
-    order = rest[np.argsort(-np.maximum(s2, s4)[rest], kind="stable")][:short]
-    q2[order[s2[order] >= s4[order]]] = True
-    q4[order[s2[order] < s4[order]]] = True
-    return q2, q4, len(order)
-
-
 def smoothed_token_scores(nll: np.ndarray, valid: np.ndarray, lam: float = 0.5) -> np.ndarray:
     """s_i = (1 - lam) PPL_i + lam (PPL_{i-1} + PPL_{i+1}), neighbours 0 outside valid labels (§2.4).
 
@@ -154,17 +112,8 @@ def _drop_highest(scores: np.ndarray, n: int) -> np.ndarray:
 class BatchPrune:
     keep: np.ndarray        # bool [B]: samples trained on
     loss_mask: np.ndarray   # bool [B, T]: tokens that keep their loss (all False for dropped rows)
-    quadrant: np.ndarray    # int [B]: 1..4 on the EU plane (2/4 include fill-ups), 0 = middle
+    quadrant: np.ndarray    # int [B]: 1..4 on the EU plane (2/4 include fill-ups), 0 = between
     report: dict
-
-
-def quadrant_of(ppl: np.ndarray, ent: np.ndarray, alpha: float, q2: np.ndarray,
-               q4: np.ndarray) -> np.ndarray:
-    """Per sample: 2 / 4 if kept as Q2 / Q4 (fill-ups included); 1 (noise) or 3 (redundant) by
-    the same alpha thresholds mirrored; 0 for the middle that no quadrant claims (dropped)."""
-    q1 = (ppl > np.quantile(ppl, 1 - alpha)) & (ent > np.quantile(ent, 1 - alpha))
-    q3 = (ppl <= np.quantile(ppl, alpha)) & (ent <= np.quantile(ent, alpha))
-    return np.where(q2, 2, np.where(q4, 4, np.where(q1, 1, np.where(q3, 3, 0))))
 
 
 def prune_batch(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray, attention: np.ndarray,
@@ -174,9 +123,11 @@ def prune_batch(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray, attenti
     attention = attention.astype(bool)
     B = lm.shape[0]
     ppl, ent_s = sample_scores(nll, ent, lm, attention, cfg.entropy_over)
-    alpha, q2b, q4b = bisect_quadrants(ppl, ent_s, cfg.sample_ratio, cfg.tol, cfg.max_iter)
-    q2, q4, filled = fill_up(ppl, ent_s, q2b, q4b, cfg.sample_ratio)
-    keep = q2 | q4
+    plane = eu_keep(ppl, ent_s, cfg.sample_ratio)    # bisection + fill-up, §2.3
+    labels, alpha, filled = plane["labels"], plane["alpha"], int(plane["fill"].sum())
+    q2 = plane["q2_like"]                             # Q2 and Q2-like fill-ups: token-pruned
+    keep = plane["kept"] | plane["fill"]
+    q4 = keep & ~q2
 
     new = lm & keep[:, None]
     scores = smoothed_token_scores(nll, lm, cfg.lam)
@@ -196,7 +147,8 @@ def prune_batch(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray, attenti
 
     q2_tokens = int(lm[q2].sum())
     report = {
-        "samples": B, "kept_samples": int(keep.sum()), "q2": int(q2b.sum()), "q4": int(q4b.sum()),
+        "samples": B, "kept_samples": int(keep.sum()), "q2": int((labels == "Q2").sum()),
+        "q4": int((labels == "Q4").sum()),
         "filled": filled, "alpha": round(float(alpha), 6),
         "label_tokens": int(lm.sum()), "kept_sample_tokens": int(lm[keep].sum()),
         "kept_tokens": int(new.sum()), "q2_tokens": q2_tokens,
@@ -205,7 +157,8 @@ def prune_batch(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray, attenti
     report["sample_frac"] = report["kept_samples"] / B
     report["token_frac"] = report["kept_tokens"] / max(report["label_tokens"], 1)
     report["q2_token_frac"] = report["q2_kept_tokens"] / q2_tokens if q2_tokens else None
-    return BatchPrune(keep, new, quadrant_of(ppl, ent_s, alpha, q2, q4), report)
+    quadrant = np.select([q2, q4, labels == "Q1", labels == "Q3"], [2, 4, 1, 3], 0)
+    return BatchPrune(keep, new, quadrant, report)
 
 
 def summarize(reports: list[dict]) -> dict:

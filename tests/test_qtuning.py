@@ -11,10 +11,9 @@ import json
 import numpy as np
 import pytest
 
+from thresher.scoring.eu_plane import eu_keep
 from thresher.scoring.qtuning import (
     QTuningConfig,
-    bisect_quadrants,
-    fill_up,
     prune_batch,
     read_masks,
     sample_scores,
@@ -29,42 +28,49 @@ ENT8 = np.array([8.0, 3.0, 2.0, 4.0, 5.0, 6.0, 1.0, 7.0])
 def test_bisection_first_alpha_hits_the_ratio():
     # alpha = 0.245: PPL > q(0.755) = 6.285 -> samples 6, 7; Ent <= q(0.245) = 2.715 -> ent 1, 2
     # Q2 = {6} (PPL 7, Ent 1); Q4: PPL <= 2.715 -> samples 0, 1 and Ent > 6.285 -> {0}.
-    alpha, q2, q4 = bisect_quadrants(PPL8, ENT8, r_sample=0.25)
-    assert alpha == pytest.approx(0.245)
-    assert np.flatnonzero(q2).tolist() == [6]
-    assert np.flatnonzero(q4).tolist() == [0]
+    plane = eu_keep(PPL8, ENT8, 0.25)
+    assert plane["alpha"] == pytest.approx(0.245)
+    assert plane["labels"].tolist() == ["Q4", "-", "-", "-", "-", "-", "Q2", "Q1"]
+    assert not plane["fill"].any()
 
 
-def test_bisection_moves_alpha_up_when_too_few_qualify():
-    # r = 0.5: every alpha in (0, 0.49) still gives {6} and {0} (2/8 < 0.5), so lo rises each
-    # time and the search ends after max_iter at alpha -> 0.49.
-    alpha, q2, q4 = bisect_quadrants(PPL8, ENT8, r_sample=0.5, max_iter=10)
+def test_bisection_moves_alpha_up_when_too_few_qualify_then_fills():
+    # r = 0.5: every alpha in (0, 0.49) still gives Q2 {6} and Q4 {0} (2/8 < 0.5), so lo rises
+    # each time and the search ends after 10 steps near 0.49; then K = 4 - 2 = 2 rows are filled.
+    plane = eu_keep(PPL8, ENT8, 0.5)
     lo, hi = 0.0, 0.49
     for _ in range(10):
         a = (lo + hi) / 2
         lo = a
-    assert alpha == pytest.approx(a)
-    assert np.flatnonzero(q2).tolist() == [6] and np.flatnonzero(q4).tolist() == [0]
-    # and moves it down when too many qualify: with r = 0.01 the first alpha (2/8) is too many
-    alpha_small, _, _ = bisect_quadrants(PPL8, ENT8, r_sample=0.01, max_iter=1)
-    assert alpha_small == pytest.approx(0.245)
-    alpha_two, _, _ = bisect_quadrants(PPL8, ENT8, r_sample=0.01, max_iter=2)
-    assert alpha_two == pytest.approx(0.1225)
+    assert plane["alpha"] == pytest.approx(a)
+    assert np.flatnonzero(plane["kept"]).tolist() == [0, 6]
+    assert int(plane["fill"].sum()) == 2
+    # and moves it down when too many qualify: r = 0.01 -> 2/8 is too many at the first alpha
+    assert eu_keep(PPL8, ENT8, 0.01)["alpha"] < 0.245
 
 
 def test_fill_up_by_normalised_gap_and_q2_or_q4_side():
     ppl = np.array([1.0, 2.0, 3.0, 4.0, 5.0])   # minmax: 0, .25, .5, .75, 1
     ent = np.array([0.0, 4.0, 1.0, 3.0, 2.0])   # minmax: 0, 1, .25, .75, .5
-    # ppl_n - ent_n = 0, -.75, .25, 0, .5 -> K = round(5 * .6) = 3: samples 1 (Q4-like), 4, 2
-    none = np.zeros(5, dtype=bool)
-    q2, q4, filled = fill_up(ppl, ent, none, none, r_sample=0.6)
-    assert filled == 3
-    assert np.flatnonzero(q2).tolist() == [2, 4]
-    assert np.flatnonzero(q4).tolist() == [1]
-    # no truncation when the quadrants already hold K or more
-    many = np.array([True, True, True, True, False])
-    q2b, q4b, filled = fill_up(ppl, ent, many, none, r_sample=0.2)
-    assert filled == 0 and q2b.tolist() == many.tolist() and not q4b.any()
+    # alpha = 0.01 leaves Q2 and Q4 empty (sample 0 is Q3); ppl_n - ent_n = 0, -.75, .25, 0, .5
+    # -> K = round(5 * .6) = 3 fills by |gap|: samples 1 (Q4-like), 4 and 2 (Q2-like)
+    plane = eu_keep(ppl, ent, 0.6, alpha=0.01)
+    assert not plane["kept"].any()
+    assert np.flatnonzero(plane["fill"]).tolist() == [1, 2, 4]
+    assert np.flatnonzero(plane["q2_like"]).tolist() == [2, 4]
+    # and through prune_batch: filled Q2-like rows are token-pruned, the Q4-like one is not
+    nll = np.zeros((5, 4))
+    nll[:, 1:] = np.log(ppl)[:, None]
+    entropy = np.zeros((5, 4))
+    entropy[:, 1:] = ent[:, None]
+    mask = np.zeros((5, 4), dtype=bool)
+    mask[:, 1:] = True
+    res = prune_batch(nll, entropy, mask, np.ones((5, 4), bool), QTuningConfig(sample_ratio=0.6))
+    # the batch's own bisection reaches alpha = .3675, where sample 1 is Q4 (PPL <= 2.47, Ent >
+    # 2.53), so 2 rows are filled: 4 and 2, both Q2-like; the kept set is the same
+    assert np.flatnonzero(res.keep).tolist() == [1, 2, 4]
+    assert (res.report["q4"], res.report["filled"]) == (1, 2)
+    assert res.loss_mask[1].sum() == 3 and res.loss_mask[2].sum() == 2 and res.loss_mask[4].sum() == 2
 
 
 def test_smoothed_scores_use_valid_neighbours_only():
