@@ -151,16 +151,14 @@ def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
         n = int(y.shape[0])
         vocab = head.out_features if parts is not None and hasattr(head, "out_features") else None
         step = max(1, LOGIT_CHUNK // (vocab or model.config.vocab_size))
-        pieces: dict[str, list] = {}
+        pieces: dict[str, list] = {"loss": [], "entropy": [], "el2n": []}
         for s in range(0, n, step):
             block = head(h_sel[s:s + step]) if logits_all is None else logits_all[s:s + step]
             for k, v in _logit_stats(block.float(), y[s:s + step], want).items():
-                pieces.setdefault(k, []).append(v)
+                pieces[k].append(v.cpu().numpy().astype(np.float32))
             del block
-        out["token"] = {k: torch.cat(v).cpu().numpy().astype(np.float32) if v else np.zeros(0, np.float32)
+        out["token"] = {k: np.concatenate(v) if v else np.zeros(0, np.float32)
                         for k, v in pieces.items()}
-        if n == 0:
-            out["token"] = {k: np.zeros(0, np.float32) for k in ("loss", "entropy", "el2n")}
         out["counts"] = lm[:, 1:].sum(1).cpu().numpy()
     if "rds" in want:
         lengths = am.sum(1, keepdim=True).float()                             # L per row
