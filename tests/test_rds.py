@@ -177,19 +177,17 @@ def test_rds_method_end_to_end_on_tiny_model(tmp_path, sample_pool, tiny_lm_dir)
 
 @pytest.mark.slow
 def test_rds_with_smollm2_picks_rows_like_the_target(tmp_path, sample_pool):
-    """Real SmolLM2-135M on 48 sample rows: a GSM8K target picks mostly gsm8k, MBPP mostly mbpp."""
+    """Real SmolLM2-135M on ~30 sample rows: a GSM8K target picks mostly gsm8k, MBPP mostly mbpp."""
     from thresher.pipeline.pool import ingest
     from thresher.pipeline.select import run_select
 
-    _small_pool_file(tmp_path / "rows.jsonl", sample_pool, per_source=10)
+    _small_pool_file(tmp_path / "rows.jsonl", sample_pool, per_source=6)
     ingest([tmp_path / "rows.jsonl"], tmp_path / "pool")
-    counts = {}
+    src = dict(sample_pool.frame(["id", "source"]).iter_rows())
     for name, want in (("gsm8k_test", "gsm8k"), ("mbpp_test", "mbpp")):
-        _head(ROOT_TARGETS / f"{name}.jsonl", tmp_path / f"{name}.jsonl", 8)
-        run_select(tmp_path / "pool", "rds", "8", tmp_path / f"{name}.out.jsonl", workdir=tmp_path / "w",
-                   options={"target": [str(tmp_path / f"{name}.jsonl")], "max_tokens": 512})
+        _head(ROOT_TARGETS / f"{name}.jsonl", tmp_path / f"{name}.jsonl", 6)
+        run_select(tmp_path / "pool", "rds", "6", tmp_path / f"{name}.out.jsonl", workdir=tmp_path / "w",
+                   options={"target": [str(tmp_path / f"{name}.jsonl")], "max_tokens": 512, "threads": 1})
         sel = pl.read_parquet(tmp_path / f"{name}.out.jsonl.selection.parquet")
-        src = dict(sample_pool.frame(["id", "source"]).iter_rows())
         picked = [src[i] for i in sel["id"]]
-        counts[name] = picked
-        assert picked.count(want) >= 6, (name, picked)
+        assert picked.count(want) >= 5, (name, picked)    # 6 of the ~30 rows are `want`
