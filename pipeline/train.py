@@ -458,9 +458,10 @@ def train_file(subset: Path | str, out: Path | str, cfg: TrainConfig | None = No
                  **kwargs)
 
 
-def load_trained(path: Path | str, device: str | None = None):
+def load_trained(path: Path | str, device: str | None = None, merge: bool = False):
     """(model, tokenizer): the base model of a run with its adapter, in eval mode. `path` is a
-    run directory (uses OUT/adapter) or one of its checkpoints."""
+    run directory (uses OUT/adapter) or one of its checkpoints. `merge=True` folds the adapter
+    into the base weights (as fast as the base model for evaluation and generation)."""
     import torch
     from peft import PeftModel
 
@@ -475,4 +476,6 @@ def load_trained(path: Path | str, device: str | None = None):
     device = pick_device(device)
     base = load_causal_lm(resolved, device, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter)).to(device).eval()
+    if merge:
+        model = model.merge_and_unload().eval()
     return model, load_tokenizer(resolved)

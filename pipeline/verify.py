@@ -244,7 +244,7 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
     for name, rows in train_sets.items():
         run_dir = out / "runs" / name
         summary = train(rows, run_dir, cfg, progress=progress)
-        model, tok = load_trained(run_dir, device)
+        model, tok = load_trained(run_dir, device, merge=True)
         t0 = time.perf_counter()
         report["runs"][name] = {
             "rows": len(rows), "trained_rows": summary["trained_rows"], "steps": summary["steps"],

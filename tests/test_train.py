@@ -51,6 +51,9 @@ def test_training_lowers_the_loss_on_a_repeated_set(tmp_path, tiny_lm_dir, rows)
                                              target_modules=allmods), progress=False)
     model, tok = load_trained(tmp_path / "run")
     after = _eval_loss(model, tok, rows[:2])
+    merged, _ = load_trained(tmp_path / "run", merge=True)   # what verify evaluates
+    assert not hasattr(merged, "peft_config")
+    assert _eval_loss(merged, tok, rows[:2]) == pytest.approx(after, abs=1e-4)
     assert res["complete"] and res["steps"] == 6 * 4
     assert after < before - 0.2
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
