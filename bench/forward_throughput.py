@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from thresher.pipeline import forward
 from thresher.pipeline.chat import encode
-from thresher.pipeline.models import DEFAULT_LM, load_causal_lm, load_tokenizer, pick_dtype, resolve
+from thresher.pipeline.models import DEFAULT_LM, load_causal_lm, load_tokenizer, resolve
 from thresher.pipeline.readers import read_records
 from thresher.pipeline.schema import detect_shape, to_canonical
 

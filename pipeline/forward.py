@@ -39,7 +39,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from thresher.pipeline.artifacts import ArtifactStore, Stage
 from thresher.pipeline.chat import Encoded, encode
 from thresher.pipeline.pool import Pool
@@ -373,9 +372,8 @@ def _run_shards(pool, stage, resolved, dev, torch_dtype, want, rds, stats, names
         out = run_forward(model, tok, rows, want, max_tokens=max_tokens, token_budget=token_budget,
                           response_only=response_only)
         if rds:
-            with stage.writing(f"{shard}.rds.npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, out["rds"].astype(np.float16))
+            with stage.writing(f"{shard}.rds.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, out["rds"].astype(np.float16))
         with stage.writing(f"{shard}.parquet") as tmp:
             pq.write_table(_shard_table([r["id"] for r in rows], out, stats), tmp)
         log.info("forward: %s done (%d rows)", shard, len(rows))
@@ -426,7 +424,7 @@ def engine_dtype(device: str, requested: str | None = None):
     return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
 
 
-def _flag(value) -> bool:
+def parse_flag(value) -> bool:
     if isinstance(value, str):
         if value.lower() in ("1", "true", "yes", "on"):
             return True
@@ -454,7 +452,7 @@ def forward_for(ctx, signals, pool: Pool | None = None) -> ForwardResult:
         "threads": ctx.option("threads", None),
     }
     if check_signals(signals) & LOGIT_SIGNALS:
-        settings["response_only"] = _flag(ctx.option("response_only", True))
+        settings["response_only"] = parse_flag(ctx.option("response_only", True))
     if settings["max_tokens"] < 2 or settings["token_budget"] < 1:
         raise ValueError("max_tokens must be >= 2 and token_budget >= 1")
     with ctx.timed("forward"):

@@ -15,7 +15,6 @@ checkpoint and average the `el2n` arrays.
 from __future__ import annotations
 
 import polars as pl
-
 from thresher.pipeline.forward import scored_candidates
 from thresher.pipeline.method import Context, Method
 from thresher.selectors.score_band import ScoreBand

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-
 from thresher.pipeline.forward import scored_candidates
 from thresher.pipeline.method import Context, Method
 

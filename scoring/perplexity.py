@@ -12,7 +12,6 @@ ranked: they are left out, counted in the manifest (config.unscored_rows) and lo
 from __future__ import annotations
 
 import polars as pl
-
 from thresher.pipeline.forward import scored_candidates
 from thresher.pipeline.method import Context, Method
 from thresher.selectors.score_band import ScoreBand

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-
 from thresher.pipeline.artifacts import file_fingerprint
-from thresher.pipeline.forward import _flag, forward_for
+from thresher.pipeline.forward import forward_for, parse_flag
 from thresher.pipeline.method import Context, Method
 from thresher.pipeline.pool import Pool, ingest
 from thresher.selectors.round_robin import RoundRobin
@@ -138,7 +137,7 @@ class RdsMethod(Method):
         if not targets:
             raise ValueError("--method rds needs --target FILE (repeat --target for several tasks)")
         targets = [targets] if isinstance(targets, str | Path) else list(targets)
-        retry = _flag(ctx.option("retry_duplicates", False))
+        retry = parse_flag(ctx.option("retry_duplicates", False))
         pool_vecs = forward_for(ctx, {"rds"}).rds()
         tasks, names = [], []
         for t in targets:

@@ -23,7 +23,6 @@ from typing import Protocol
 
 import numpy as np
 import polars as pl
-
 from thresher.pipeline.budget import Budget
 
 

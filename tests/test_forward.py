@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from thresher.pipeline import forward
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.chat import encode

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.forward import forward_signals
 from thresher.pipeline.pool import Pool, ingest
@@ -72,6 +71,7 @@ def test_el2n_default_keeps_the_hardest_and_scores_are_stable(lm_pool, work, tin
     chosen = [el2n[i] for i in sel["id"]]
     assert min(chosen) >= max(v for k, v in el2n.items() if k not in set(sel["id"]))
     assert all(0 <= v <= np.sqrt(2) for v in el2n.values())
+    assert m["config"]["method"]["keep"] == "top"
     sel2, _ = select(lm_pool, "el2n", "6", tmp_path / "o2.jsonl", work, model=str(tiny_lm_dir))
     assert sel2["id"].equals(sel["id"])
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-
 from thresher.pipeline.budget import Budget
 from thresher.scoring.rds import FaissRanking, build_index, rds_lists
 from thresher.selectors.round_robin import RoundRobin, StaticList
 
-ROOT_TARGETS = __import__("pathlib").Path(__file__).resolve().parent.parent / "data" / "sample" / "targets"
+ROOT_TARGETS = Path(__file__).resolve().parent.parent / "data" / "sample" / "targets"
 
 
 def cands(n):
@@ -144,8 +144,7 @@ def _small_pool_file(path, sample_pool, per_source=8):
 
 def _head(src, dst, n):
     with open(src) as f, open(dst, "w") as g:
-        for _, line in zip(range(n), f):
-            g.write(line)
+        g.writelines(line for _, line in zip(range(n), f))
 
 
 def test_rds_method_end_to_end_on_tiny_model(tmp_path, sample_pool, tiny_lm_dir):
