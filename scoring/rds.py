@@ -11,7 +11,8 @@ its best remaining pool row. Several `--target` files (tasks): a task scores a p
 max over its examples, then round-robin over tasks. Duplicates consume the turn, as the RDS+
 code does (`--param retry_duplicates=true` walks down to the best untaken row instead).
 
-Scale: the pool vectors go into a FAISS inner-product index (IndexFlatIP); each list is the
+Scale: the pool vectors go into a FAISS inner-product index (IndexFlatIP, exact; kept on the
+CPU even with a GPU, whose indexes cap k at 2048 per search); each list is the
 top-k of a batched search whose k doubles as rows get taken, so no |targets| x N similarity
 matrix is ever built. For a task's max-aggregated list, an entry is final only when its score
 beats every example's k-th score (rows outside all top-k lists cannot score higher).
