@@ -29,11 +29,10 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
 from thresher.pipeline.artifacts import atomic_path, config_key, write_json_atomic
 from thresher.pipeline.chat import encode
 from thresher.pipeline.forward import _body_and_head
@@ -238,7 +237,6 @@ def checkpoints(out: Path) -> list[Path]:
 def _amp(device: str, requested: str | None):
     """(autocast dtype or None, use a grad scaler)."""
     import torch
-
     from thresher.pipeline.models import pick_dtype
 
     dt = pick_dtype(device, requested)
@@ -262,10 +260,9 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     import torch
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils import load_peft_weights
+    from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
-
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
 
     cfg = cfg or TrainConfig()
     out = Path(out)
@@ -464,7 +461,6 @@ def load_trained(path: Path | str, device: str | None = None, merge: bool = Fals
     into the base weights (as fast as the base model for evaluation and generation)."""
     import torch
     from peft import PeftModel
-
     from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
 
     path = Path(path)

@@ -29,9 +29,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
-from thresher.pipeline.chat import encode, prompt_text
+from thresher.pipeline.chat import prompt_text
 from thresher.pipeline.train import TrainConfig, load_rows, load_trained, train
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
                         bad[0]["reason"])
     sizes = {str(s): len(train_sets[n]) for n, s in zip(names, subsets)}
     if len(set(sizes.values())) > 1:
-        raise ValueError(f"subsets differ in size, so the comparison is not at equal budget: "
+        raise ValueError("subsets differ in size, so the comparison is not at equal budget: "
                          + ", ".join(f"{k}={v}" for k, v in sizes.items()))
     n = next(iter(sizes.values()))
 

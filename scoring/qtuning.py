@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
 from thresher.scoring.eu_plane import eu_keep
 
 
@@ -217,7 +216,6 @@ def write_masks(rows: list[dict], out: Path, model_name: str, cfg: QTuningConfig
     keeps its loss (chat.encode layout); dropped rows have an all-zero mask. `thresher train
     --token-masks FILE` applies them. Not the published (dynamic) method."""
     import torch
-
     from thresher.pipeline.chat import encode
     from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
 

@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-
 from thresher.scoring.eu_plane import eu_keep
 from thresher.scoring.qtuning import (
     QTuningConfig,

@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-
 from thresher.pipeline.train import (
     TrainConfig,
     load_rows,
@@ -27,7 +26,7 @@ def rows(sample_pool):
 
 
 def cfg(tiny_lm_dir, **kw):
-    base = dict(model=str(tiny_lm_dir), batch_size=2, max_tokens=128, lr=2e-2, seed=3)
+    base = {"model": str(tiny_lm_dir), "batch_size": 2, "max_tokens": 128, "lr": 2e-2, "seed": 3}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -73,6 +72,18 @@ def test_checkpoints_at_chosen_steps_and_every_n(tmp_path, tiny_lm_dir, rows):
         assert meta["step"] == step
     model, _ = load_trained(tmp_path / "run" / "checkpoint-4")  # S2L / EL2N load them like this
     assert model.active_adapter == "default"
+
+
+def test_merged_model_is_saved_and_loads_as_a_plain_model(tmp_path, tiny_lm_dir, rows):
+    from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+
+    train(rows[:2], tmp_path / "run", cfg(tiny_lm_dir, merge=True), progress=False)
+    merged = resolve(str(tmp_path / "run" / "merged"))
+    plain = load_causal_lm(merged)
+    tok = load_tokenizer(merged)
+    via_adapter, _ = load_trained(tmp_path / "run")
+    assert _eval_loss(plain, tok, rows[:2]) == pytest.approx(_eval_loss(via_adapter, tok, rows[:2]),
+                                                             abs=1e-4)
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tiny_lm_dir, rows):
@@ -160,9 +171,8 @@ def test_token_mask_file_is_applied(tmp_path, tiny_lm_dir, rows):
 
 
 def test_cli_train_and_bad_input(tmp_path, tiny_lm_dir, rows):
-    from typer.testing import CliRunner
-
     from thresher.pipeline.cli import app
+    from typer.testing import CliRunner
 
     f = tmp_path / "subset.jsonl"
     f.write_text("".join(json.dumps({"id": r["id"], "messages": r["messages"]}) + "\n"
@@ -186,7 +196,6 @@ def test_cli_train_and_bad_input(tmp_path, tiny_lm_dir, rows):
 def test_head_only_on_loss_positions_gives_the_full_logits_loss(tiny_lm_dir, rows):
     import torch
     from peft import LoraConfig, get_peft_model
-
     from thresher.pipeline.forward import _body_and_head
     from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
     from thresher.pipeline.train import collate, make_examples, masked_loss

@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-
 from thresher.pipeline.verify import predicted_answer, reference_answer
 
 GSM8K_TEST = "data/sample/targets/gsm8k_test.jsonl"
