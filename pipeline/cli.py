@@ -208,6 +208,8 @@ def train(
     if s["no_loss_token_rows"]:
         typer.echo(f"  {s['no_loss_token_rows']} rows have no response token within "
                    f"{max_tokens} tokens and were not trained on", err=True)
+    if s.get("masked_out_rows"):
+        typer.echo(f"  {s['masked_out_rows']} rows are dropped whole by {token_masks}", err=True)
     typer.echo(f"trained {s['trained_rows']} rows, {s['steps']} steps, loss {s['first_loss']:.4f} -> "
                f"{s['final_loss']:.4f} in {s['seconds']:.1f}s -> {out / 'adapter'}")
     if "qtuning" in s:

@@ -130,9 +130,10 @@ class Example:
 
 
 def make_examples(tok, rows: list[dict], max_tokens: int,
-                  token_masks: dict | None = None) -> tuple[list[Example], list[str]]:
-    """Encoded rows, and the ids left with no loss token (truncated prompts, fully masked rows)."""
-    out, empty = [], []
+                  token_masks: dict | None = None) -> tuple[list[Example], list[str], int]:
+    """Encoded rows; the ids left with no loss token within max_tokens (long prompts); and how
+    many rows a token-mask file drops whole (Q-Tuning's dropped samples), also left out."""
+    out, empty, masked_out = [], [], 0
     for r in rows:
         e = encode(tok, r, max_tokens)
         mask = e.loss_mask
@@ -143,12 +144,15 @@ def make_examples(tok, rows: list[dict], max_tokens: int,
             if len(ids) != len(e.input_ids) or not np.array_equal(ids, e.input_ids):
                 raise ValueError(f"row {r['id']!r}: token-mask file was made with another "
                                  "tokenizer or max_tokens (input_ids differ)")
+            if e.loss_mask.any() and not (mask & keep).any():
+                masked_out += 1
+                continue
             mask = mask & keep
         if mask.any():
             out.append(Example(r["id"], e.input_ids, mask))
         else:
             empty.append(r["id"])
-    return out, empty
+    return out, empty, masked_out
 
 
 def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -274,7 +278,7 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
 
     tok = load_tokenizer(resolved)
     masks = read_masks(Path(token_masks)) if token_masks else None
-    examples, empty = make_examples(tok, rows, cfg.max_tokens, masks)
+    examples, empty, masked_out = make_examples(tok, rows, cfg.max_tokens, masks)
     if empty:
         log.warning("%d rows have no loss token within %d tokens and are not trained on, e.g. %s",
                     len(empty), cfg.max_tokens, empty[:3])
@@ -396,7 +400,7 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     summary = {
         "out": str(out), "model": cfg.model, "model_identity": resolved.identity, "run_key": run_key,
         "config": asdict(cfg), "rows": len(rows), "trained_rows": len(examples),
-        "no_loss_token_rows": len(empty), "no_loss_token_ids": empty[:20], "steps": step, "total_steps": total,
+        "no_loss_token_rows": len(empty), "no_loss_token_ids": empty[:20], "masked_out_rows": masked_out, "steps": step, "total_steps": total,
         "train_tokens": int(sum(int(e.loss_mask.sum()) for e in examples)),
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,

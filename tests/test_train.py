@@ -163,6 +163,8 @@ def test_token_mask_file_is_applied(tmp_path, tiny_lm_dir, rows):
     info = write_masks(rows, masks, str(tiny_lm_dir), QTuningConfig(sample_ratio=0.5), max_tokens=128)
     res = train(rows, tmp_path / "m", cfg(tiny_lm_dir), token_masks=masks, progress=False)
     assert res["trained_rows"] == info["kept_samples"]
+    assert res["masked_out_rows"] == len(rows) - info["kept_samples"]
+    assert res["no_loss_token_rows"] == 0
     assert res["train_tokens"] == info["kept_tokens"]
     other = tmp_path / "other.jsonl"
     other.write_text(masks.read_text().replace('"input_ids": [', '"input_ids": [7, ', 1))
@@ -205,7 +207,7 @@ def test_head_only_on_loss_positions_gives_the_full_logits_loss(tiny_lm_dir, row
     model = get_peft_model(load_causal_lm(resolve(str(tiny_lm_dir))), LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
     torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
-    ex, _ = make_examples(tok, rows[:3], 128)
+    ex, _, _ = make_examples(tok, rows[:3], 128)
     ids, att, mask = collate(ex, tok.pad_token_id)
     parts = _body_and_head(model)
     assert parts is not None
