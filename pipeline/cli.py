@@ -262,7 +262,7 @@ def qtuning_masks(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
     """Offline Q-Tuning: base-model EU plane over all rows at once; per-row token keep masks."""
-    from thresher.pipeline.train import load_rows
+    from thresher.pipeline.pool import load_rows
     from thresher.scoring.qtuning import QTuningConfig, write_masks
 
     try:
@@ -292,6 +292,10 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
 
 
 def main() -> None:
+    # OpenMP threads that spin while waiting made the forward pass and FAISS k-means 3-5x slower
+    # on a shared CPU (bench/RESULTS.md); passive waiting matched one thread. Set before torch and
+    # faiss load; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=os.environ.get("THRESHER_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     try:

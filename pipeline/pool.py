@@ -23,7 +23,6 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from thresher.pipeline.artifacts import file_fingerprint, write_json_atomic
 from thresher.pipeline.readers import expand_inputs, read_records
 from thresher.pipeline.schema import POOL_SCHEMA, SHAPES, RowError, detect_shape, to_canonical
@@ -126,6 +125,47 @@ def _snippet(rec) -> str | None:
     return s.encode("utf-8", "replace").decode("utf-8")[:SNIPPET]
 
 
+def _row_shape(rec, declared: str | None, file_shape: str | None) -> tuple[str | None, str | None]:
+    """(shape of this row, shape of the file so far).
+
+    Declared: every row has that shape. Detected: per row, so a file may mix chat rows and
+    plain-text rows (as thresher's own subsets do); a row with no recognisable key is judged
+    by the file's shape, which gives a precise reason ("row is missing 'messages'")."""
+    row_shape = declared or (detect_shape(rec) if isinstance(rec, dict) else None) or file_shape
+    return row_shape, file_shape or row_shape
+
+
+def _convert(rec, row_shape: str | None, path: Path) -> dict:
+    if row_shape is None:
+        raise RowError("cannot tell the format (no messages/conversations/instruction/output/"
+                       "text field); pass --format" if rec else "empty object")
+    return to_canonical(rec, row_shape, default_source=path.stem)
+
+
+def load_rows(path: Path | str, shape: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Canonical rows of a pool directory or of one small file (a subset, an eval set) held in
+    memory, and the rows that could not be used (file, location, reason), which callers report."""
+    path = Path(path)
+    if path.is_dir():
+        return list(Pool(path).iter_rows(["id", "source", "kind", "messages", "text", "n_chars", "meta"])), []
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    rows, bad, file_shape = [], [], shape
+    for where, rec, err in read_records(path):
+        if err is None:
+            row_shape, file_shape = _row_shape(rec, shape, file_shape)
+            try:
+                rows.append(_convert(rec, row_shape, path))
+                continue
+            except RowError as e:
+                err = str(e)
+        bad.append({"file": str(path), "location": where, "reason": err})
+    if not rows:
+        raise ValueError(f"{path}: no usable rows ({len(bad)} quarantined"
+                         + (f", e.g. {bad[0]['location']}: {bad[0]['reason']})" if bad else ")"))
+    return rows, bad
+
+
 def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_shard: int = 10_000,
            progress=None) -> IngestReport:
     """Read every source file into a new pool at `out` (replacing any pool already there)."""
@@ -157,21 +197,17 @@ def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_sh
         for path in files:
             rep = InputReport(path=str(path), sha256=file_fingerprint(path), shape=shape)
             report.inputs.append(rep)
-            file_shape = shape
+            file_shape, shapes_seen = shape, set()
             for where, rec, err in read_records(path):
                 rep.read += 1
                 if progress is not None:
                     progress(1)
                 if err is None:
-                    if file_shape is None and isinstance(rec, dict):
-                        file_shape = rep.shape = detect_shape(rec)
+                    row_shape, file_shape = _row_shape(rec, shape, file_shape)
+                    if row_shape:
+                        shapes_seen.add(row_shape)
                     try:
-                        if file_shape is None:
-                            raise RowError(
-                                "cannot tell the format (no messages/conversations/instruction/"
-                                "output/text field); pass --format"
-                                if rec else "empty object")
-                        row = to_canonical(rec, file_shape, default_source=path.stem)
+                        row = _convert(rec, row_shape, path)
                     except RowError as e:
                         err = str(e)
                 if err is not None:
@@ -195,6 +231,7 @@ def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_sh
                 rep.kept += 1
                 if len(buffer) >= rows_per_shard:
                     flush()
+            rep.shape = "+".join(sorted(shapes_seen)) or shape
         flush()
 
     report.fingerprint = content.hexdigest()[:32]

@@ -37,6 +37,7 @@ from thresher.pipeline.artifacts import atomic_path, config_key, write_json_atom
 from thresher.pipeline.chat import encode
 from thresher.pipeline.forward import _body_and_head
 from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.pool import load_rows
 from thresher.scoring.qtuning import QTuningConfig, prune_batch, read_masks, score_tokens, summarize
 
 log = logging.getLogger(__name__)
@@ -89,38 +90,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- input
-
-def load_rows(path: Path | str) -> tuple[list[dict], list[dict]]:
-    """Canonical rows of a pool directory or of any file the readers accept, and the quarantined
-    rows of a file (location + reason), which callers must report."""
-    from thresher.pipeline.pool import Pool
-    from thresher.pipeline.readers import read_records
-    from thresher.pipeline.schema import RowError, detect_shape, to_canonical
-
-    path = Path(path)
-    if path.is_dir():
-        pool = Pool(path)
-        return list(pool.iter_rows(["id", "source", "kind", "messages", "text", "n_chars", "meta"])), []
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    rows, bad = [], []
-    for where, rec, err in read_records(path):
-        if err is None:
-            try:  # shape per record: a written subset mixes chat rows and {"id", "text"} rows
-                shape = detect_shape(rec) if isinstance(rec, dict) else None
-                if shape is None:
-                    raise RowError("cannot tell the format (no messages/conversations/"
-                                   "instruction/output/text field)")
-                rows.append(to_canonical(rec, shape, default_source=path.stem))
-                continue
-            except RowError as e:
-                err = str(e)
-        bad.append({"file": str(path), "location": where, "reason": err})
-    if not rows:
-        raise ValueError(f"{path}: no usable rows ({len(bad)} quarantined"
-                         + (f", e.g. {bad[0]['location']}: {bad[0]['reason']})" if bad else ")"))
-    return rows, bad
-
 
 @dataclass
 class Example:

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
 from thresher.pipeline.chat import prompt_text
-from thresher.pipeline.train import TrainConfig, load_rows, load_trained, train
+from thresher.pipeline.pool import load_rows
+from thresher.pipeline.train import TrainConfig, load_trained, train
 
 log = logging.getLogger(__name__)
 

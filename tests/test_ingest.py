@@ -145,3 +145,16 @@ def test_same_inputs_same_fingerprint(tmp_path, sample_pool_dir):
     b = ingest([sample_pool_dir], tmp_path / "b").fingerprint
     assert a == b
     assert pl.read_parquet(tmp_path / "a" / "shards").equals(pl.read_parquet(tmp_path / "b" / "shards"))
+
+
+def test_detected_shape_is_per_row_so_subsets_with_text_rows_reingest(tmp_path):
+    chat = {"id": "c", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    src = write_lines(tmp_path / "subset.jsonl", [json.dumps(chat).encode(),
+                                                  json.dumps({"id": "t", "text": "web text"}).encode(),
+                                                  json.dumps({"id": "x", "body": 1}).encode()])
+    rep = ingest([src], tmp_path / "pool")
+    assert (rep.kept, rep.quarantined) == (2, 1)
+    assert rep.inputs[0].shape == "messages+text"
+    assert quarantine(tmp_path / "pool")[0]["reason"] == "row is missing 'messages'"
+    declared = ingest([src], tmp_path / "pool2", shape="messages")
+    assert (declared.kept, declared.quarantined) == (1, 2)
