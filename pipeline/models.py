@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -163,5 +164,8 @@ def load_embedder(model: ResolvedModel, device: str = "cpu", trust_remote_code: 
     from sentence_transformers import SentenceTransformer
 
     kwargs = {} if model.remote else {"local_files_only": True}
+    # sentence-transformers 6 renamed tokenizer_kwargs to processor_kwargs
+    tk = "processor_kwargs" if "processor_kwargs" in inspect.signature(SentenceTransformer).parameters \
+        else "tokenizer_kwargs"
     return SentenceTransformer(model.path, device=device, trust_remote_code=trust_remote_code,
-                               model_kwargs=kwargs, tokenizer_kwargs=kwargs)
+                               model_kwargs=kwargs, **{tk: kwargs})
