@@ -89,6 +89,25 @@ class Stage:
     def info(self) -> dict:
         return json.loads((self.dir / DONE).read_text())
 
+    def concat_arrays(self, parts: list[str], name: str) -> tuple[int, int]:
+        """Stack per-shard `.npy` matrices (in the order given) into one `.npy` in this stage,
+        streamed through a memory map so the whole matrix is never in RAM; returns its shape."""
+        import numpy as np
+
+        arrays = [np.load(self.path(p), mmap_mode="r") for p in parts]
+        n = sum(a.shape[0] for a in arrays)
+        d = arrays[0].shape[1] if arrays else 0
+        dtype = arrays[0].dtype if arrays else np.float16
+        with self.writing(name) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, d))
+            at = 0
+            for a in arrays:
+                out[at:at + a.shape[0]] = a
+                at += a.shape[0]
+            out.flush()
+            del out
+        return n, d
+
 
 class ArtifactStore:
     def __init__(self, workdir: Path | str):

@@ -32,9 +32,8 @@ def ingest(
     rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 10_000,
 ):
     """Read instruction or text data into a pool of canonical Parquet shards."""
-    from tqdm import tqdm
-
     from thresher.pipeline.pool import ingest as run_ingest
+    from tqdm import tqdm
 
     try:
         with tqdm(unit=" rows", desc="ingest", disable=None) as bar:

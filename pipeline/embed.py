@@ -169,20 +169,11 @@ def embed_pool(pool: Pool, store: ArtifactStore, model: str | ResolvedModel = DE
         if progress is not None:
             progress(shard.stem, n)
 
-    parts = [np.load(stage.path(n), mmap_mode="r") for n in names]
-    dim = parts[0].shape[1] if parts else 0
-    n = sum(p.shape[0] for p in parts)
+    n = sum(np.load(stage.path(name), mmap_mode="r").shape[0] for name in names)
     if n != pool.n_rows:
         raise ValueError(f"embedding shards hold {n} rows but the pool has {pool.n_rows}; "
                          f"remove {stage.dir} and rerun")
-    with stage.writing(MATRIX) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
-        at = 0
-        for p in parts:
-            out[at:at + p.shape[0]] = p
-            at += p.shape[0]
-        out.flush()
-        del out
+    n, dim = stage.concat_arrays(names, MATRIX)
     stage.complete({"rows": n, "dim": dim, "model": resolved.identity, "part": part})
     return Embeddings(stage, resolved.identity, part, n, dim)
 

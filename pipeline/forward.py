@@ -388,16 +388,7 @@ def _assemble(stage: Stage, names: list[str], stats: bool, rds: bool) -> None:
     with stage.writing("scores.parquet") as tmp:
         pl.concat(frames).write_parquet(tmp)
     if rds:
-        parts = [np.load(stage.path(f"{s}.rds.npy"), mmap_mode="r") for s in names]
-        n, d = sum(p.shape[0] for p in parts), parts[0].shape[1]
-        with stage.writing("rds.npy") as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
-            at = 0
-            for p in parts:
-                arr[at:at + p.shape[0]] = p
-                at += p.shape[0]
-            arr.flush()
-            del arr
+        stage.concat_arrays([f"{s}.rds.npy" for s in names], "rds.npy")
 
 
 def _cpu_has_native_bf16() -> bool:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import polars as pl
-
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.budget import Budget
 from thresher.pipeline.pool import Pool

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-
 from thresher.pipeline import registry
 from thresher.pipeline.artifacts import ArtifactStore, atomic_path
 from thresher.pipeline.budget import Budget

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import polars as pl
-
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.chat import encode
 from thresher.pipeline.models import ResolvedModel, load_tokenizer

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
 from thresher.pipeline.schema import POOL_SCHEMA
 
@@ -65,8 +64,7 @@ def write_rows(rows: list[dict], out: Path, fmt: str) -> None:
             pq.write_table(table, tmp)
         else:
             with open(tmp, "w", encoding="utf-8") as f:
-                for rec in records:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
 
 
 def manifest_path(out: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import polars as pl
-
 from thresher.pipeline.method import Context, Method
 from thresher.selectors.random_sample import RandomSelector
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import polars as pl
-
 from thresher.pipeline.budget import Budget
 
 

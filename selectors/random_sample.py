@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-
 from thresher.pipeline.budget import Budget
 
 

@@ -9,7 +9,6 @@ Ties break by id so the result never depends on input order.
 from __future__ import annotations
 
 import polars as pl
-
 from thresher.pipeline.budget import Budget
 
 KEEPS = ("top", "bottom", "middle")
