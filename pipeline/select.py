@@ -55,6 +55,7 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
     ctx = Context(pool=pool, store=store, budget=budget, seed=seed, options=dict(options or {}))
 
     counting = resolve(ctx.options.get("model") or DEFAULT_LM)
+    counts = None
     if budget.kind == "tokens":
         with ctx.timed("token_counts"):
             counts = token_counts(pool, store, counting)
@@ -76,8 +77,14 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
         with atomic_path(sidecar) as tmp:
             chosen.with_row_index("rank").write_parquet(tmp)
     with ctx.timed("token_counts"):
-        tok = load_tokenizer(counting)
-        encs = [encode(tok, r, NO_LIMIT) for r in rows]
+        if counts is None:  # only the selected rows need counting
+            tok = load_tokenizer(counting)
+            encs = [encode(tok, r, NO_LIMIT) for r in rows]
+            n_tokens = sum(len(e.input_ids) for e in encs)
+            n_loss = sum(int(e.loss_mask.sum()) for e in encs)
+        else:  # a token budget already counted every row
+            picked = chosen.select("id").join(counts, on="id", how="left")
+            n_tokens, n_loss = picked["n_tokens"].sum(), picked["n_loss_tokens"].sum()
     ctx.models.setdefault("tokenizer", counting.identity)
 
     manifest = {
@@ -96,8 +103,7 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
         "counts": {"read": pool.info["read"], "quarantined": pool.info["quarantined"],
                    "duplicate_ids": pool.info["duplicate_ids"], "candidates": ctx.candidates.height,
                    "selected": chosen.height},
-        "tokens": {"selected": int(sum(len(e.input_ids) for e in encs)),
-                   "selected_loss": int(sum(int(e.loss_mask.sum()) for e in encs)),
+        "tokens": {"selected": int(n_tokens), "selected_loss": int(n_loss),
                    "tokenizer": counting.identity},
         "by_source": dict(sorted(pl.DataFrame({"source": [r["source"] for r in rows]})
                                  ["source"].value_counts().iter_rows())),
