@@ -58,14 +58,12 @@ def test_round_robin_token_budget():
     assert ids(sel) == [9]
 
 
-def brute_single(E_q, E_pool, n):
-    """methods-a.md §3.7 select_single, verbatim in spirit: full matrix, argsort, dedup."""
-    S = E_q @ E_pool.T
-    order = np.argsort(-S, axis=1, kind="stable")
-    chosen, ptr, seen = [], [0] * len(E_q), set()
+def _take_round_robin(orders, n):
+    """Each ranked list in turn offers its next row; a row already taken costs that turn."""
+    chosen, ptr, seen = [], [0] * len(orders), set()
     while len(chosen) < n:
-        for v in range(len(E_q)):
-            d = order[v, ptr[v]]
+        for v in range(len(orders)):
+            d = orders[v][ptr[v]]
             ptr[v] += 1
             if d not in seen:
                 seen.add(d)
@@ -75,20 +73,14 @@ def brute_single(E_q, E_pool, n):
     return chosen
 
 
+def brute_single(E_q, E_pool, n):
+    """methods-a.md §3.7 select_single, verbatim in spirit: full matrix, argsort, dedup."""
+    return _take_round_robin(np.argsort(-(E_q @ E_pool.T), axis=1, kind="stable"), n)
+
+
 def brute_multi(tasks, E_pool, n):
     S_t = [(E_q @ E_pool.T).max(0) for E_q in tasks]
-    order = [np.argsort(-s, kind="stable") for s in S_t]
-    chosen, ptr, seen = [], [0] * len(tasks), set()
-    while len(chosen) < n:
-        for t in range(len(tasks)):
-            d = order[t][ptr[t]]
-            ptr[t] += 1
-            if d not in seen:
-                seen.add(d)
-                chosen.append(int(d))
-            if len(chosen) >= n:
-                break
-    return chosen
+    return _take_round_robin([np.argsort(-s, kind="stable") for s in S_t], n)
 
 
 def unit(x):
