@@ -9,7 +9,7 @@ bundled sample) scored three ways:
   (a) reference: the way the RDS+ and LESS code does it: one sample at a time, no batching,
       `model(ids, output_hidden_states=True)`, full-vocabulary log-softmax over every position,
       the same signals (loss, entropy, EL2N, RDS+ vector) read from it;
-  (b) the engine (`pipeline.forward.run_forward`) with every signal on;
+  (b) the engine (`pipeline.engine.run_forward`) with every signal on;
   (c) the engine with the loss alone.
 The reference runs in the engine's dtype (a) and in float32 (a'), transformers' CPU default.
 Runs are interleaved over rounds and the best time of each kept (the machine is shared).
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from thresher.pipeline import forward
+from thresher.pipeline import engine
 from thresher.pipeline.chat import encode
 from thresher.pipeline.models import DEFAULT_LM, load_causal_lm, load_tokenizer, resolve
 from thresher.pipeline.readers import read_records
@@ -80,8 +80,8 @@ def reference(model, encs) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=96)
-    ap.add_argument("--dtype", default="auto", help="engine dtype (auto: forward.engine_dtype)")
-    ap.add_argument("--budget", type=int, default=forward.DEFAULT_TOKEN_BUDGET, help="engine token budget per batch")
+    ap.add_argument("--dtype", default="auto", help="engine dtype (auto: engine.engine_dtype)")
+    ap.add_argument("--budget", type=int, default=engine.DEFAULT_TOKEN_BUDGET, help="engine token budget per batch")
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
@@ -92,7 +92,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     m = resolve(DEFAULT_LM)
     tok = load_tokenizer(m)
-    dtype = forward.engine_dtype("cpu", args.dtype)
+    dtype = engine.engine_dtype("cpu", args.dtype)
     model = load_causal_lm(m, "cpu", dtype)
     fp32 = model if dtype == torch.float32 or args.no_fp32_reference else load_causal_lm(m, "cpu", torch.float32)
     rows = load_rows(args.rows)
@@ -105,15 +105,15 @@ def main() -> None:
     print(f"rows: {len(rows)}, tokens: {n_tok} (min {min(lengths)}, median {int(np.median(lengths))}, "
           f"max {max(lengths)}), loss tokens: {sum(int(e.loss_mask.sum()) for e in encs)}")
 
-    def engine(signals):
-        forward.run_forward(model, tok, rows, signals, token_budget=args.budget, encoded=encs)
+    def run_engine(signals):
+        engine.run_forward(model, tok, rows, signals, token_budget=args.budget, encoded=encs)
 
-    runs = {"(b) engine, all signals": lambda: engine(ALL),
-            "(c) engine, loss only": lambda: engine({"loss"}),
+    runs = {"(b) engine, all signals": lambda: run_engine(ALL),
+            "(c) engine, loss only": lambda: run_engine({"loss"}),
             f"(a) reference 1-at-a-time, {dname}": lambda: reference(model, encs)}
     if fp32 is not model:
         runs["(a') reference 1-at-a-time, float32"] = lambda: reference(fp32, encs)
-    engine({"loss"})  # warm-up
+    run_engine({"loss"})  # warm-up
     best = {k: float("inf") for k in runs}
     for _ in range(args.rounds):      # interleaved, so a burst of load elsewhere hits every run
         for k, fn in runs.items():

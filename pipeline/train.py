@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from thresher.pipeline.artifacts import atomic_path, config_key, write_json_atomic
 from thresher.pipeline.chat import encode
-from thresher.pipeline.forward import _body_and_head
+from thresher.pipeline.engine import _body_and_head
 from thresher.pipeline.models import DEFAULT_LM
 from thresher.pipeline.pool import load_rows
 from thresher.scoring.qtuning import QTuningConfig, prune_batch, read_masks, score_tokens, summarize
@@ -157,7 +157,7 @@ def collate(examples: list[Example], pad_id: int):
 def masked_loss(model, parts, ids, att, mask):
     """Mean cross-entropy over the masked positions (position t scores token t).
 
-    When the logits are exactly head(final hidden state) (`forward._body_and_head`), the LM head
+    When the logits are exactly head(final hidden state) (`engine._body_and_head`), the LM head
     runs only on the positions that predict a loss token, as in the forward engine: prompt
     positions never reach the vocabulary projection (less compute, no [B, T, V] logits)."""
     import torch.nn.functional as F

@@ -80,7 +80,7 @@ def _reference(row: dict) -> str | None:
 
 def heldout_loss(model, tok, rows: list[dict], max_tokens: int) -> dict:
     """Response-only NLL, token-weighted over rows, through the fused forward engine."""
-    from thresher.pipeline.forward import run_forward
+    from thresher.pipeline.engine import run_forward
 
     out = run_forward(model, tok, rows, {"loss"}, max_tokens=max_tokens)
     n = out["n_loss_tokens"].astype(np.float64)

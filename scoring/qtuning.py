@@ -177,14 +177,14 @@ def summarize(reports: list[dict]) -> dict:
 
 def score_tokens(model, tok, encoded: list, entropy_over: str = "response"):
     """Padded [B, T] arrays (nll, entropy, loss_mask, attention) for `chat.encode` results, from
-    one pass of the fused forward engine (`pipeline/forward.run_forward`, eval mode, no grad).
+    one pass of the fused forward engine (`pipeline/engine.run_forward`, eval mode, no grad).
 
     Position t holds the NLL / entropy of the prediction of token t. With entropy_over="all"
     every position after the first is scored (so entropy covers prompt + response); the NLL is
     still read at the loss positions only.
     """
     from thresher.pipeline.chat import Encoded
-    from thresher.pipeline.forward import run_forward
+    from thresher.pipeline.engine import run_forward
 
     B = len(encoded)
     T = max(len(e.input_ids) for e in encoded)

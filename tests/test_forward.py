@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from thresher.pipeline import forward
+from thresher.pipeline import engine, forward
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.chat import encode
-from thresher.pipeline.forward import forward_signals, length_batches, run_forward
+from thresher.pipeline.engine import length_batches, run_forward
+from thresher.pipeline.forward import forward_signals
 from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
 from thresher.pipeline.pool import Pool, ingest
 
@@ -74,7 +75,7 @@ def test_every_signal_matches_the_direct_formulas(tiny, rows):
 def test_el2n_identity_on_a_hand_made_distribution():
     logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     y = torch.tensor([1, 3])
-    stats = forward._logit_stats(logits.clone(), y, frozenset({"el2n", "entropy"}))
+    stats = engine._logit_stats(logits.clone(), y, frozenset({"el2n", "entropy"}))
     p = torch.softmax(logits, -1)
     dense = torch.linalg.vector_norm(p - torch.nn.functional.one_hot(y, 4), dim=-1)
     torch.testing.assert_close(stats["el2n"], dense)
@@ -93,7 +94,7 @@ def test_weighted_pooling_by_hand_with_padding():
                         [[2.0, 0.0], [0.0, 2.0], [9.0, 9.0]]])   # row 2's third token is padding
     am = torch.tensor([[1, 1, 1], [1, 1, 0]])
     lm = torch.zeros(2, 3, dtype=torch.bool)
-    out = forward._forward_batch(None, (Body(), None), torch.zeros(2, 3, dtype=torch.long), am, lm,
+    out = engine._forward_batch(None, (Body(), None), torch.zeros(2, 3, dtype=torch.long), am, lm,
                                  frozenset({"rds"}))
     e1 = (1 * np.array([1, 0]) + 2 * np.array([0, 1]) + 3 * np.array([1, 1])) / 6   # [4/6, 5/6]
     e2 = (1 * np.array([2, 0]) + 2 * np.array([0, 2])) / 3                          # [2/3, 4/3]

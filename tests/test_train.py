@@ -32,7 +32,7 @@ def cfg(tiny_lm_dir, **kw):
 
 
 def _eval_loss(model, tok, rows):
-    from thresher.pipeline.forward import run_forward
+    from thresher.pipeline.engine import run_forward
 
     out = run_forward(model, tok, rows, {"loss"}, max_tokens=128)
     return float(np.mean(out["loss"]))
@@ -198,7 +198,7 @@ def test_cli_train_and_bad_input(tmp_path, tiny_lm_dir, rows):
 def test_head_only_on_loss_positions_gives_the_full_logits_loss(tiny_lm_dir, rows):
     import torch
     from peft import LoraConfig, get_peft_model
-    from thresher.pipeline.forward import _body_and_head
+    from thresher.pipeline.engine import _body_and_head
     from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
     from thresher.pipeline.train import collate, make_examples, masked_loss
 
