@@ -1,19 +1,24 @@
-"""Forward-pass throughput: the fused engine against one-sample-at-a-time scoring.
+"""Forward-pass throughput: the fused engine against one-sample-at-a-time scoring and the CPU's
+bf16 GEMM roofline, measured in the same run.
 
-    .venv/bin/python bench/forward_throughput.py [--rows 96] [--dtype auto|fp32|bf16] [--budget 4096]
-                                                  [--threads N] [--rounds 2]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/forward_throughput.py [--rows 64] [--rounds 3]
+        [--budget 1024] [--threads N] [--dtype auto|fp32|bf16] [--padded] [--fp32-reference]
 
 Same model (the real SmolLM2-135M-Instruct) and the same rows (a fixed, seeded mix of math,
 code, general, safety and plain-text rows from /work/shared/data/pool, falling back to the
-bundled sample) scored three ways:
-  (a) reference: the way the RDS+ and LESS code does it: one sample at a time, no batching,
+bundled sample). Each round runs, back to back:
+  (g) a large bf16 GEMM (2048^3, `torch.mm`), the roofline: the best this CPU does in bf16;
+  (b) the engine (`pipeline.engine.run_forward`) with every signal on (packed rows on a CPU);
+  (c) the engine with the loss alone;
+  (a) the reference: the way the RDS+ and LESS code does it, one sample at a time, no batching,
       `model(ids, output_hidden_states=True)`, full-vocabulary log-softmax over every position,
-      the same signals (loss, entropy, EL2N, RDS+ vector) read from it;
-  (b) the engine (`pipeline.engine.run_forward`) with every signal on;
-  (c) the engine with the loss alone.
-The reference runs in the engine's dtype (a) and in float32 (a'), transformers' CPU default.
-Runs are interleaved over rounds and the best time of each kept (the machine is shared).
-Prints tokens/s for each and the ratios b/a and (all signals)/(loss only) time.
+      the same signals (loss, entropy, EL2N, RDS+ vector) read from it, in the engine's dtype;
+  (p) with --padded, the engine with padded length-sorted batches (the pre-packing engine);
+  (a') with --fp32-reference, the reference in float32 (transformers' CPU default).
+Ratios are taken within each round (so a burst of load elsewhere hits both sides) and the
+median over rounds is printed. Roofline fraction = model FLOPs / engine time / GEMM FLOP/s, with
+model FLOPs counted the standard way (2 x every linear layer's weights per token, the LM head on
+every position as a plain forward does, plus causal attention 4 x d x (t + 1) at position t).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from thresher.pipeline.readers import read_records
 from thresher.pipeline.schema import detect_shape, to_canonical
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data" / "pool"
+# the shared data sits beside the checkout (main) or two levels up (a worktree under wt/)
+SHARED = next((p / "shared" / "data" / "pool" for p in (ROOT.parent, ROOT.parent.parent)
+               if (p / "shared" / "data" / "pool").is_dir()), ROOT.parent / "shared" / "data" / "pool")
 FILES = ["gsm8k_train.jsonl", "code_alpaca_2k.jsonl", "llamafactory_alpaca_en_demo.jsonl",
          "hh_rlhf_harmless_base_test_chosen.jsonl", "mbpp_train_val_prompt.jsonl",
          "llamafactory_c4_demo.jsonl"]
@@ -77,15 +84,40 @@ def reference(model, encs) -> None:
             _rds = torch.nn.functional.normalize((w / w.sum()) @ h, dim=-1)
 
 
+def model_flops(cfg, lengths) -> float:
+    """FLOPs of a plain forward over rows of these lengths (see the module docstring)."""
+    d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv, ff = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
+    per_token = 2 * (L * (d * q + 2 * d * kv + q * d + 3 * d * ff) + d * V)
+    attn = sum(L * 4 * q * n * (n + 1) / 2 for n in lengths)
+    return per_token * sum(lengths) + attn
+
+
+def gemm_flops_per_s(seconds: float = 2.0, n: int = 2048) -> float:
+    """Median FLOP/s of an n^3 bf16 matmul repeated for about `seconds`."""
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / float(np.median(times))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=96)
+    ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--dtype", default="auto", help="engine dtype (auto: engine.engine_dtype)")
-    ap.add_argument("--budget", type=int, default=engine.DEFAULT_TOKEN_BUDGET, help="engine token budget per batch")
+    ap.add_argument("--budget", type=int, default=engine.DEFAULT_TOKEN_BUDGET,
+                    help="engine token budget per batch")
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
-    ap.add_argument("--no-fp32-reference", action="store_true", help="skip the fp32 reference run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
+    ap.add_argument("--padded", action="store_true", help="also run the engine on padded batches")
+    ap.add_argument("--fp32-reference", action="store_true", help="also run the fp32 reference")
     args = ap.parse_args()
 
     if args.threads:
@@ -94,47 +126,64 @@ def main() -> None:
     tok = load_tokenizer(m)
     dtype = engine.engine_dtype("cpu", args.dtype)
     model = load_causal_lm(m, "cpu", dtype)
-    fp32 = model if dtype == torch.float32 or args.no_fp32_reference else load_causal_lm(m, "cpu", torch.float32)
     rows = load_rows(args.rows)
     encs = [encode(tok, r, args.max_tokens) for r in rows]
-    n_tok = sum(len(e.input_ids) for e in encs)
     lengths = [len(e.input_ids) for e in encs]
+    n_tok, flops = sum(lengths), model_flops(model.config, lengths)
     dname = str(dtype).removeprefix("torch.")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, engine dtype {dname}, token budget {args.budget}")
-    print(f"rows: {len(rows)}, tokens: {n_tok} (min {min(lengths)}, median {int(np.median(lengths))}, "
-          f"max {max(lengths)}), loss tokens: {sum(int(e.loss_mask.sum()) for e in encs)}")
+          f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"engine dtype {dname}, token budget {args.budget}")
+    print(f"rows: {len(rows)}, tokens: {n_tok} (min {min(lengths)}, median "
+          f"{int(np.median(lengths))}, max {max(lengths)}), loss tokens: "
+          f"{sum(int(e.loss_mask.sum()) for e in encs)}, model FLOPs {flops / n_tok / 1e9:.3f} "
+          "GFLOP/token")
 
-    def run_engine(signals):
-        engine.run_forward(model, tok, rows, signals, token_budget=args.budget, encoded=encs)
+    def run_engine(signals, pack=None):
+        engine.run_forward(model, tok, rows, signals, token_budget=args.budget, encoded=encs,
+                           pack=pack)
 
-    runs = {"(b) engine, all signals": lambda: run_engine(ALL),
-            "(c) engine, loss only": lambda: run_engine({"loss"}),
-            f"(a) reference 1-at-a-time, {dname}": lambda: reference(model, encs)}
-    if fp32 is not model:
-        runs["(a') reference 1-at-a-time, float32"] = lambda: reference(fp32, encs)
+    runs = {"all": lambda: run_engine(ALL), "loss": lambda: run_engine({"loss"}),
+            "ref": lambda: reference(model, encs)}
+    if args.padded:
+        runs["padded"] = lambda: run_engine(ALL, pack=False)
+    if args.fp32_reference:
+        fp32 = load_causal_lm(m, "cpu", torch.float32)
+        runs["ref32"] = lambda: reference(fp32, encs)
     run_engine({"loss"})  # warm-up
-    best = {k: float("inf") for k in runs}
-    for _ in range(args.rounds):      # interleaved, so a burst of load elsewhere hits every run
+    rounds = []
+    for r in range(args.rounds):      # interleaved: a burst of load elsewhere hits every run
+        t = {"gemm": gemm_flops_per_s()}
         for k, fn in runs.items():
             t0 = time.perf_counter()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    for k, t in best.items():
-        print(f"{k:<40} {n_tok / t:8.0f} tok/s  ({t:.2f} s)")
-    keys = list(runs)
-    t_all, t_loss, t_ref = best[keys[0]], best[keys[1]], best[keys[2]]
-    print(f"engine (all signals) vs reference in {dname}: {t_ref / t_all:.2f}x faster (target >= 3x)")
-    res = {"rows": len(rows), "tokens": n_tok, "dtype": dname, "threads": torch.get_num_threads(),
-           "budget": args.budget, "tok_s": {k: round(n_tok / t) for k, t in best.items()},
-           "speedup_same_dtype": round(t_ref / t_all, 2)}
-    if len(keys) > 3:
-        t_ref32 = best[keys[3]]
-        print(f"engine (all signals) vs reference in float32: {t_ref32 / t_all:.2f}x faster")
-        res["speedup_vs_fp32_reference"] = round(t_ref32 / t_all, 2)
-    print(f"all signals / loss only time: {t_all / t_loss:.2f}x (target <= 1.25x)")
-    res["all_over_loss"] = round(t_all / t_loss, 2)
-    print(json.dumps(res))
+            t[k] = time.perf_counter() - t0
+        rounds.append(t)
+        print(f"round {r + 1}: gemm {t['gemm'] / 1e9:.0f} GFLOP/s, " + ", ".join(
+            f"{k} {n_tok / t[k]:.0f} tok/s" for k in runs))
+    med = {k: float(np.median([t[k] for t in rounds])) for k in rounds[0]}
+    ratio = {k: float(np.median([t[k] / t["all"] for t in rounds])) for k in runs if k != "all"}
+    roof = float(np.median([flops / t["all"] / t["gemm"] for t in rounds]))
+    names = {"all": "(b) engine, all signals", "loss": "(c) engine, loss only",
+             "ref": f"(a) reference 1-at-a-time, {dname}", "padded": "(p) engine, padded batches",
+             "ref32": "(a') reference 1-at-a-time, float32"}
+    print(f"{'(g) bf16 GEMM 2048^3':<40} {med['gemm'] / 1e9:8.0f} GFLOP/s (median)")
+    for k in runs:
+        print(f"{names[k]:<40} {n_tok / med[k]:8.0f} tok/s  ({med[k]:.2f} s, median)")
+    print(f"engine (all signals) vs reference in {dname}: x{ratio['ref']:.2f} (target >= 2)")
+    print(f"engine roofline fraction: {roof:.2f} of the bf16 GEMM (target >= 0.70; "
+          f"{flops / n_tok / 1e9:.3f} GFLOP/token)")
+    print(f"all signals / loss only time: {1 / ratio['loss']:.2f}x")
+    for k in ("padded", "ref32"):
+        if k in ratio:
+            print(f"engine (all signals) vs {names[k]}: x{ratio[k]:.2f}")
+    print(json.dumps({"rows": len(rows), "tokens": n_tok, "dtype": dname, "budget": args.budget,
+                      "threads": torch.get_num_threads(), "rounds": args.rounds,
+                      "gflop_per_token": round(flops / n_tok / 1e9, 4),
+                      "gemm_gflop_s": round(med["gemm"] / 1e9),
+                      "tok_s": {k: round(n_tok / med[k]) for k in runs},
+                      "ratio_vs": {k: round(v, 3) for k, v in ratio.items()},
+                      "roofline_fraction": round(roof, 3)}))
 
 
 if __name__ == "__main__":

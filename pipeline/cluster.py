@@ -1,4 +1,4 @@
-"""Clustering stage: FAISS k-means over any float matrix, cached by the matrix and the settings.
+"""Clustering stage: k-means over any float matrix, cached by the matrix and the settings.
 
     cl = cluster_matrix(store, emb.matrix(), k=100, fingerprint=emb.fingerprint, spherical=True)
     cl.labels      int64 (n,)    nearest centroid of each row
@@ -8,10 +8,16 @@
 
 Works on embeddings and on any other feature matrix (S2L's loss trajectories). The artifacts
 (`labels.npy`, `cos_dist.npy`, `l2_dist.npy`, `centroids.npy`) live in
-`store.stage("cluster", [fingerprint], {k, niter, seed, spherical, ...})`. Training uses at most
-`max_points_per_centroid * k` rows (a seeded sample, as faiss itself would take) and assignment
-runs in blocks, so memory beyond the input stays O(block x k). faiss runs on the GPU when it has
-one (faiss-gpu) unless `gpu=False`.
+`store.stage("cluster", [fingerprint], {k, niter, seed, spherical, ...})`.
+
+On a CPU, `kmeans` is torch: greedy k-means++ seeding on a sample, Lloyd on at most
+`max_points_per_centroid * k` sampled rows with the distance GEMM in bf16 (on CPUs with native
+bf16), one Lloyd update over every row, then every row assigned block by block (a float16
+memory map is read in blocks, never whole). Why not faiss on a CPU: faiss.Kmeans and
+scikit-learn both spend their time in the same float32 BLAS GEMM, so faiss was no faster than
+scikit-learn here (and much slower with OpenMP's spinning threads on a shared CPU); bf16 GEMM
+and sampled training are where the speed comes from (bench/RESULTS.md). With faiss-gpu and a GPU,
+faiss.Kmeans trains on the GPU unless `gpu=False`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 from thresher.pipeline.artifacts import ArtifactStore, Stage
 
 BLOCK = 65_536
+ALGORITHM = "lloyd-bf16-refined+kmeans++"   # in the cache key: a new algorithm, a new key
 FILES = ("labels", "cos_dist", "l2_dist", "centroids")
 
 
@@ -45,40 +52,181 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
+def _rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of x as float32, copied (a memory map is read block by block)."""
+    return np.ascontiguousarray(x[start:stop], dtype=np.float32)
+
+
+def _gemm_dtype():
+    """bf16 on CPUs with native bf16 instructions (AVX512-BF16, AMX, Arm BF16), else float32."""
+    import torch
+    from thresher.pipeline.engine import _cpu_has_native_bf16
+
+    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+
+
+def _nearest(xb, c_low, c_sq):
+    """(labels, min of ||c||^2 - 2 x.c) of rows xb [m, d] float32 to the centroids.
+
+    x.c runs as one GEMM in c_low's dtype (bf16 on CPUs with native bf16, about 1.5-5x the fp32
+    rate here), ||c||^2 stays float32. Measured on 60k x 384 embedding-like rows, k = 1000: 0.17%
+    of the labels differ from a float32 argmin, all between near-equidistant centroids, and the
+    inertia changes by 5e-6 (relative); scikit-learn's own float32 GEMM rounds too."""
+    scores = c_sq - 2.0 * (xb.to(c_low.dtype) @ c_low.T).float()
+    best, labels = scores.min(1)
+    return labels, best
+
+
+def _assign_torch(X, C, step: int = 4096):
+    """Nearest centroid of every row of the float32 tensor X, and the inertia (approximate:
+    from the low-precision scores)."""
+    import torch
+
+    c_low, c_sq = C.to(_gemm_dtype()), (C * C).sum(1)
+    labels = torch.empty(X.shape[0], dtype=torch.long)
+    obj = 0.0
+    for s in range(0, X.shape[0], step):
+        xb = X[s:s + step]
+        labels[s:s + step], best = _nearest(xb, c_low, c_sq)
+        obj += float((best + (xb * xb).sum(1)).double().sum())
+    return labels, obj
+
+
+def _kmeanspp(X, k: int, gen, sample: int):
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; 2 + ln k candidates per step, the
+    one that lowers the potential most is kept, as scikit-learn does) on `sample` seeded rows."""
+    import math
+
+    import torch
+
+    if X.shape[0] > sample:
+        X = X[torch.randperm(X.shape[0], generator=gen)[:sample]]
+    x_sq = (X * X).sum(1)
+    trials = 2 + int(math.log(k))
+    C = torch.empty(k, X.shape[1])
+    C[0] = X[torch.randint(X.shape[0], (1,), generator=gen)]
+    best = ((X - C[0]) ** 2).sum(1)
+    for j in range(1, k):
+        total = float(best.sum())
+        cand = torch.multinomial(best / total, trials, replacement=True, generator=gen) \
+            if total > 0 else torch.randint(X.shape[0], (trials,), generator=gen)
+        d2 = (x_sq[cand, None] + x_sq[None, :] - 2.0 * X[cand] @ X.T).clamp_min_(0)
+        pot = torch.minimum(best[None, :], d2)
+        pick = int(torch.argmin(pot.sum(1)))
+        C[j], best = X[cand[pick]], pot[pick]
+    return C
+
+
+def _lloyd(train: np.ndarray, k: int, niter: int, seed: int, spherical: bool):
+    """Lloyd iterations on the float32 rows `train`; (centroids, inertia of the last assignment).
+
+    Stops early when no label changes. An empty cluster takes half of the largest one (its
+    centroid nudged apart, as faiss does)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.from_numpy(train)
+    C = _kmeanspp(X, k, gen, sample=min(X.shape[0], 16 * k))
+    if spherical:
+        C = torch.nn.functional.normalize(C, dim=1)
+    prev, obj = None, float("inf")
+    for _ in range(niter):
+        labels, obj = _assign_torch(X, C)
+        if prev is not None and torch.equal(labels, prev):
+            break
+        prev = labels
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros(k, X.shape[1]).index_add_(0, labels, X)
+        C = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], C)
+        for j in torch.nonzero(counts == 0)[:, 0].tolist():
+            big = int(torch.argmax(counts))
+            C[j], C[big] = C[big] * (1 + 1 / 1024), C[big] * (1 - 1 / 1024)
+            counts[j] = counts[big] // 2
+            counts[big] -= counts[j]
+        if spherical:
+            C = torch.nn.functional.normalize(C, dim=1)
+    return C.numpy(), obj
+
+
+def _full_step(x: np.ndarray, C, spherical: bool):
+    """One Lloyd update over every row of x, streamed BLOCK rows at a time."""
+    import torch
+
+    sums = torch.zeros_like(C)
+    counts = torch.zeros(C.shape[0], dtype=torch.long)
+    for start in range(0, x.shape[0], BLOCK):
+        X = torch.from_numpy(_rows(x, start, start + BLOCK))
+        labels = _assign_torch(X, C)[0]
+        sums.index_add_(0, labels, X)
+        counts += torch.bincount(labels, minlength=C.shape[0])
+    C = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], C)
+    return torch.nn.functional.normalize(C, dim=1) if spherical else C
+
+
+def assign(x: np.ndarray, centroids: np.ndarray):
+    """(labels, cos_dist, l2_dist) of every row of x (any float dtype, a memory map too) to the
+    nearest centroid, BLOCK rows at a time; the distances are exact float32."""
+    import torch
+
+    n = x.shape[0]
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    C = torch.from_numpy(centroids)
+    unit_c = _unit(centroids)
+    labels = np.empty(n, dtype=np.int64)
+    cos_dist = np.empty(n, dtype=np.float32)
+    l2_dist = np.empty(n, dtype=np.float32)
+    for start in range(0, n, BLOCK):
+        block = _rows(x, start, start + BLOCK)
+        lab = _assign_torch(torch.from_numpy(block), C)[0].numpy()
+        stop = start + len(block)
+        labels[start:stop] = lab
+        l2_dist[start:stop] = np.linalg.norm(block - centroids[lab], axis=1)
+        cos_dist[start:stop] = 1.0 - np.sum(_unit(block) * unit_c[lab], axis=1)
+    return labels, cos_dist, l2_dist
+
+
 def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: bool = False,
-           gpu: bool | None = None, max_points_per_centroid: int = 256, nredo: int = 1):
-    """Run faiss k-means; returns (centroids, labels, cos_dist, l2_dist). Deterministic per seed.
+           gpu: bool | None = None, max_points_per_centroid: int = 256, nredo: int = 1,
+           full_iters: int = 1):
+    """k-means; returns (centroids, labels, cos_dist, l2_dist). Deterministic per seed.
 
-    `nredo` > 1 keeps the best of that many runs (faiss initialises from random rows)."""
-    import faiss
-
+    CPU (`_lloyd`): k-means++ seeding on a sample, Lloyd iterations on at most
+    `max_points_per_centroid * k` sampled rows with bf16 GEMM scores, then `full_iters` Lloyd
+    updates over every row (when the sample is smaller than x; they recover most of what the
+    sampling loses), then every row assigned; x may be a float16 memory map, read block by block
+    (memory beyond the sample stays O(block x k)). On a GPU (faiss-gpu), faiss.Kmeans. `nredo` > 1 keeps the best of that
+    many seeded runs (lowest sample inertia)."""
     n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the number of rows ({n}), got {k}")
     use_gpu = _gpus() > 0 if gpu is None else (gpu and _gpus() > 0)
     train_n = min(n, max_points_per_centroid * k)
     rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(n, train_n, replace=False)) if train_n < n else slice(None)
-    train = np.ascontiguousarray(x[idx], dtype=np.float32)
-    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu, nredo=nredo,
-                      max_points_per_centroid=max_points_per_centroid, verbose=False)
-    km.train(train)
-    centroids = km.centroids.astype(np.float32)
-    unit_c = _unit(centroids)
-    index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
-    index.add(centroids)
-    labels = np.empty(n, dtype=np.int64)
-    cos_dist = np.empty(n, dtype=np.float32)
-    l2_dist = np.empty(n, dtype=np.float32)
-    for start in range(0, n, BLOCK):
-        block = np.ascontiguousarray(x[start:start + BLOCK], dtype=np.float32)
-        _, lab = index.search(block, 1)
-        lab = lab[:, 0]
-        c = centroids[lab]
-        labels[start:start + len(block)] = lab
-        l2_dist[start:start + len(block)] = np.linalg.norm(block - c, axis=1)
-        cos_dist[start:start + len(block)] = 1.0 - np.sum(_unit(block) * unit_c[lab], axis=1)
-    return centroids, labels, cos_dist, l2_dist
+    idx = np.sort(rng.choice(n, train_n, replace=False)) if train_n < n else None
+    train = _rows(x, 0, n) if idx is None else np.ascontiguousarray(x[idx], dtype=np.float32)
+    if use_gpu:
+        import faiss
+
+        km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=True,
+                          nredo=nredo, max_points_per_centroid=max_points_per_centroid)
+        km.train(train)
+        centroids = km.centroids.astype(np.float32)
+    else:
+        best = None
+        for r in range(nredo):
+            c, obj = _lloyd(train, k, niter, seed + r, spherical)
+            if best is None or obj < best[1]:
+                best = (c, obj)
+        centroids = best[0]
+        if train_n < n and full_iters:
+            import torch
+
+            C = torch.from_numpy(centroids)
+            for _ in range(full_iters):
+                C = _full_step(x, C, spherical)
+            centroids = C.numpy()
+    del train
+    return (centroids, *assign(x, centroids))
 
 
 @dataclass
@@ -118,7 +266,7 @@ def cluster_matrix(store: ArtifactStore, x: np.ndarray, k: int, fingerprint: str
     fingerprint = fingerprint or matrix_fingerprint(x)
     stage = store.stage("cluster", [fingerprint],
                         {"k": k, "niter": niter, "seed": seed, "spherical": spherical,
-                         "algorithm": "faiss.Kmeans"})
+                         "algorithm": ALGORITHM})
     if not stage.done:
         centroids, labels, cos_dist, l2_dist = kmeans(x, k, niter, seed, spherical, gpu)
         for name, arr in zip(FILES, (labels, cos_dist, l2_dist, centroids)):

@@ -20,8 +20,11 @@ Loss tokens are the assistant turns (chat template, `pipeline/chat.encode`), or 
 plain-text row, or every token when `response_only=False`. Position t's loss scores the prediction
 of token t from the hidden state at t-1.
 
-How it stays cheap: rows are sorted by length and packed into batches under a token budget
-(padding only to the longest row of the batch); the transformer body runs once; the LM head runs
+How it stays cheap: rows are sorted by length and packed under a token budget into one
+sequence each (`pack_rows`: no padding at all; position ids restart at every row and attention
+is causal within each row only, `_packed_attention`), or, for models whose attention does not go
+through transformers' attention interface and on GPUs, into padded batches (`length_batches`:
+padding only to the longest row of the batch); the transformer body runs once; the LM head runs
 only on the positions that predict a loss token (prompt positions never reach the vocabulary
 projection), in chunks of at most LOGIT_CHUNK elements, so at most one [chunk, V] float32
 tensor of logits and one of probabilities exist at a time; hidden states are pooled
@@ -30,6 +33,7 @@ straight from the body's output (no `output_hidden_states` copy of every layer).
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -45,7 +49,9 @@ DEFAULT_TOKEN_BUDGET = 1024      # padded tokens per batch on CPU: 512-1024 ran 
 GPU_TOKEN_BUDGET = 16384         # on a GPU, bigger batches fill the device
 LOGIT_CHUNK = 1 << 21            # elements of one [positions, V] float32 block (8 MiB: stays in
                                  # cache; 4x larger blocks ran the statistics 2x slower here)
-ENGINE_VERSION = 1               # bump when the numbers an unchanged configuration gives change
+ENGINE_VERSION = 2               # bump when the numbers an unchanged configuration gives change
+                                 # (2: packed rows on CPU; bf16 sums differ from padded batches)
+PACKED_ATTENTION = "thresher_packed"   # name under transformers' AttentionInterface
 SCALARS = ("loss", "ppl", "entropy", "el2n")
 
 
@@ -79,6 +85,78 @@ def length_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
     if cur:
         batches.append(np.asarray(cur))
     return batches
+
+
+def pack_rows(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
+    """Row indices grouped into packs of at most token_budget real tokens (no padding).
+
+    Longest rows first; each pack is topped up with the shortest remaining rows (two pointers
+    over the sorted lengths, O(n)). A row longer than the budget forms a pack of its own."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    packs, i, j = [], 0, len(order) - 1
+    while i <= j:
+        cur, total = [int(order[i])], int(lengths[order[i]])
+        i += 1
+        while i <= j and total + lengths[order[i]] <= token_budget:
+            cur.append(int(order[i]))
+            total += int(lengths[order[i]])
+            i += 1
+        while i <= j and total + lengths[order[j]] <= token_budget:
+            cur.append(int(order[j]))
+            total += int(lengths[order[j]])
+            j -= 1
+        packs.append(np.asarray(cur))
+    return packs
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      **kwargs):
+    """Causal attention inside each row of a packed sequence (block-diagonal causal mask).
+
+    query [1, H, T, D], key/value [1, Hkv, T, D]; `thresher_bounds` (row start offsets plus the
+    end) comes through the model's keyword arguments. One SDPA call per row with is_causal=True:
+    no [T, T] mask is built, and the fused kernel skips the blocks above the diagonal."""
+    import torch
+    import torch.nn.functional as F
+
+    bounds = kwargs["thresher_bounds"]
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.empty_like(query)
+    for s, e in itertools.pairwise(bounds):
+        out[:, :, s:e] = F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling,
+            enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def packing_supported(body) -> bool:
+    """True when the decoder's attention dispatches through transformers' AttentionInterface
+    (so `_packed_attention` can stand in for it) and it takes position ids (rotary restart)."""
+    import inspect
+
+    cfg = getattr(body, "config", None)
+    if cfg is None or not getattr(body, "_supports_attention_backend", False):
+        return False
+    return "position_ids" in inspect.signature(body.forward).parameters
+
+
+class _PackedAttention:
+    """Context: the body's config uses `_packed_attention` inside, its own attention after."""
+
+    def __init__(self, body):
+        self.cfg = body.config
+
+    def __enter__(self):
+        from transformers import AttentionInterface
+
+        if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+            AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+        self.saved = self.cfg._attn_implementation
+        self.cfg._attn_implementation = PACKED_ATTENTION
+
+    def __exit__(self, *exc):
+        self.cfg._attn_implementation = self.saved
 
 
 def _body_and_head(model):
@@ -115,6 +193,21 @@ def _logit_stats(logits, y, want: frozenset[str]) -> dict:
     return out
 
 
+def _head_stats(model, head, h_sel, logits_all, y, want: frozenset[str]) -> dict:
+    """Per-position loss / entropy / EL2N of the selected positions, LOGIT_CHUNK rows of logits
+    at a time: head(h_sel) block by block, or slices of already computed `logits_all`."""
+    n = int(y.shape[0])
+    vocab = getattr(head, "out_features", None) if logits_all is None else logits_all.shape[-1]
+    step = max(1, LOGIT_CHUNK // (vocab or model.config.vocab_size))
+    pieces: dict[str, list] = {"loss": [], "entropy": [], "el2n": []}
+    for s in range(0, n, step):
+        block = head(h_sel[s:s + step]) if logits_all is None else logits_all[s:s + step]
+        for k, v in _logit_stats(block.float(), y[s:s + step], want).items():
+            pieces[k].append(v.cpu().numpy().astype(np.float32))
+        del block
+    return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in pieces.items()}
+
+
 def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
     """Signals of one padded batch. ids/am/lm: [B, T] (lm = loss mask)."""
     import torch
@@ -124,7 +217,7 @@ def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
     sel = torch.zeros_like(lm)
     sel[:, :-1] = lm[:, 1:]                 # hidden state at t-1 predicts loss token t
     y = ids[:, 1:][lm[:, 1:]]
-    logits_all = None
+    logits_all, head, h_sel = None, None, None
     if parts is not None:
         body, head = parts
         hidden = body(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
@@ -136,17 +229,7 @@ def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
         logits_all = res.logits[sel] if need_stats else None
     out: dict = {}
     if need_stats:
-        n = int(y.shape[0])
-        vocab = head.out_features if parts is not None and hasattr(head, "out_features") else None
-        step = max(1, LOGIT_CHUNK // (vocab or model.config.vocab_size))
-        pieces: dict[str, list] = {"loss": [], "entropy": [], "el2n": []}
-        for s in range(0, n, step):
-            block = head(h_sel[s:s + step]) if logits_all is None else logits_all[s:s + step]
-            for k, v in _logit_stats(block.float(), y[s:s + step], want).items():
-                pieces[k].append(v.cpu().numpy().astype(np.float32))
-            del block
-        out["token"] = {k: np.concatenate(v) if v else np.zeros(0, np.float32)
-                        for k, v in pieces.items()}
+        out["token"] = _head_stats(model, head, h_sel, logits_all, y, want)
         out["counts"] = lm[:, 1:].sum(1).cpu().numpy()
     if "rds" in want:
         lengths = am.sum(1, keepdim=True).float()                             # L per row
@@ -157,18 +240,75 @@ def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
     return out
 
 
+def _forward_packed(model, parts, ids, lm, lengths, want: frozenset[str]) -> dict:
+    """Signals of one packed sequence: ids / lm [T] (rows back to back), lengths [rows].
+
+    Position ids restart at every row and attention stays inside each row (`_packed_attention`),
+    so every row sees exactly what it would see alone. A row's first token is never a loss token
+    (`chat.encode`), so no prediction crosses a row boundary."""
+    import torch
+    import torch.nn.functional as F
+
+    body, head = parts
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    starts = torch.from_numpy(np.repeat(bounds[:-1], lengths)).to(ids.device)
+    pos = torch.arange(len(ids), device=ids.device) - starts                # 0.. per row
+    with _PackedAttention(body):
+        hidden = body(input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                      thresher_bounds=bounds.tolist()).last_hidden_state[0]
+    out: dict = {}
+    if want & LOGIT_SIGNALS:
+        sel = torch.zeros_like(lm)
+        sel[:-1] = lm[1:]
+        out["token"] = _head_stats(model, head, hidden[sel], None, ids[1:][lm[1:]], want)
+        out["counts"] = np.add.reduceat(lm.cpu().numpy(), bounds[:-1]).astype(np.int64)
+    if "rds" in want:
+        L = torch.from_numpy(np.repeat(lengths, lengths)).to(ids.device).float()
+        w = (pos + 1).float() / (L * (L + 1) / 2)                             # i / sum_j j
+        seg = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)).to(ids.device)
+        e = torch.zeros(len(lengths), hidden.shape[-1], device=ids.device)
+        e.index_add_(0, seg, hidden.float() * w[:, None])
+        out["rds"] = F.normalize(e, dim=-1).cpu().numpy()
+    return out
+
+
 def _model_device(model):
     return next(model.parameters()).device
 
 
+def _run_padded(model, parts, encoded, batch, lengths, pad, device, want):
+    import torch
+
+    T = int(lengths[batch].max())
+    ids = np.full((len(batch), T), pad, dtype=np.int64)
+    am = np.zeros((len(batch), T), dtype=np.int64)
+    lm = np.zeros((len(batch), T), dtype=bool)
+    for j, i in enumerate(batch):
+        L = lengths[i]
+        ids[j, :L], am[j, :L], lm[j, :L] = encoded[i].input_ids, 1, encoded[i].loss_mask
+    return _forward_batch(model, parts, torch.from_numpy(ids).to(device),
+                          torch.from_numpy(am).to(device), torch.from_numpy(lm).to(device), want)
+
+
+def _run_pack(model, parts, encoded, batch, lengths, pad, device, want):
+    import torch
+
+    ids = np.concatenate([encoded[i].input_ids for i in batch])
+    lm = np.concatenate([encoded[i].loss_mask for i in batch])
+    lm[np.concatenate([[0], np.cumsum(lengths[batch])[:-1]])] = False   # a row's first token
+    return _forward_packed(model, parts, torch.from_numpy(ids).to(device),
+                           torch.from_numpy(lm).to(device), lengths[batch], want)
+
+
 def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = DEFAULT_MAX_TOKENS,
                 token_budget: int | None = None, response_only: bool = True,
-                encoded: list[Encoded] | None = None) -> dict:
+                encoded: list[Encoded] | None = None, pack: bool | None = None) -> dict:
     """Signals for `rows` (canonical rows) from an already loaded causal LM, in row order.
 
     Works with any model whose forward takes input_ids + attention_mask (a peft model too); the
     model is put in eval mode for the pass and its previous mode restored. `encoded` skips
-    tokenisation when the caller already has `chat.encode` results.
+    tokenisation when the caller already has `chat.encode` results. `pack` (default: on a CPU,
+    when the model supports it) runs rows packed into unpadded sequences, else padded batches.
 
     Returns numpy arrays of length len(rows): n_tokens, n_loss_tokens, truncated, plus per
     signal: loss and ppl (NaN where a row has no loss token), entropy, el2n, rds [N, d] float32;
@@ -192,21 +332,16 @@ def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = D
     n_loss = np.zeros(n, dtype=np.int64)
     tok: dict[str, list] = {k: [None] * n for k in ("loss", "entropy", "el2n")}
     rds = None
+    if pack is None:
+        pack = device.type == "cpu"
+    pack = bool(pack and parts is not None and packing_supported(parts[0]))
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in length_batches(lengths, token_budget):
-                T = int(lengths[batch].max())
-                ids = np.full((len(batch), T), pad, dtype=np.int64)
-                am = np.zeros((len(batch), T), dtype=np.int64)
-                lm = np.zeros((len(batch), T), dtype=bool)
-                for j, i in enumerate(batch):
-                    L = lengths[i]
-                    ids[j, :L], am[j, :L], lm[j, :L] = encoded[i].input_ids, 1, encoded[i].loss_mask
-                res = _forward_batch(model, parts, torch.from_numpy(ids).to(device),
-                                     torch.from_numpy(am).to(device),
-                                     torch.from_numpy(lm).to(device), want)
+            for batch in (pack_rows if pack else length_batches)(lengths, token_budget):
+                res = (_run_pack if pack else _run_padded)(model, parts, encoded, batch, lengths,
+                                                           pad, device, want)
                 if stats:
                     counts = res["counts"]
                     bounds = np.concatenate([[0], np.cumsum(counts)])

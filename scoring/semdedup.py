@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 
 import numpy as np
 import polars as pl
@@ -43,16 +44,17 @@ KEEPS = ("hard", "easy", "random")
 _WS = re.compile(r"\s+")
 
 
-def exact_duplicates(texts: list[str]) -> np.ndarray:
-    """Index of the first row with the same normalised text, or -1 for first occurrences."""
+def exact_duplicates(texts: Iterable[str]) -> np.ndarray:
+    """Index of the first row with the same normalised text, or -1 for first occurrences.
+
+    `texts` may be a stream (a generator over the pool): only 16-byte hashes are kept."""
     first: dict[bytes, int] = {}
-    out = np.full(len(texts), -1, dtype=np.int64)
+    out = []
     for i, t in enumerate(texts):
         key = hashlib.blake2b(_WS.sub(" ", t).strip().lower().encode(), digest_size=16).digest()
         j = first.setdefault(key, i)
-        if j != i:
-            out[i] = j
-    return out
+        out.append(j if j != i else -1)
+    return np.asarray(out, dtype=np.int64)
 
 
 def cluster_order(members: np.ndarray, cos_dist: np.ndarray, ids: np.ndarray, keep: str,
@@ -126,10 +128,8 @@ class SemDeDupMethod(Method):
         n = cands.height
 
         with ctx.timed("exact_dedup"):
-            texts = [row_text(r, "conversation")
-                     for r in ctx.pool.iter_rows(["kind", "messages", "text"])]
-            exact = exact_duplicates(texts)
-            del texts
+            exact = exact_duplicates(row_text(r, "conversation")
+                                     for r in ctx.pool.iter_rows(["kind", "messages", "text"]))
         include = exact < 0
         emb = embed_for(ctx)
         k = int(ctx.option("k", default_k(n)))

@@ -159,6 +159,32 @@ def test_peft_model_and_training_mode_restored(tiny, rows):
     np.testing.assert_allclose(out["loss"], base["loss"], rtol=1e-5)   # LoRA B starts at zero
 
 
+def test_packed_rows_give_the_padded_per_row_signals(tiny, rows):
+    """Block-diagonal causal attention over packed rows = each row alone (padded batches)."""
+    model, tok = tiny
+    packed = run_forward(model, tok, rows, ALL, token_budget=1024, pack=True)
+    padded = run_forward(model, tok, rows, ALL, token_budget=1024, pack=False)
+    assert len(engine.pack_rows(packed["n_tokens"], 1024)) < len(rows)   # really packed
+    assert model.config._attn_implementation != engine.PACKED_ATTENTION  # restored after
+    np.testing.assert_array_equal(packed["n_loss_tokens"], padded["n_loss_tokens"])
+    for k in ("loss", "entropy", "el2n"):
+        np.testing.assert_allclose(packed[k], padded[k], rtol=1e-5, atol=1e-6)
+    for i in range(len(rows)):
+        np.testing.assert_allclose(packed["token_loss"][i], padded["token_loss"][i], rtol=1e-4,
+                                   atol=1e-5)
+    np.testing.assert_allclose(packed["rds"], padded["rds"], rtol=1e-4, atol=1e-5)
+
+
+def test_pack_rows_cover_every_row_within_budget():
+    lengths = np.array([5, 300, 40, 41, 7, 1000, 2, 39, 60, 60])
+    packs = engine.pack_rows(lengths, 100)
+    seen = np.concatenate(packs)
+    assert sorted(seen.tolist()) == list(range(len(lengths)))
+    for b in packs:
+        assert len(b) == 1 or lengths[b].sum() <= 100
+    assert len(packs) == 5      # [1000], [300], and the 254 short tokens in three packs
+
+
 def test_length_batches_cover_every_row_within_budget():
     lengths = np.array([5, 300, 40, 41, 7, 1000, 2, 39])
     batches = length_batches(lengths, 100)
