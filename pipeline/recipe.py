@@ -101,6 +101,21 @@ class VerifySpec(_Strict):
                                   description="TrainConfig overrides (epochs, lr, max_steps...).")
 
 
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: dict[str, Any]) -> dict[str, Any]:
+        import dataclasses
+
+        from thresher.pipeline.train import TrainConfig
+
+        valid = [f.name for f in dataclasses.fields(TrainConfig)]
+        unknown = sorted(set(v) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown training setting {', '.join(unknown)}; expected one of "
+                             + ", ".join(valid))
+        return v
+
+
 class ReportSpec(_Strict):
     out: str = "report.html"
 
