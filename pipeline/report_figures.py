@@ -13,6 +13,8 @@ import plotly.graph_objects as go
 from thresher.pipeline.report_html import CATEGORICAL, CONTINUOUS, OTHER, SELECTED_SYMBOLS
 
 MAX_CATEGORIES = len(CATEGORICAL)
+INNER_LEGEND = {"x": 0.99, "xanchor": "right", "y": 0.98, "yanchor": "top",
+                "bgcolor": "rgba(255,255,255,0.8)"}
 TOP_LEGEND = {"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1}
 
 
@@ -146,7 +148,7 @@ def score_histogram(column: str, all_values: np.ndarray | None, selected: np.nda
                       annotation_text=f"cut {c:.4g}", annotation_position="top")
     scope = "" if all_values is not None else " (selected rows only)"
     fig.update_layout(title=f"{run}: {column}{scope}", barmode="overlay", xaxis_title=column,
-                      yaxis_title="rows", legend=TOP_LEGEND)
+                      yaxis_title="rows", legend=INNER_LEGEND)
     return fig
 
 

@@ -53,6 +53,12 @@ pre { background: #f5f5f7; padding: 8px; font-size: 12px; overflow-x: auto; max-
 .plot { min-height: 300px; }
 """
 
+# Figures in a grid are drawn as the page is parsed, before their column has its final width:
+# fit every figure to its container once the page has loaded (`thresherReady` resolves then).
+RESIZE = ("<script>window.addEventListener('load', () => { window.thresherReady = Promise.all("
+          "[...document.querySelectorAll('.js-plotly-plot')].map(gd => Plotly.Plots.resize(gd)));"
+          " });</script>")
+
 
 def esc(value: Any) -> str:
     return html.escape("" if value is None else str(value))
@@ -67,6 +73,8 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
+        if abs(value) >= 1e9:
+            return f"{value:.3g}"
         return f"{value:,.0f}" if abs(value) >= 1e5 else f"{value:.4g}"
     return str(value)
 
@@ -118,4 +126,4 @@ def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str
             f"<title>{esc(title)}</title><style>{CSS}</style>"
             f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
             f"<header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
-            f"<nav>{nav}</nav><main>{body}</main></body></html>\n")
+            f"<nav>{nav}</nav><main>{body}</main>{RESIZE}</body></html>\n")

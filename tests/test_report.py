@@ -30,6 +30,7 @@ PLOTS_JS = """() => [...document.querySelectorAll('.js-plotly-plot')].map(gd => 
   visibleSelected: gd._fullData.filter(t => t.visible === true && t.meta === 'selected')
                                .reduce((n, t) => n + t.x.length, 0),
   domPoints: gd.querySelectorAll('path.point').length,
+  shapes: (gd.layout.shapes || []).length,
 }))"""
 
 
@@ -56,9 +57,8 @@ def render(html: Path, screenshot: Path) -> dict:
             page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text}"))
             page.on("requestfailed", lambda r: r.url.startswith(LOCAL) or requests.append(r.url))
             page.goto(html.resolve().as_uri(), wait_until="load")
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length > 0 && "
-                                   "[...document.querySelectorAll('.js-plotly-plot')]"
-                                   ".every(gd => gd._fullLayout)")
+            page.wait_for_function("window.thresherReady !== undefined")
+            page.evaluate("() => window.thresherReady.then(() => true)")
             plots = page.evaluate(PLOTS_JS)
             hover = _hover_text(page)
             page.screenshot(path=str(screenshot), full_page=True)
@@ -124,6 +124,54 @@ def test_report_renders_in_chromium_offline(report, sample_run, sample_pool):
     assert m["domPoints"] >= sample_pool.n_rows + 32       # and drawn
     assert "selected #" in got["hover"] or "not selected" in got["hover"]
     assert shot.stat().st_size > 50_000
+
+
+@pytest.fixture(scope="module")
+def scored_run(sample_run, sample_pool):
+    """A selection as the model-based methods write it: a score frame for every candidate
+    (named by the manifest's `scores`), EU-plane columns, a PASER-style cluster table and
+    per-stage statistics; rows from the sample pool, cut to the top 40 by `ppl`."""
+    from thresher.scoring.eu_plane import eu_quadrants
+
+    out = sample_run / "scored"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    ids = sample_pool.frame(["id"])["id"].to_list()
+    ppl = np.exp(rng.normal(2.0, 0.6, len(ids)))
+    ent = rng.gamma(2.0, 0.5, len(ids))
+    frame = pl.DataFrame({"id": ids, "ppl": ppl, "entropy": ent,
+                          "quadrant": eu_quadrants(ppl, ent, 0.3).tolist()})
+    frame.write_parquet(out / "scores.parquet")
+    chosen = frame.sort("ppl", descending=True).head(40).with_columns(
+        reason=pl.lit("top ppl")).with_row_index("rank")
+    chosen.write_parquet(out / "eu.jsonl.selection.parquet")
+    (out / "eu.jsonl").write_text("")
+    manifest = json.loads((sample_run / "rand.jsonl.manifest.json").read_text())
+    manifest.update(method="eu-plane", budget="40", scores=str(out / "scores.parquet"),
+                    output=str(out / "eu.jsonl"), alpha_found=0.3,
+                    cluster_table=[{"cluster": c, "size": 100 + c, "budget": 10 - c,
+                                    "degradation": 0.1 * (c + 1)} for c in range(5)],
+                    stages=[{"stage": "forward", "config": {}, "rows_in": len(ids),
+                             "rows_out": len(ids), "tokens": 12345, "seconds": 3.5,
+                             "device": "cpu", "flops": 2.5e12, "cached": False}])
+    manifest["counts"]["selected"] = 40
+    (out / "eu.jsonl.manifest.json").write_text(json.dumps(manifest))
+    return out / "eu.jsonl"
+
+
+def test_scored_selection_renders_eu_plane_and_cluster_table(scored_run, sample_run):
+    from thresher.pipeline.report import write_report
+
+    html = write_report([scored_run], sample_run / "scored.html")
+    got = render(html, sample_run / "scored.png")
+    assert got["errors"] == [] and got["requests"] == []
+    plots = {p["id"]: p for p in got["plots"]}
+    for pid, p in plots.items():
+        assert p["traces"] > 0 and p["points"] > 0 and p["drawn"] > 0, f"empty plot {pid}"
+    assert {"eu-eu", "clusters-eu", "hist-eu-ppl", "hist-eu-entropy"} <= set(plots)
+    assert plots["eu-eu"]["points"] == 775 + 40      # every candidate, plus the ringed picks
+    assert plots["hist-eu-ppl"]["shapes"] == 1           # the top-40 cut on ppl is marked
+    assert "<td class='num'>2.5e+12</td>" in html.read_text()   # FLOPs from the stages
 
 
 def test_report_html_is_self_contained(report):
