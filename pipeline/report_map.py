@@ -111,13 +111,33 @@ def map_score(ctx, ids: list[str]) -> tuple[str, np.ndarray] | None:
     return None
 
 
+def _scores(sel: Selection, ids: list[str], most: int = 3) -> list[str]:
+    """Per id: its score columns ("ppl=12.3, entropy=1.1"), from the score frame when the
+    method saved one for every candidate, else from the sidecar (selected rows only)."""
+    from thresher.pipeline.report import score_columns
+
+    frame = sel.decisions if sel.decisions is not None and "id" in sel.decisions.columns \
+        else sel.chosen
+    cols = score_columns(frame)[:most]
+    if not cols:
+        return [""] * len(ids)
+    values = {r[0]: r[1:] for r in frame.select("id", *cols).iter_rows()}
+    return [", ".join(f"{c}={v:.4g}" if isinstance(v, float) else f"{c}={v}"
+                      for c, v in zip(cols, values[i]) if v is not None) if i in values else ""
+            for i in ids]
+
+
 def _hover(ctx, picked: pl.DataFrame, labels: np.ndarray) -> list[str]:
-    whys = {s.name: _why(s, picked["id"].to_list()) for s in ctx.selections}
+    ids = picked["id"].to_list()
+    whys = {s.name: (_why(s, ids), _scores(s, ids)) for s in ctx.selections}
     out = []
     for j, r in enumerate(picked.iter_rows(named=True)):
         head = f"<b>{_wrap(r['id'])}</b> · {r['source']} · cluster {labels[j]}"
         lines = [head, _wrap(first_user_turn(r, 280))]
-        lines += [f"<i>{name}</i>: {_wrap(w[j])}" for name, w in whys.items()]
+        for name, (why, score) in whys.items():
+            lines.append(f"<i>{name}</i>: {_wrap(why[j])}")
+            if score[j]:
+                lines.append(f"scores: {_wrap(score[j])}")
         out.append("<br>".join(lines))
     return out
 

@@ -122,7 +122,7 @@ def test_report_renders_in_chromium_offline(report, sample_run, sample_pool):
     assert m["visiblePool"] == sample_pool.n_rows          # every pool row is on the map
     assert m["visibleSelected"] == 32                      # 16 + 16 selected rows marked
     assert m["domPoints"] >= sample_pool.n_rows + 32       # and drawn
-    assert "selected #" in got["hover"] or "not selected" in got["hover"]
+    assert "semdedup: " in got["hover"] and "scores: " in got["hover"]   # why, and the scores
     assert shot.stat().st_size > 50_000
 
 
