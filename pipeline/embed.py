@@ -12,7 +12,7 @@ Layout of the stage directory (`store.stage("embed", [pool.fingerprint], config)
 
 A killed run keeps its finished shards; the rerun embeds only the missing ones. Texts are sorted
 by token length into batches (little padding); on a GPU the model runs in bf16 (fp16 where bf16
-is not supported). Vectors are L2-normalised in float32 before the cast to float16 (unless
+is not supported), on a CPU with native bf16 instructions (AVX512-BF16, AMX) in bf16 too. Vectors are L2-normalised in float32 before the cast to float16 (unless
 `normalize=False`).
 
 Scale-out hook: `embed_shard(stage, shard, embedder)` embeds one pool shard into the stage
@@ -36,7 +36,6 @@ from thresher.pipeline.models import (
     DEFAULT_EMBEDDER,
     ResolvedModel,
     pick_device,
-    pick_dtype,
     resolve,
 )
 from thresher.pipeline.pool import Pool
@@ -57,6 +56,7 @@ class ShardEmbedder:
     def __init__(self, model: ResolvedModel | str = DEFAULT_EMBEDDER, part: str = "conversation",
                  device: str | None = None, dtype: str | None = None, batch_size: int = 64,
                  max_seq_length: int | None = None, normalize: bool = True):
+        import torch
         from thresher.pipeline.models import load_embedder
 
         if part not in PARTS:
@@ -67,9 +67,14 @@ class ShardEmbedder:
         self.st = load_embedder(self.model, device=self.device)
         if max_seq_length:
             self.st.max_seq_length = max_seq_length
-        torch_dtype = pick_dtype(self.device, dtype)
-        if self.device.startswith("cuda"):
-            self.st.to(torch_dtype)   # bf16 where supported, else fp16 (pick_dtype)
+        # GPU: bf16 where supported, else fp16 (pick_dtype). CPU: bf16 where the CPU has native
+        # bf16 instructions (engine_dtype): 2.5-2.9x the float32 encode here at cosine >= 0.9998
+        # to the float32 vectors (bench/RESULTS.md); else float32.
+        from thresher.pipeline.engine import engine_dtype
+
+        self.dtype = engine_dtype(self.device, dtype)
+        if self.dtype != torch.float32:
+            self.st.to(self.dtype)
         dim_of = getattr(self.st, "get_embedding_dimension", None) or \
             self.st.get_sentence_embedding_dimension   # renamed in sentence-transformers 6
         self.dim = dim_of()

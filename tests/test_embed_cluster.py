@@ -42,6 +42,20 @@ def test_embeddings_aligned_float16_normalised(tmp_path, sharded_pool, tiny_embe
         embed_pool(sharded_pool, ArtifactStore(tmp_path), tiny_embedder, part="title")
 
 
+@pytest.mark.slow
+def test_bf16_embeddings_match_float32_within_1e_2_cosine(sharded_pool):
+    """The real all-MiniLM-L6-v2 in bf16 (the CPU default where the CPU has native bf16) gives
+    the float32 vectors to within 1e-2 cosine, on chat and plain-text rows of the sample."""
+    rows = list(sharded_pool.iter_rows(["kind", "messages", "text"]))[::40][:20]
+    texts = [row_text(r, "conversation") for r in rows]
+    low = ShardEmbedder("all-minilm-l6-v2", device="cpu", dtype="bf16")
+    ref = ShardEmbedder("all-minilm-l6-v2", device="cpu", dtype="fp32")
+    assert str(low.st[0].auto_model.dtype) == "torch.bfloat16"
+    a, b = low.encode(texts).astype(np.float32), ref.encode(texts).astype(np.float32)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99 and not np.array_equal(a, b)
+
+
 def test_embedding_resumes_only_missing_shards(tmp_path, sharded_pool, tiny_embedder):
     n_shards = len(sharded_pool.shards)
     assert n_shards == 9   # 100-row shards, never spanning two of the 5 input files
