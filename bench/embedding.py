@@ -28,15 +28,19 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# the shared data sits beside the checkout (main) or two levels up (a worktree under wt/)
+SHARED = next((p / "shared" / "data" / "pool" for p in (ROOT.parent, ROOT.parent.parent)
+               if (p / "shared" / "data" / "pool").is_dir()), ROOT.parent / "shared" / "data" / "pool")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("inputs", nargs="*", default=[str(ROOT.parent / "shared" / "data" / "pool")])
+    ap.add_argument("inputs", nargs="*", default=[str(SHARED)])
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--part", default="conversation")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats of both runs")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both runs)")
     args = ap.parse_args()
 
     from thresher.pipeline.artifacts import ArtifactStore
@@ -61,14 +65,14 @@ def main() -> None:
 
     def plain():
         t = time.perf_counter()
-        st = load_embedder(model, device="cpu")
+        st = load_embedder(model, device=args.device)
         vec = st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True,
                         show_progress_bar=False)
         return vec, time.perf_counter() - t
 
     def stage():
         t = time.perf_counter()
-        emb = embed_pool(pool, ArtifactStore(tmp / "work"), model, part=args.part, device="cpu",
+        emb = embed_pool(pool, ArtifactStore(tmp / "work"), model, part=args.part, device=args.device,
                          batch_size=args.batch_size)
         return emb.matrix(), time.perf_counter() - t
 

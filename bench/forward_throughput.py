@@ -15,8 +15,10 @@ bundled sample). Each round runs, back to back:
       the same signals (loss, entropy, EL2N, RDS+ vector) read from it, in the engine's dtype;
   (p) with --padded, the engine with padded length-sorted batches (the pre-packing engine);
   (a') with --fp32-reference, the reference in float32 (transformers' CPU default).
-Ratios are taken within each round (so a burst of load elsewhere hits both sides) and the
-median over rounds is printed. Roofline fraction = model FLOPs / engine time / GEMM FLOP/s, with
+Within a round the rows are split into `--chunks` chunks and every chunk runs through every
+variant back to back (rotating order, a short GEMM timing before each chunk), so a burst of
+load elsewhere hits all variants alike; ratios are taken within each round and the median over
+rounds is printed. Roofline fraction = model FLOPs / engine time / GEMM FLOP/s, with
 model FLOPs counted the standard way (2 x every linear layer's weights per token, the LM head on
 every position as a plain forward does, plus causal attention 4 x d x (t + 1) at position t).
 """
@@ -65,23 +67,30 @@ def load_rows(n: int, seed: int = 0) -> list[dict]:
     return rows[:n]
 
 
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def reference(model, encs) -> None:
     """One sample at a time, as the RDS+ / LESS scripts do (batch size 1, no padding)."""
+    dev = next(model.parameters()).device
     with torch.inference_mode():
         for e in encs:
-            ids = torch.from_numpy(e.input_ids)[None]
+            ids = torch.from_numpy(e.input_ids)[None].to(dev)
             out = model(input_ids=ids, output_hidden_states=True)
             logp = torch.log_softmax(out.logits[0, :-1].float(), -1)
             y = ids[0, 1:]
-            m = torch.from_numpy(e.loss_mask[1:])
+            m = torch.from_numpy(e.loss_mask[1:]).to(dev)
             p = logp.exp()
             _loss = -logp.gather(1, y[:, None])[m].mean()
             _ent = -(p * logp).sum(-1)[m].mean()
             onehot = torch.nn.functional.one_hot(y, p.shape[-1]).float()
             _el2n = torch.linalg.vector_norm(p - onehot, dim=-1)[m].mean()
             h = out.hidden_states[-1][0].float()
-            w = torch.arange(1, h.shape[0] + 1, dtype=torch.float32)
+            w = torch.arange(1, h.shape[0] + 1, dtype=torch.float32, device=dev)
             _rds = torch.nn.functional.normalize((w / w.sum()) @ h, dim=-1)
+    sync(dev)
 
 
 def model_flops(cfg, lengths) -> float:
@@ -94,15 +103,19 @@ def model_flops(cfg, lengths) -> float:
     return per_token * sum(lengths) + attn
 
 
-def gemm_flops_per_s(seconds: float = 2.0, n: int = 2048) -> float:
+def gemm_flops_per_s(seconds: float = 2.0, n: int = 2048, device: str = "cpu") -> float:
     """Median FLOP/s of an n^3 bf16 matmul repeated for about `seconds`."""
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+    if device.startswith("cuda"):
+        n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     a @ b
+    sync(device)
     times, t_end = [], time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(times) < 3:
         t = time.perf_counter()
         a @ b
+        sync(device)
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / float(np.median(times))
 
@@ -111,27 +124,32 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--dtype", default="auto", help="engine dtype (auto: engine.engine_dtype)")
-    ap.add_argument("--budget", type=int, default=engine.DEFAULT_TOKEN_BUDGET,
-                    help="engine token budget per batch")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="engine token budget per batch (default: the engine's for the device)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
+    ap.add_argument("--chunks", type=int, default=8, help="row chunks interleaved within a round")
     ap.add_argument("--padded", action="store_true", help="also run the engine on padded batches")
     ap.add_argument("--fp32-reference", action="store_true", help="also run the fp32 reference")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.budget = args.budget or engine.default_token_budget(args.device)
     m = resolve(DEFAULT_LM)
     tok = load_tokenizer(m)
-    dtype = engine.engine_dtype("cpu", args.dtype)
-    model = load_causal_lm(m, "cpu", dtype)
+    device = args.device
+    dtype = engine.engine_dtype(device, args.dtype)
+    model = load_causal_lm(m, device, dtype)
     rows = load_rows(args.rows)
     encs = [encode(tok, r, args.max_tokens) for r in rows]
     lengths = [len(e.input_ids) for e in encs]
     n_tok, flops = sum(lengths), model_flops(model.config, lengths)
     dname = str(dtype).removeprefix("torch.")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"engine dtype {dname}, token budget {args.budget}")
     print(f"rows: {len(rows)}, tokens: {n_tok} (min {min(lengths)}, median "
@@ -139,28 +157,35 @@ def main() -> None:
           f"{sum(int(e.loss_mask.sum()) for e in encs)}, model FLOPs {flops / n_tok / 1e9:.3f} "
           "GFLOP/token")
 
-    def run_engine(signals, pack=None):
-        engine.run_forward(model, tok, rows, signals, token_budget=args.budget, encoded=encs,
-                           pack=pack)
+    def run_engine(idx, signals, pack=None):
+        engine.run_forward(model, tok, [rows[i] for i in idx], signals, token_budget=args.budget,
+                           encoded=[encs[i] for i in idx], pack=pack)
+        sync(device)
 
-    runs = {"all": lambda: run_engine(ALL), "loss": lambda: run_engine({"loss"}),
-            "ref": lambda: reference(model, encs)}
+    runs = {"all": lambda idx: run_engine(idx, ALL), "loss": lambda idx: run_engine(idx, {"loss"}),
+            "ref": lambda idx: reference(model, [encs[i] for i in idx])}
     if args.padded:
-        runs["padded"] = lambda: run_engine(ALL, pack=False)
+        runs["padded"] = lambda idx: run_engine(idx, ALL, pack=False)
     if args.fp32_reference:
-        fp32 = load_causal_lm(m, "cpu", torch.float32)
-        runs["ref32"] = lambda: reference(fp32, encs)
-    run_engine({"loss"})  # warm-up
+        fp32 = load_causal_lm(m, device, torch.float32)
+        runs["ref32"] = lambda idx: reference(fp32, [encs[i] for i in idx])
+    run_engine(range(min(4, len(rows))), {"loss"})  # warm-up
+    chunks = np.array_split(np.random.default_rng(0).permutation(len(rows)), args.chunks)
     rounds = []
-    for r in range(args.rounds):      # interleaved: a burst of load elsewhere hits every run
-        t = {"gemm": gemm_flops_per_s()}
-        for k, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            t[k] = time.perf_counter() - t0
+    for r in range(args.rounds):
+        # interleaved finely: every chunk of rows runs through every variant back to back (in a
+        # rotating order), so a burst of load elsewhere hits all variants alike
+        t = dict.fromkeys(["gemm", *runs], 0.0)
+        for c, idx in enumerate(chunks):
+            t["gemm"] += gemm_flops_per_s(0.5, device=device) / len(chunks)
+            names = list(runs)
+            for k in names[c % len(names):] + names[:c % len(names)]:
+                t0 = time.perf_counter()
+                runs[k](idx)
+                t[k] += time.perf_counter() - t0
         rounds.append(t)
         print(f"round {r + 1}: gemm {t['gemm'] / 1e9:.0f} GFLOP/s, " + ", ".join(
-            f"{k} {n_tok / t[k]:.0f} tok/s" for k in runs))
+            f"{k} {n_tok / t[k]:.0f} tok/s" for k in runs), flush=True)
     med = {k: float(np.median([t[k] for t in rounds])) for k in rounds[0]}
     ratio = {k: float(np.median([t[k] / t["all"] for t in rounds])) for k in runs if k != "all"}
     roof = float(np.median([flops / t["all"] / t["gemm"] for t in rounds]))

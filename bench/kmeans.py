@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--niter", type=int, default=20)
     ap.add_argument("--faiss", action="store_true", help="also run faiss.Kmeans (1 and all threads)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for thresher")
+    ap.add_argument("--gpu", action="store_true", help="thresher's kmeans on the GPU (faiss-gpu)")
     args = ap.parse_args()
 
     import torch
@@ -84,7 +85,7 @@ def main() -> None:
 
     def ours(tag):
         t = time.perf_counter()
-        c, lab, _, _ = kmeans(x, args.k, niter=args.niter, seed=1234)
+        c, lab, _, _ = kmeans(x, args.k, niter=args.niter, seed=1234, gpu=args.gpu)
         res[tag] = (time.perf_counter() - t, inertia(x, c, lab))
 
     ours("thresher (1)")

@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--root", default=str(DATA), help="where bench/scale_data.py wrote the pools")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse a size's saved results (ROOT/N/results.json) instead of rerunning")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -187,7 +189,15 @@ def main() -> None:
         return run_stage(args.stage, data, data / "work")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; each stage a fresh process")
-    res = {n: run_size(n, args.stages, Path(args.root)) for n in args.sizes}
+    res = {}
+    for n in args.sizes:
+        saved = Path(args.root) / str(n) / "results.json"
+        if args.reuse and saved.exists():
+            res[n] = json.loads(saved.read_text())
+            print(f"{n:>9,} rows: reusing {saved}")
+            continue
+        res[n] = run_size(n, args.stages, Path(args.root))
+        saved.write_text(json.dumps(res[n], indent=1) + "\n")
     if len(args.sizes) >= 2:
         a, b = args.sizes[0], args.sizes[-1]
         print(f"\nratio {b:,} / {a:,} rows:  stage      time   peak memory")

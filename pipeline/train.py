@@ -7,7 +7,9 @@
 What it does: rows -> `chat.encode` (response-only loss mask) -> length-grouped batches
 (HF-style megabatches of 50 x batch size, sorted by length, from a seeded permutation per
 epoch) -> AdamW + cosine schedule with warmup, gradient accumulation, gradient clipping,
-bf16/fp16 autocast on GPU (fp32 on CPU unless `dtype="bf16"`), per-token loss masks that
+bf16/fp16 autocast on GPU and bf16 autocast on CPUs with native bf16 (else fp32; `dtype=` to
+choose), rows packed into one unpadded sequence per batch on a CPU (block-diagonal causal
+attention, as the forward engine), the LM head only on loss positions, per-token loss masks that
 Q-Tuning (`scoring/qtuning.py`, `qtuning=QTuningConfig(...)`) or an offline mask file may zero.
 
 Checkpoints: `OUT/checkpoint-<step>/` holds the adapter plus `state.pt` (optimizer, scheduler,
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from thresher.pipeline.artifacts import atomic_path, config_key, write_json_atomic
 from thresher.pipeline.chat import encode
-from thresher.pipeline.engine import _body_and_head
+from thresher.pipeline.engine import _body_and_head, packing_supported
 from thresher.pipeline.models import DEFAULT_LM
 from thresher.pipeline.pool import load_rows
 from thresher.scoring.qtuning import QTuningConfig, prune_batch, read_masks, score_tokens, summarize
@@ -66,7 +68,8 @@ class TrainConfig:
     save_steps: tuple[int, ...] = ()
     every: int = 0                        # also checkpoint every N steps (0 = off)
     device: str | None = None             # auto: cuda when present
-    dtype: str | None = None              # auto: bf16 (or fp16) autocast on GPU, fp32 on CPU
+    dtype: str | None = None              # auto: bf16 (or fp16) autocast on GPU; on CPU bf16 where
+                                          # the CPU has native bf16 instructions, else fp32
     merge: bool = False                   # also save base + adapter merged
     qtuning: QTuningConfig | None = None
 
@@ -172,6 +175,29 @@ def masked_loss(model, parts, ids, att, mask):
     return F.cross_entropy(logits.float(), ids[:, 1:][lm])
 
 
+def packed_loss(parts, batch: list[Example], device):
+    """`masked_loss` of a batch packed into one unpadded sequence: position ids restart at every
+    row and attention stays inside each row (the forward engine's `_packed_attention`), so each
+    row sees what it sees alone; no padding tokens go through the body. Returns (loss, tokens)."""
+    import torch
+    import torch.nn.functional as F
+    from thresher.pipeline.engine import _PackedAttention
+
+    body, head = parts
+    lengths = np.array([len(e.input_ids) for e in batch])
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    lm = np.concatenate([e.loss_mask for e in batch])
+    lm[bounds[:-1]] = False                           # a row's first token has no prediction
+    ids = torch.from_numpy(np.concatenate([e.input_ids for e in batch])).to(device)
+    pos = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths])).to(device)
+    sel = torch.from_numpy(lm[1:]).to(device)
+    with _PackedAttention(body):
+        hidden = body(input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                      thresher_bounds=bounds.tolist()).last_hidden_state[0]
+    logits = head(hidden[:-1][sel])
+    return F.cross_entropy(logits.float(), ids[1:][sel]), int(sel.sum())
+
+
 # ---------------------------------------------------------------- state
 
 def set_seed(seed: int) -> None:
@@ -212,7 +238,12 @@ def _amp(device: str, requested: str | None):
     import torch
     from thresher.pipeline.models import pick_dtype
 
-    dt = pick_dtype(device, requested)
+    if requested in (None, "auto") and device.startswith("cpu"):
+        from thresher.pipeline.engine import engine_dtype
+
+        dt = engine_dtype(device)   # bf16 autocast on CPUs with native bf16 (bench/RESULTS.md)
+    else:
+        dt = pick_dtype(device, requested)
     if dt == torch.float32:
         return None, False
     if dt == torch.float16 and not device.startswith("cuda"):
@@ -278,6 +309,7 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
     parts = _body_and_head(model)
+    pack = device.startswith("cpu") and parts is not None and packing_supported(parts[0])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, round(cfg.warmup_ratio * total), total)
@@ -331,14 +363,12 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
                                           step, out)
                     if not any(e.loss_mask.any() for e in batch):
                         continue
-                ids, att, mask = collate(batch, tok.pad_token_id)
-                ids, att, mask = ids.to(device), att.to(device), mask.to(device)
                 with torch.autocast(device.split(":")[0], dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
-                    loss = masked_loss(model, parts, ids, att, mask)
+                    loss, n_tok = _batch_loss(model, parts, pack, batch, tok.pad_token_id, device)
                 scaler.scale(loss / len(group)).backward()
                 loss_sum += loss.item()
-                tokens += int(mask[:, 1:].sum())
+                tokens += n_tok
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             scaler.step(opt)
@@ -392,6 +422,15 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_json_atomic(out / "train.json", summary)
     return summary
+
+
+def _batch_loss(model, parts, pack: bool, batch: list[Example], pad_id: int, device):
+    """(mean loss over the batch's loss tokens, their count): packed rows on a CPU (no padding,
+    `packed_loss`), padded batches elsewhere (`masked_loss`)."""
+    if pack:
+        return packed_loss(parts, batch, device)
+    ids, att, mask = (t.to(device) for t in collate(batch, pad_id))
+    return masked_loss(model, parts, ids, att, mask), int(mask[:, 1:].sum())
 
 
 def _qtuning_step(model, tok, batch: list[Example], qcfg, device, reports, step, out):

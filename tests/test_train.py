@@ -220,3 +220,48 @@ def test_head_only_on_loss_positions_gives_the_full_logits_loss(tiny_lm_dir, row
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_batch_gives_the_padded_loss_and_gradients(tiny_lm_dir, rows):
+    """Rows packed into one sequence (block-diagonal causal attention) = the padded batch."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from thresher.pipeline.engine import PACKED_ATTENTION, _body_and_head
+    from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+    from thresher.pipeline.train import collate, make_examples, masked_loss, packed_loss
+
+    tok = load_tokenizer(resolve(str(tiny_lm_dir)))
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(resolve(str(tiny_lm_dir))), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
+    torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
+    ex, _, _ = make_examples(tok, rows[:5], 128)
+    assert len({len(e.input_ids) for e in ex}) > 1                   # padding would be needed
+    parts = _body_and_head(model)
+    grads = []
+    for packed in (True, False):
+        model.zero_grad()
+        if packed:
+            loss, n = packed_loss(parts, ex, "cpu")
+        else:
+            ids, att, mask = collate(ex, tok.pad_token_id)
+            loss, n = masked_loss(model, parts, ids, att, mask), int(mask[:, 1:].sum())
+        loss.backward()
+        grads.append((loss.item(), n, [q.grad.clone() for q in model.parameters() if q.requires_grad]))
+    assert model.config._attn_implementation != PACKED_ATTENTION
+    assert grads[0][1] == grads[1][1] > 0
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
+    for a, b in zip(grads[0][2], grads[1][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_follows_the_fp32_loss_curve(tmp_path, tiny_lm_dir, rows):
+    low = train(rows, tmp_path / "bf16", cfg(tiny_lm_dir, dtype="bf16"),
+                progress=False)
+    ref = train(rows, tmp_path / "fp32", cfg(tiny_lm_dir, dtype="fp32"),
+                progress=False)
+    a = [json.loads(x)["loss"] for x in (tmp_path / "bf16" / "train_log.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["loss"] for x in (tmp_path / "fp32" / "train_log.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == low["steps"] == ref["steps"] >= 3
+    np.testing.assert_allclose(a, b, rtol=0.02)
+    assert a != b                                      # really ran in another precision
