@@ -42,11 +42,15 @@ class ResolvedModel:
     remote: bool = False
 
 
+class MissingPackage(RuntimeError):
+    """A built-in model's package is not installed (an environment problem, not a bug)."""
+
+
 def _package_dir(module: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"built-in model needs the package {module!r}: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+        raise MissingPackage(f"built-in model needs the package {module!r}: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _gguf_identity(path: Path) -> str:
