@@ -4,7 +4,6 @@ import random
 
 import numpy as np
 import torch
-
 from thresher.pipeline.safestate import load_state, save_state
 
 
