@@ -8,6 +8,12 @@
 
 `ingest` streams the inputs (memory does not grow with their size: rows are converted one at a
 time and written shard by shard), and always satisfies read = kept + quarantined.
+
+A shard never spans two input files, so an unchanged input file gives byte-identical shards in
+every pool it is part of (per-shard stage caches then reuse its artifacts). With `reuse=True`,
+ingesting over an existing pool copies the shards and quarantine entries of every input whose
+path and sha256 are unchanged instead of reading it again, and reports the inputs that are gone
+(`IngestReport.reused`, `.removed`): incremental curation of a folder that grows.
 """
 
 from __future__ import annotations
@@ -159,6 +165,10 @@ class InputReport:
     read: int = 0
     kept: int = 0
     quarantined: int = 0
+    duplicate_ids: int = 0
+    shards: list[str] = field(default_factory=list)
+    rows_sha256: str = ""      # hash of this file's canonical rows (the pool fingerprint's part)
+    reused: bool = False       # copied from the previous pool instead of read again
 
 
 @dataclass
@@ -167,6 +177,11 @@ class IngestReport:
     fingerprint: str
     inputs: list[InputReport] = field(default_factory=list)
     duplicate_ids: int = 0
+    removed: list[dict] = field(default_factory=list)   # inputs of the previous pool now gone
+
+    @property
+    def reused(self) -> list[str]:
+        return [i.path for i in self.inputs if i.reused]
 
     @property
     def read(self) -> int:
@@ -243,6 +258,10 @@ def load_rows(path: Path | str, shape: str | None = None, encoding: str | None =
     return rows, bad
 
 
+def _id_key(rid: str) -> bytes:
+    return hashlib.blake2b(rid.encode(), digest_size=12).digest()
+
+
 class _Ids:
     """Unique ids: a repeated id is kept as `<id>#dup<k>`, k the smallest suffix not yet taken
     (so `a#dup1`, `a`, `a` gives `a#dup1`, `a`, `a#dup2`), and logged."""
@@ -250,18 +269,16 @@ class _Ids:
     def __init__(self, log):
         self.log, self.seen, self.next_k, self.renamed = log, set(), {}, 0
 
-    @staticmethod
-    def _key(rid: str) -> bytes:
-        return hashlib.blake2b(rid.encode(), digest_size=12).digest()
-
-    def claim(self, row: dict, path: Path, where: str) -> None:
-        rid, key = row["id"], self._key(row["id"])
-        if key in self.seen:
+    def claim(self, row: dict, path: Path, where: str) -> bool:
+        """Make row["id"] unique; True when it had to be renamed."""
+        rid, key = row["id"], _id_key(row["id"])
+        renamed = key in self.seen
+        if renamed:
             k = self.next_k.get(rid, 0)
             while True:
                 k += 1
                 new_id = f"{rid}#dup{k}"
-                key = self._key(new_id)
+                key = _id_key(new_id)
                 if key not in self.seen:
                     break
             self.next_k[rid] = k
@@ -270,66 +287,155 @@ class _Ids:
             row["id"] = new_id
             self.renamed += 1
         self.seen.add(key)
+        return renamed
 
 
 class _ShardWriter:
     """Buffers canonical rows and writes numbered Parquet shards, recording name, rows, bytes
-    and sha256 of each for pool.json."""
+    and sha256 of each for pool.json. A shard never spans two input files (`end_file`)."""
 
     def __init__(self, directory: Path, rows_per_shard: int):
         self.dir, self.rows_per_shard = directory, rows_per_shard
         self.buffer: list[dict] = []
         self.entries: list[dict] = []
 
-    def add(self, row: dict) -> None:
+    def _next(self) -> Path:
+        return self.dir / f"part-{len(self.entries):05d}.parquet"
+
+    def _record(self, path: Path, rows: int) -> str:
+        self.entries.append({"name": path.name, "rows": rows, "bytes": path.stat().st_size,
+                             "sha256": file_fingerprint(path)})
+        return path.name
+
+    def add(self, row: dict) -> str | None:
+        """Buffer a row; the name of the shard it completed, if any."""
         self.buffer.append(row)
-        if len(self.buffer) >= self.rows_per_shard:
-            self.flush()
+        return self.flush() if len(self.buffer) >= self.rows_per_shard else None
 
-    def flush(self) -> None:
+    def flush(self) -> str | None:
         if not self.buffer:
-            return
-        name = f"part-{len(self.entries):05d}.parquet"
-        path = self.dir / name
+            return None
+        path = self._next()
         pq.write_table(pa.Table.from_pylist(self.buffer, schema=POOL_SCHEMA), path)
-        self.entries.append({"name": name, "rows": len(self.buffer),
-                             "bytes": path.stat().st_size, "sha256": file_fingerprint(path)})
+        rows = len(self.buffer)
         self.buffer.clear()
+        return self._record(path, rows)
+
+    def copy(self, src: Path) -> str:
+        """Take an existing shard (an unchanged input's, from the previous pool) as the next one."""
+        self.flush()
+        path = self._next()
+        shutil.copyfile(src, path)
+        return self._record(path, pq.read_metadata(path).num_rows)
 
 
-def _ingest_file(path: Path, shape: str | None, encoding: str | None, qf, ids: _Ids,
-                 shards: _ShardWriter, content, progress) -> InputReport:
-    rep = InputReport(path=str(path), sha256=file_fingerprint(path), shape=shape)
-    file_shape, shapes_seen = shape, set()
-    for where, rec, err in read_records(path, encoding):
-        rep.read += 1
-        if progress is not None:
-            progress(1)
-        if err is None:
-            row_shape, file_shape = _row_shape(rec, shape, file_shape)
-            if row_shape:
-                shapes_seen.add(row_shape)
-            try:
-                row = _convert(rec, row_shape, path)
-            except RowError as e:
-                err = str(e)
-        if err is not None:
-            rep.quarantined += 1
-            qf.write(json.dumps({"file": str(path), "location": _clean(where), "reason": _clean(err),
-                                 "snippet": _snippet(rec)}, ensure_ascii=False) + "\n")
-            continue
-        ids.claim(row, path, where)
-        content.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode())
-        shards.add(row)
-        rep.kept += 1
-    rep.shape = "+".join(sorted(shapes_seen)) or shape
-    return rep
+def _previous(out: Path, shape: str | None, rows_per_shard: int) -> tuple[dict, dict]:
+    """Inputs of the pool at `out` that can be reused (path -> entry), and its quarantine lines
+    by file; nothing when ingest options changed or the pool predates per-file shards."""
+    info_path = out / "pool.json"
+    if not info_path.exists():
+        return {}, {}
+    try:
+        info = Pool(out).info  # also checks its format version and its shards' sizes and rows
+    except ValueError:
+        return {}, {}  # a damaged previous pool is simply not reused
+    if info.get("declared_format") != shape or info.get("rows_per_shard") != rows_per_shard:
+        return {}, {}
+    inputs = {i["path"]: i for i in info["inputs"] if "shards" in i and "rows_sha256" in i}
+    quarantine: dict[str, list[str]] = {}
+    with open(out / "quarantine.jsonl", encoding="utf-8") as f:
+        for line in f:
+            quarantine.setdefault(json.loads(line)["file"], []).append(line)
+    return inputs, quarantine
+
+
+def _reuse_input(prev: dict | None, sha256: str, src: Path, seen: set[bytes]) -> list[str] | None:
+    """Ids of an unchanged input's shards in the previous pool at `src`, if they can be copied:
+    same sha256, no renamed duplicate ids, and none of its ids taken by an earlier input now."""
+    if prev is None or prev["sha256"] != sha256 or prev.get("duplicate_ids", 1):
+        return None
+    if not all((src / "shards" / s).exists() for s in prev["shards"]):
+        return None
+    ids = [i for s in prev["shards"]
+           for i in pq.read_table(src / "shards" / s, columns=["id"])["id"].to_pylist()]
+    if any(_id_key(i) in seen for i in ids):
+        return None
+    return ids
+
+
+class _Run:
+    """The state of one ingest: the open quarantine and duplicate logs, ids, shards, and what an
+    earlier pool at the output path offers for reuse."""
+
+    def __init__(self, tmp: Path, out: Path, shape, encoding, rows_per_shard, progress, reuse):
+        self.out, self.shape, self.encoding, self.progress = out, shape, encoding, progress
+        self.qf = open(tmp / "quarantine.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.df = open(tmp / "duplicate_ids.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.ids = _Ids(self.df)
+        self.shards = _ShardWriter(tmp / "shards", rows_per_shard)
+        self.prev_inputs, self.prev_quarantine = (_previous(out, shape, rows_per_shard)
+                                                  if reuse else ({}, {}))
+
+    def close(self) -> None:
+        self.qf.close()
+        self.df.close()
+
+    def reuse(self, rep: InputReport) -> bool:
+        prev = self.prev_inputs.get(rep.path)
+        ids = _reuse_input(prev, rep.sha256, self.out, self.ids.seen)
+        if ids is None:
+            return False
+        for s in prev["shards"]:
+            rep.shards.append(self.shards.copy(self.out / "shards" / s))
+        self.ids.seen.update(_id_key(i) for i in ids)
+        self.qf.writelines(self.prev_quarantine.get(rep.path, []))
+        for k in ("shape", "read", "kept", "quarantined", "rows_sha256"):
+            setattr(rep, k, prev[k])
+        rep.reused = True
+        return True
+
+    def read(self, path: Path) -> InputReport:
+        rep = InputReport(path=str(path), sha256=file_fingerprint(path), shape=self.shape)
+        if self.reuse(rep):
+            return rep
+        file_content = hashlib.sha256()
+        file_shape, shapes_seen = self.shape, set()
+        for where, rec, err in read_records(path, self.encoding):
+            rep.read += 1
+            if self.progress is not None:
+                self.progress(1)
+            if err is None:
+                row_shape, file_shape = _row_shape(rec, self.shape, file_shape)
+                if row_shape:
+                    shapes_seen.add(row_shape)
+                try:
+                    row = _convert(rec, row_shape, path)
+                except RowError as e:
+                    err = str(e)
+            if err is not None:
+                rep.quarantined += 1
+                self.qf.write(json.dumps({"file": str(path), "location": _clean(where),
+                                          "reason": _clean(err), "snippet": _snippet(rec)},
+                                         ensure_ascii=False) + "\n")
+                continue
+            rep.duplicate_ids += self.ids.claim(row, path, where)
+            file_content.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode())
+            rep.kept += 1
+            if name := self.shards.add(row):
+                rep.shards.append(name)
+        rep.shape = "+".join(sorted(shapes_seen)) or self.shape
+        if name := self.shards.flush():  # a shard never spans two input files
+            rep.shards.append(name)
+        rep.rows_sha256 = file_content.hexdigest()
+        return rep
 
 
 def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_shard: int = 10_000,
-           progress=None, encoding: str | None = None) -> IngestReport:
+           progress=None, reuse: bool = False, encoding: str | None = None) -> IngestReport:
     """Read every source file into a new pool at `out` (replacing a pool already there, never
-    anything else, and never a directory this ingest reads from)."""
+    anything else, and never a directory this ingest reads from).
+
+    reuse: copy what an unchanged input gave the pool already at `out` instead of reading it."""
     if shape is not None and shape not in SHAPES:
         raise ValueError(f"unknown format {shape!r}; expected one of {', '.join(SHAPES)}")
     if rows_per_shard < 1:
@@ -347,7 +453,12 @@ def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_sh
     clean_stale(out)
     tmp = temp_name(out)
     try:
-        report = _ingest_into(files, tmp, out, shape, encoding, rows_per_shard, progress)
+        (tmp / "shards").mkdir(parents=True)
+        run = _Run(tmp, out, shape, encoding, rows_per_shard, progress, reuse)
+        try:
+            report = _ingest_into(files, run, tmp, out, shape, rows_per_shard)
+        finally:
+            run.close()
         replace_dir(tmp, out, lambda d: (d / "pool.json").exists())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # Ctrl-C included: no temporary left behind
@@ -374,27 +485,26 @@ def _inputs_outside(files: list[Path], sources: list[Path], out: Path) -> list[P
     return kept
 
 
-def _ingest_into(files: list[Path], tmp: Path, out: Path, shape, encoding, rows_per_shard,
-                 progress) -> IngestReport:
-    (tmp / "shards").mkdir(parents=True)
-    content = hashlib.sha256()
-    shards = _ShardWriter(tmp / "shards", rows_per_shard)
+def _ingest_into(files: list[Path], run: _Run, tmp: Path, out: Path, shape, rows_per_shard
+                 ) -> IngestReport:
     report = IngestReport(pool=str(out), fingerprint="")
-    with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as qf, \
-            open(tmp / "duplicate_ids.jsonl", "w", encoding="utf-8") as df:
-        ids = _Ids(df)
-        for path in files:
-            report.inputs.append(_ingest_file(path, shape, encoding, qf, ids, shards, content,
-                                              progress))
-        shards.flush()
-    report.duplicate_ids = ids.renamed
+    for path in files:
+        report.inputs.append(run.read(path))
+    report.duplicate_ids = run.ids.renamed
+    content = hashlib.sha256()
+    for rep in report.inputs:
+        content.update(rep.rows_sha256.encode())
     report.fingerprint = content.hexdigest()[:32]
+    now = {i.path for i in report.inputs}
+    report.removed = [{"path": p, "kept": i["kept"]} for p, i in run.prev_inputs.items()
+                      if p not in now]
     write_json_atomic(tmp / "pool.json", {
         "format_version": FORMAT_VERSION,
         "fingerprint": report.fingerprint,
         "read": report.read, "kept": report.kept, "quarantined": report.quarantined,
         "duplicate_ids": report.duplicate_ids,
-        "shards": shards.entries,
+        "declared_format": shape, "rows_per_shard": rows_per_shard,
+        "shards": run.shards.entries,
         "inputs": [vars(i) for i in report.inputs],
     })
     if report.read != report.kept + report.quarantined:  # an invariant: a bug if it fails
