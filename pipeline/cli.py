@@ -38,6 +38,12 @@ def user_error_message(e: BaseException) -> str | None:
     return None
 
 
+def _check_device(device: str | None) -> None:
+    from thresher.pipeline.models import check_device
+
+    check_device(device)
+
+
 def _fail(e: Exception) -> None:
     msg = user_error_message(e)
     if msg is None:
@@ -97,6 +103,7 @@ def select(
     options = {"model": model, "embedder": embedder, "keep": keep, "by": by, "device": device,
                "target": [str(t) for t in target] if target else None}
     try:
+        _check_device(device)
         for kv in param or []:
             if "=" not in kv:
                 raise ValueError(f"--param {kv!r}: expected KEY=VALUE")
@@ -135,6 +142,7 @@ def embed(
     from thresher.pipeline.select import default_workdir
 
     try:
+        _check_device(device)
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
         e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size,
@@ -164,6 +172,7 @@ def cluster(
     from thresher.pipeline.select import default_workdir
 
     try:
+        _check_device(device)
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
         e = embed_pool(p, store, model, part=part, device=device)
@@ -181,9 +190,11 @@ def cluster(
 def _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, save_steps=None,
                   every=0, device=None, merge=False, qtuning=False, sample_ratio=0.25,
                   token_ratio=0.5, token_budget="sample"):
+    from thresher.pipeline.models import check_device
     from thresher.pipeline.train import TrainConfig
     from thresher.scoring.qtuning import QTuningConfig
 
+    check_device(device)
     steps = [int(s) for s in (save_steps or "").replace(" ", "").split(",") if s]
     q = QTuningConfig(sample_ratio=sample_ratio, token_ratio=token_ratio,
                       token_budget=token_budget) if qtuning else None
@@ -288,6 +299,7 @@ def qtuning_masks(
     from thresher.scoring.qtuning import QTuningConfig, write_masks
 
     try:
+        _check_device(device)
         rows, bad = load_rows(source)
         if bad:
             typer.echo(f"  {source}: {len(bad)} rows quarantined, e.g. {bad[0]['location']}: {bad[0]['reason']}", err=True)
@@ -322,6 +334,8 @@ def main() -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently
+            code = _interrupted()
     except (typer.Abort, KeyboardInterrupt):
         code = _interrupted()
     except typer.TyperException as e:  # misuse: unknown option, missing argument, bad value

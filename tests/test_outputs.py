@@ -4,7 +4,6 @@ import os
 import threading
 
 import pytest
-
 from thresher.pipeline.outputs import (
     OutputSet,
     check_outputs,
@@ -103,6 +102,6 @@ def test_concurrent_runs_never_interleave(tmp_path):
 
 
 def test_lock_without_wait_refuses_a_second_holder(tmp_path):
-    with output_lock(tmp_path), pytest.raises(ValueError, match="another thresher run"):
-        with output_lock(tmp_path, wait=False):
-            pass
+    with output_lock(tmp_path), pytest.raises(ValueError, match="another thresher run"), \
+            output_lock(tmp_path, wait=False):
+        pass
