@@ -224,6 +224,8 @@ def _row_shape(rec, declared: str | None, file_shape: str | None) -> tuple[str |
 
 
 def _convert(rec, row_shape: str | None, path: Path) -> dict:
+    if not isinstance(rec, dict):
+        raise RowError(f"record is {type(rec).__name__}, expected a JSON object")
     if row_shape is None:
         raise RowError("cannot tell the format (no messages/conversations/instruction/output/"
                        "text field); pass --format" if rec else "empty object")
