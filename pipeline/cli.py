@@ -297,7 +297,7 @@ def report(
     try:
         path = write_report(runs, out or default_out(runs), embedder=embedder,
                             max_points=max_points)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(f"report -> {path}")
 
