@@ -17,6 +17,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# as the CLI does (pipeline/cli.py main): spinning OpenMP threads ran 3-5x slower on shared CPUs
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +38,9 @@ def sample_pool(tmp_path_factory, sample_pool_dir):
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir() -> Path:
-    from thresher.pipeline.models import DEFAULT_LM, resolve
+    from thresher.pipeline.models import DEFAULT_LM, local_weights, resolve
 
-    return Path(resolve(DEFAULT_LM).path)
+    return Path(local_weights(resolve(DEFAULT_LM)))
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +61,31 @@ def tiny_lm_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory):
+    """A 1-layer, 32-wide random BERT with MiniLM's tokenizer, saved as a sentence-transformer."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:   # sentence-transformers < 6
+        from sentence_transformers import models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-st")
+    from thresher.pipeline.models import DEFAULT_EMBEDDER, resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(DEFAULT_EMBEDDER).path)
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=256))
+    (out / "bert").mkdir()
+    bert.save_pretrained(out / "bert")
+    tok.save_pretrained(out / "bert")
+    body = models.Transformer(str(out / "bert"), max_seq_length=128)
+    st = SentenceTransformer(modules=[body, models.Pooling(32, "mean")], device="cpu")
+    st.save(str(out / "st"))
+    return str(out / "st")
