@@ -72,11 +72,10 @@ def tiny_embedder(tmp_path_factory):
         from sentence_transformers.sentence_transformer import modules as models
     except ImportError:   # sentence-transformers < 6
         from sentence_transformers import models
+    from thresher.pipeline.models import DEFAULT_EMBEDDER, resolve
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     out = tmp_path_factory.mktemp("tiny-st")
-    from thresher.pipeline.models import DEFAULT_EMBEDDER, resolve
-
     tok = AutoTokenizer.from_pretrained(resolve(DEFAULT_EMBEDDER).path)
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
