@@ -1,0 +1,113 @@
+"""PASER: budget allocation, efficiency order, the concept-consistency filter, and the method end to
+end on tiny models (cluster table, degradation-proportional budgets, rejected rows reported)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from thresher.pipeline.prune import prune_model
+from thresher.pipeline.select import run_select
+from thresher.scoring.paser import (
+    ConceptExtractor,
+    ConceptGraph,
+    allocate,
+    concept_filter,
+    efficiency,
+)
+
+
+def test_allocation_is_proportional_and_hands_out_the_remainder():
+    a = allocate(np.array([3.0, 2.0, 1.0]), np.array([100, 100, 100]), 10)
+    assert a.sum() == 10 and list(a) == [5, 3, 2]         # 5, 3.33, 1.67 -> remainder to 1.67
+    b = allocate(np.array([0.5, 0.3, 0.2]), np.array([2, 100, 100]), 20)
+    assert list(b) == [2, 11, 7] and b.sum() == 20         # the full cluster's surplus goes on
+    c = allocate(np.array([1.0, 0.0]), np.array([3, 10]), 5)
+    assert list(c) == [3, 2]                               # zero weight fills only when needed
+    assert allocate(np.array([1.0, 1.0]), np.array([2, 2]), 10).sum() == 4   # room runs out
+
+
+def test_efficiency_divides_by_log_quadratic_cost():
+    e = efficiency(np.array([1.0, 1.0, 0.0]), np.array([10, 100, 5]))
+    np.testing.assert_allclose(e, [1 / np.log(100), 1 / np.log(10_000), 0.0])
+
+
+def test_concept_graph_rejects_two_known_concepts_never_seen_together():
+    g = ConceptGraph()
+    assert g.consistent({"python", "list"})
+    g.add({"python", "list"})
+    g.add({"sql", "join"})
+    assert g.consistent({"python", "list", "new"})          # the known pair co-occurred
+    assert g.consistent({"python", "tuple"})                # only one known concept
+    assert not g.consistent({"python", "join"})             # both known, never together
+
+
+def test_concept_filter_refills_from_other_clusters_and_counts_rejections():
+    concepts = {0: {"a", "b"}, 1: {"c", "d"}, 2: {"a", "c"}, 3: {"e"}, 4: {"f"}, 5: {"g"}}
+    order = {0: [0, 1, 2], 1: [3, 4, 5]}
+    accepted, rejected = concept_filter(order, {0: 3, 1: 1}, {0: 2.0, 1: 1.0}, concepts.get)
+    assert rejected == 1                                    # row 2: a and c known, never together
+    assert accepted == {0: [0, 1], 1: [3, 4]}               # cluster 0's shortfall went to cluster 1
+
+
+def test_concepts_are_capped_and_lower_cased():
+    ex = ConceptExtractor(max_concepts=3)
+    c = ex("Write a Python function that sorts a list of integers with Merge Sort and returns it.")
+    assert 0 < len(c) <= 3 and all(x == x.lower() for x in c)
+
+
+@pytest.fixture(scope="module")
+def labelled_pool(tmp_path_factory, sample_pool):
+    from thresher.pipeline.pool import Pool, ingest
+
+    frame = sample_pool.frame(["id", "source", "kind", "messages", "meta", "n_chars"])
+    frame = frame.filter((pl.col("kind") == "chat") & (pl.col("n_chars") < 700))
+    tmp = tmp_path_factory.mktemp("paser")
+    with open(tmp / "rows.jsonl", "w") as f:
+        for src in sorted(set(frame["source"]))[:4]:
+            for r in frame.filter(pl.col("source") == src).head(12).to_dicts():
+                cap = json.loads(r["meta"]).get("capability", src)
+                f.write(json.dumps({"id": r["id"], "source": src, "capability": cap,
+                                    "messages": r["messages"]}) + "\n")
+    ingest([tmp / "rows.jsonl"], tmp / "pool", rows_per_shard=20)
+    return Pool(tmp / "pool")
+
+
+def test_paser_end_to_end_on_tiny_models(tmp_path, labelled_pool, tiny_lm_dir):
+    pruned = tmp_path / "pruned"
+    prune_model(str(tiny_lm_dir), 0.5, pruned)
+    out = tmp_path / "paser.jsonl"
+    m = run_select(labelled_pool.path, "paser", "12", out, workdir=tmp_path / "w",
+                   options={"pruned_model": str(pruned), "k": 3, "neighbours": 5,
+                            "dtype": "fp32", "max_concepts": 4})
+    cfg = m["config"]["method"]
+    assert m["models"]["original"].startswith(tiny_lm_dir.name)      # from pruned/prune.json
+    table = cfg["clusters"]
+    assert len(table) == 3 and sum(r["size"] for r in table) == labelled_pool.n_rows
+    assert sum(r["budget"] for r in table) == 12                     # nothing dropped
+    assert sum(r["selected"] for r in table) == m["counts"]["selected"] == 12 - cfg["unfilled"]
+    assert all(r["budget"] <= r["size"] for r in table)
+    room = [r for r in table if r["budget"] < r["size"]]             # clusters not capped by size
+    by_deg = sorted(room, key=lambda r: r["degradation"])
+    assert [r["budget"] for r in by_deg] == sorted(r["budget"] for r in by_deg)
+    assert isinstance(cfg["concept_rejected_rows"], int) and cfg["concept_rejected_rows"] >= 0
+    assert -1.0 <= cfg["ami_capability"] <= 1.0
+    assert any("adjusted mutual information" in line for line in cfg["report_lines"])
+    sel = pl.read_parquet(f"{out}.selection.parquet")
+    assert set(sel.columns) >= {"id", "reason", "cluster", "jsd", "ies"}
+    for c, part in sel.group_by("cluster"):
+        ies = part.sort("rank")["ies"].to_list()
+        assert ies == sorted(ies, reverse=True)                      # efficiency order in cluster
+    again = run_select(labelled_pool.path, "paser", "12", tmp_path / "again.jsonl",
+                       workdir=tmp_path / "w", options={"pruned_model": str(pruned), "k": 3,
+                                                        "neighbours": 5, "dtype": "fp32",
+                                                        "max_concepts": 4})
+    assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+    assert again["config"]["method"]["clusters"] == table
+
+
+def test_paser_needs_a_pruned_model(tmp_path, labelled_pool):
+    with pytest.raises(ValueError, match="--pruned-model"):
+        run_select(labelled_pool.path, "paser", "5", tmp_path / "x.jsonl", workdir=tmp_path / "w")
