@@ -239,14 +239,20 @@ def verify(
     max_eval: Annotated[int, typer.Option(help="Evaluate on the first N rows of each eval set.")] = 100,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length for exact match (0 = no generation).")] = 256,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", help="Model to recover (e.g. a `thresher prune` output): trained and evaluated instead of --model; its unpruned source is evaluated as `original`.")] = None,
 ):
     """Train on each subset and on a random subset of the same size; compare held-out loss and accuracy."""
+    from thresher.pipeline.prune import prune_info
     from thresher.pipeline.verify import run_verify
 
     try:
-        cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, device=device)
+        if base_model and model and model != base_model:
+            raise ValueError("--base-model and --model name different models; give one")
+        reference = (prune_info(base_model) or {}).get("source") if base_model else None
+        cfg = _train_config(base_model or model, epochs, lr, batch_size, grad_accum, max_tokens,
+                            seed, device=device)
         r = run_verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
-                       max_eval=max_eval, max_new_tokens=max_new_tokens)
+                       max_eval=max_eval, max_new_tokens=max_new_tokens, reference=reference)
     except USER_ERRORS as e:
         _fail(e)
     typer.echo(r["markdown"])

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+from conftest import SAMPLE
 from thresher.pipeline.prune import prune_model
 from thresher.pipeline.select import run_select
 from thresher.scoring.paser import (
@@ -111,3 +112,44 @@ def test_paser_end_to_end_on_tiny_models(tmp_path, labelled_pool, tiny_lm_dir):
 def test_paser_needs_a_pruned_model(tmp_path, labelled_pool):
     with pytest.raises(ValueError, match="--pruned-model"):
         run_select(labelled_pool.path, "paser", "5", tmp_path / "x.jsonl", workdir=tmp_path / "w")
+
+
+def test_verify_base_model_measures_recovery_of_the_pruned_model(tmp_path, tiny_lm_dir, sample_pool):
+    """`thresher verify --base-model PRUNED`: base = the pruned model untrained, original = its
+    unpruned source (from prune.json), the subset and random runs train the pruned model."""
+    from thresher.pipeline.cli import app
+    from typer.testing import CliRunner
+
+    pruned = tmp_path / "pruned"
+    prune_model(str(tiny_lm_dir), 0.5, pruned)
+    subset = tmp_path / "pick.jsonl"
+    run_select(sample_pool.path, "random", 4, subset, seed=1, workdir=tmp_path / "w")
+    gsm8k = SAMPLE / "targets" / "gsm8k_test.jsonl"
+    res = CliRunner().invoke(app, ["verify", "--subset", str(subset), "--eval", str(gsm8k),
+                                   "--base-model", str(pruned), "--out", str(tmp_path / "v"),
+                                   "--max-eval", "3", "--max-new-tokens", "0", "--batch-size", "2",
+                                   "--max-tokens", "256", "--lr", "1e-2"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "v" / "verify.json").read_text())
+    assert list(rep["runs"]) == ["base", "original", "pick", "random"]
+    assert rep["config"]["model"] == str(pruned) and rep["runs"]["original"]["model"] == str(tiny_lm_dir)
+    loss = {k: r["evals"]["gsm8k_test"]["loss"] for k, r in rep["runs"].items()}
+    assert loss["base"] != loss["original"] and loss["pick"] != loss["base"]
+    assert "| original |" in res.output
+    bad = CliRunner().invoke(app, ["verify", "--subset", str(subset), "--eval", str(gsm8k),
+                                   "--base-model", str(pruned), "--model", str(tiny_lm_dir)])
+    assert bad.exit_code == 2 and "--base-model and --model" in bad.output
+
+
+def test_capability_clusters_command_prints_the_table_and_ami(tmp_path, labelled_pool):
+    from thresher.pipeline.cli import app
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["capability-clusters", str(labelled_pool.path), "--k", "4",
+                                   "--neighbours", "5", "--workdir", str(tmp_path / "w")])
+    assert res.exit_code == 0, res.output
+    assert "| cluster | size | top_capability | top_source |" in res.output
+    assert "4 clusters (nmf)" in res.output and "adjusted mutual information with capability" in res.output
+    bad = CliRunner().invoke(app, ["capability-clusters", str(labelled_pool.path), "--algo", "dbscan",
+                                   "--workdir", str(tmp_path / "w")])
+    assert bad.exit_code == 2 and "unknown cluster algorithm" in bad.output

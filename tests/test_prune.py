@@ -107,3 +107,19 @@ def test_user_errors(tmp_path, tiny_lm_dir):
     (tmp_path / "full" / "f").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         prune.prune_model(str(tiny_lm_dir), 0.5, tmp_path / "full")
+
+
+def test_prune_command(tmp_path, tiny_lm_dir):
+    from thresher.pipeline.cli import app
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["prune", str(tiny_lm_dir), "--ratio", "0.5", "--out",
+                                   str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert "intermediate_size 128 -> 64" in res.output
+    again = CliRunner().invoke(app, ["prune", str(tiny_lm_dir), "--ratio", "0.5", "--out",
+                                     str(tmp_path / "p")])
+    assert again.exit_code == 2 and "error:" in again.output and "not empty" in again.output
+    bad = CliRunner().invoke(app, ["prune", str(tiny_lm_dir), "--ratio", "0.5", "--method", "wanda",
+                                   "--out", str(tmp_path / "w")])
+    assert bad.exit_code == 2 and "--calib" in bad.output
