@@ -67,12 +67,15 @@ def select(
     executor: Annotated[str, typer.Option("--executor", help="local (in-process) or ray.")] = "local",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: a local cluster, or RAY_ADDRESS).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what is cached; run nothing.")] = False,
+    pruned_model: Annotated[str | None, typer.Option("--pruned-model", help="paser: the pruned model to recover (= --param pruned_model=).")] = None,
 ):
     """Select a subset of a pool under a budget and write it with a manifest."""
     from thresher.pipeline.select import run_select
 
     try:
         params = parse_param_options(param)
+        if pruned_model:
+            params["pruned_model"] = pruned_model
         if out is None and not dry_run:
             raise ValueError("--out is required (the subset file to write)")
         m = run_select(pool, method, budget, out or Path("-"), fmt=format, seed=seed,
@@ -85,6 +88,8 @@ def select(
         for line in m["plan"] or ["(no stages: scores come from the pool itself)"]:
             typer.echo(f"  {line}")
         return
+    for line in m["config"]["method"].get("report_lines", []):
+        typer.echo(line)
     c = m["counts"]
     typer.echo(f"selected {c['selected']} of {c['candidates']} rows ({m['tokens']['selected']} tokens) "
                f"by {method} -> {out} (manifest: {out}.manifest.json) in {m['timings']['total']:.1f}s")
@@ -239,14 +244,20 @@ def verify(
     max_eval: Annotated[int, typer.Option(help="Evaluate on the first N rows of each eval set.")] = 100,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length for exact match (0 = no generation).")] = 256,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", help="Model to recover (e.g. a `thresher prune` output): trained and evaluated instead of --model; its unpruned source is evaluated as `original`.")] = None,
 ):
     """Train on each subset and on a random subset of the same size; compare held-out loss and accuracy."""
+    from thresher.pipeline.prune import prune_info
     from thresher.pipeline.verify import run_verify
 
     try:
-        cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, device=device)
+        if base_model and model and model != base_model:
+            raise ValueError("--base-model and --model name different models; give one")
+        reference = (prune_info(base_model) or {}).get("source") if base_model else None
+        cfg = _train_config(base_model or model, epochs, lr, batch_size, grad_accum, max_tokens,
+                            seed, device=device)
         r = run_verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
-                       max_eval=max_eval, max_new_tokens=max_new_tokens)
+                       max_eval=max_eval, max_new_tokens=max_new_tokens, reference=reference)
     except USER_ERRORS as e:
         _fail(e)
     typer.echo(r["markdown"])
@@ -298,6 +309,76 @@ def qtuning_masks(
         _fail(e)
     typer.echo(f"kept {info['kept_samples']} of {info['samples']} rows, {info['kept_tokens']} of "
                f"{info['label_tokens']} label tokens -> {out}")
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="Causal LM to prune: built-in name, HF directory, .gguf or org/name.")],
+    ratio: Annotated[float, typer.Option("--ratio", help="Fraction removed: MLP channels (structured) or weights per row (magnitude, wanda).")],
+    out: Annotated[Path, typer.Option("--out", help="New directory for the pruned model (must not exist or be empty).")],
+    method: Annotated[str, typer.Option("--method", help="structured (MLP channels, LLM-Pruner-like) | magnitude | wanda.")] = "structured",
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration rows for wanda: a pool directory or any input file.")] = None,
+    calib_rows: Annotated[int, typer.Option(help="Calibration rows taken (seeded sample).")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="Truncate calibration rows to this many tokens.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for the calibration sample.")] = 0,
+):
+    """Prune a causal LM (the degraded model PASER recovers); the output loads with transformers."""
+    from thresher.pipeline.prune import prune_model
+
+    try:
+        rows = _calibration_rows(calib, calib_rows, seed) if calib else None
+        info = prune_model(model, ratio, out, method=method, calib=rows,
+                           calib_source=str(calib) if calib else None, max_tokens=max_tokens)
+    except USER_ERRORS as e:
+        _fail(e)
+    shape = (f", intermediate_size {info['intermediate_size'][0]} -> {info['intermediate_size'][1]}"
+             if "intermediate_size" in info else "")
+    typer.echo(f"pruned {model} ({method}, ratio {ratio}): parameters {info['params_before']:,} -> "
+               f"{info['params_after']:,}, non-zero {info['nonzero_before']:,} -> "
+               f"{info['nonzero_after']:,}{shape} -> {out}")
+
+
+def _calibration_rows(source: Path, n: int, seed: int) -> list[dict]:
+    import random
+
+    from thresher.pipeline.pool import Pool, load_rows
+
+    if source.is_dir() and (source / "pool.json").exists():
+        p = Pool(source)
+        ids = p.frame(["id"])["id"].to_list()
+        return p.rows(sorted(random.Random(seed).sample(ids, min(n, len(ids)))))
+    rows, _ = load_rows(source)
+    return random.Random(seed).sample(rows, min(n, len(rows)))
+
+
+@app.command("capability-clusters")
+def capability_clusters(
+    pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
+    k: Annotated[int | None, typer.Option("--k", help="Number of clusters (default: the NMF reconstruction-error rule).")] = None,
+    algo: Annotated[str, typer.Option("--algo", help="nmf (the paper's) | kmeans | umap (UMAP + k-means).")] = "nmf",
+    neighbours: Annotated[int, typer.Option(help="Neighbours per row in the kNN graph.")] = 15,
+    label: Annotated[str, typer.Option("--label", help="Original field to compare the clusters with (adjusted mutual information).")] = "capability",
+    workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the eigensolver, NMF and k-means.")] = 0,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+):
+    """PASER's capability clusters of a pool's instructions; prints the cluster table and the AMI with --label."""
+    from thresher.pipeline.artifacts import ArtifactStore
+    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.select import default_workdir
+    from thresher.scoring.paser import cluster_table, pool_clusters
+
+    try:
+        p = Pool(pool)
+        store = ArtifactStore(workdir or default_workdir(p.path))
+        cl = pool_clusters(p, store, k=k, algo=algo, neighbours=neighbours, seed=seed, device=device)
+        table = cluster_table(p, cl.labels, label=label)
+    except USER_ERRORS as e:
+        _fail(e)
+    for line in table["lines"]:
+        typer.echo(line)
+    ami = f"; adjusted mutual information with {label}: {table['ami']:.3f}" if table["ami"] is not None else ""
+    typer.echo(f"{cl.k} clusters ({algo}) of {len(cl.labels)} rows{ami}")
 
 
 @app.command()

@@ -24,6 +24,7 @@ METHODS: dict[str, str] = {
     "el2n": "thresher.scoring.el2n:El2nMethod",
     "eu-plane": "thresher.scoring.eu_plane:EuPlaneMethod",
     "rds": "thresher.scoring.rds:RdsMethod",
+    "paser": "thresher.scoring.paser:PaserMethod",
 }
 
 SELECTORS: dict[str, str] = {
