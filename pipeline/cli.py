@@ -364,7 +364,7 @@ def prune(
         rows = _calibration_rows(calib, calib_rows, seed) if calib else None
         info = prune_model(model, ratio, out, method=method, calib=rows,
                            calib_source=str(calib) if calib else None, max_tokens=max_tokens)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     shape = (f", intermediate_size {info['intermediate_size'][0]} -> {info['intermediate_size'][1]}"
              if "intermediate_size" in info else "")
@@ -408,7 +408,7 @@ def capability_clusters(
         store = ArtifactStore(workdir or default_workdir(p.path))
         cl = pool_clusters(p, store, k=k, algo=algo, neighbours=neighbours, seed=seed, device=device)
         table = cluster_table(p, cl.labels, label=label)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     for line in table["lines"]:
         typer.echo(line)
