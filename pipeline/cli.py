@@ -85,45 +85,55 @@ def select(
     pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
     method: Annotated[str, typer.Option("--method", help="Selection method; see `thresher methods`.")],
     budget: Annotated[str, typer.Option("--budget", help="Rows (100), percent (10%) or tokens (50000tok).")],
-    out: Annotated[Path, typer.Option("--out", help="Output file for the subset.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output file for the subset.")] = None,
     format: Annotated[str, typer.Option("--format", help="messages|alpaca|sharegpt|parquet")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
-    model: Annotated[str | None, typer.Option(help="Causal LM for model-based methods and token counts (default smollm2-135m-instruct).")] = None,
-    embedder: Annotated[str | None, typer.Option(help="Sentence-transformers model (default all-minilm-l6-v2).")] = None,
     target: Annotated[list[Path] | None, typer.Option(help="Target set file(s) for targeted methods; repeat for several tasks.")] = None,
-    keep: Annotated[str | None, typer.Option(help="Which end of a score to keep: top|bottom|middle (hard|easy for prototypes/semdedup).")] = None,
-    by: Annotated[str | None, typer.Option(help="Group column for balanced selection: source, cluster, or an original field such as capability.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Method (or selector) parameter KEY=VALUE, repeatable; `thresher methods NAME` lists them.")] = None,
+    selector: Annotated[str | None, typer.Option("--selector", help="Cut the method's scores with another selector: band|stratified|balanced|threshold|random.")] = None,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", help="Method-specific setting KEY=VALUE (repeatable).")] = None,
+    executor: Annotated[str, typer.Option("--executor", help="local (in-process) or ray.")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: a local cluster, or RAY_ADDRESS).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what is cached; run nothing.")] = False,
+    pruned_model: Annotated[str | None, typer.Option("--pruned-model", help="paser: the pruned model to recover (= --param pruned_model=).")] = None,
 ):
     """Select a subset of a pool under a budget and write it with a manifest."""
     from thresher.pipeline.select import run_select
 
-    options = {"model": model, "embedder": embedder, "keep": keep, "by": by, "device": device,
-               "target": [str(t) for t in target] if target else None}
     try:
         _check_device(device)
-        for kv in param or []:
-            if "=" not in kv:
-                raise ValueError(f"--param {kv!r}: expected KEY=VALUE")
-            k, v = kv.split("=", 1)
-            options[k.strip().replace("-", "_")] = json.loads(v) if _is_json(v) else v
-        m = run_select(pool, method, budget, out, fmt=format, seed=seed, workdir=workdir,
-                       options=options)
+        params = parse_param_options(param)
+        if pruned_model:
+            params["pruned_model"] = pruned_model
+        if out is None and not dry_run:
+            raise ValueError("--out is required (the subset file to write)")
+        m = run_select(pool, method, budget, out or Path("-"), fmt=format, seed=seed,
+                       workdir=workdir, params=params, selector=selector, targets=target or (),
+                       device=device, executor=executor, ray_address=ray_address, dry_run=dry_run)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
+    if dry_run:
+        typer.echo(f"plan for {method} ({len(m['plan'])} stages):")
+        for line in m["plan"] or ["(no stages: scores come from the pool itself)"]:
+            typer.echo(f"  {line}")
+        return
+    for line in m["config"]["method"].get("report_lines", []):
+        typer.echo(line)
     c = m["counts"]
     typer.echo(f"selected {c['selected']} of {c['candidates']} rows ({m['tokens']['selected']} tokens) "
                f"by {method} -> {out} (manifest: {out}.manifest.json) in {m['timings']['total']:.1f}s")
 
 
-def _is_json(v: str) -> bool:
-    try:
-        json.loads(v)
-        return True
-    except ValueError:
-        return False
+def parse_param_options(param: list[str] | None) -> dict:
+    """`--param KEY=VALUE` options as a dict of strings (typed later by the method's Params)."""
+    out = {}
+    for kv in param or []:
+        if "=" not in kv:
+            raise ValueError(f"--param {kv!r}: expected KEY=VALUE")
+        k, v = kv.split("=", 1)
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out
 
 
 @app.command()
@@ -145,8 +155,7 @@ def embed(
         _check_device(device)
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
-        e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size,
-                       progress=lambda shard, n: typer.echo(f"  embedded {shard} ({n} rows)", err=True))
+        e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size)
     except Exception as err:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(err)
     typer.echo(f"embeddings {e.rows} x {e.dim} float16 ({e.model}, {e.part}) -> {e.path}")
@@ -183,7 +192,7 @@ def cluster(
     typer.echo(f"embeddings -> {e.path}")
     for name, path in c.paths().items():
         typer.echo(f"{name} -> {path}")
-    sizes = c.stage.info()["sizes"]
+    sizes = c.dir.info()["sizes"]
     typer.echo(f"k={k}: cluster sizes min {min(sizes)}, median {sorted(sizes)[len(sizes) // 2]}, max {max(sizes)}")
 
 
@@ -269,14 +278,20 @@ def verify(
     max_eval: Annotated[int, typer.Option(help="Evaluate on the first N rows of each eval set.")] = 100,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length for exact match (0 = no generation).")] = 256,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", help="Model to recover (e.g. a `thresher prune` output): trained and evaluated instead of --model; its unpruned source is evaluated as `original`.")] = None,
 ):
     """Train on each subset and on a random subset of the same size; compare held-out loss and accuracy."""
+    from thresher.pipeline.prune import prune_info
     from thresher.pipeline.verify import run_verify
 
     try:
-        cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, device=device)
+        if base_model and model and model != base_model:
+            raise ValueError("--base-model and --model name different models; give one")
+        reference = (prune_info(base_model) or {}).get("source") if base_model else None
+        cfg = _train_config(base_model or model, epochs, lr, batch_size, grad_accum, max_tokens,
+                            seed, device=device)
         r = run_verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
-                       max_eval=max_eval, max_new_tokens=max_new_tokens)
+                       max_eval=max_eval, max_new_tokens=max_new_tokens, reference=reference)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(r["markdown"])
@@ -332,16 +347,102 @@ def qtuning_masks(
 
 
 @app.command()
-def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
-    """List the selection methods, what each needs and what it costs."""
-    from thresher.pipeline.registry import describe
+def prune(
+    model: Annotated[str, typer.Argument(help="Causal LM to prune: built-in name, HF directory, .gguf or org/name.")],
+    ratio: Annotated[float, typer.Option("--ratio", help="Fraction removed: MLP channels (structured) or weights per row (magnitude, wanda).")],
+    out: Annotated[Path, typer.Option("--out", help="New directory for the pruned model (must not exist or be empty).")],
+    method: Annotated[str, typer.Option("--method", help="structured (MLP channels, LLM-Pruner-like) | magnitude | wanda.")] = "structured",
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration rows for wanda: a pool directory or any input file.")] = None,
+    calib_rows: Annotated[int, typer.Option(help="Calibration rows taken (seeded sample).")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="Truncate calibration rows to this many tokens.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for the calibration sample.")] = 0,
+):
+    """Prune a causal LM (the degraded model PASER recovers); the output loads with transformers."""
+    from thresher.pipeline.prune import prune_model
 
-    rows = describe()
+    try:
+        rows = _calibration_rows(calib, calib_rows, seed) if calib else None
+        info = prune_model(model, ratio, out, method=method, calib=rows,
+                           calib_source=str(calib) if calib else None, max_tokens=max_tokens)
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
+        _fail(e)
+    shape = (f", intermediate_size {info['intermediate_size'][0]} -> {info['intermediate_size'][1]}"
+             if "intermediate_size" in info else "")
+    typer.echo(f"pruned {model} ({method}, ratio {ratio}): parameters {info['params_before']:,} -> "
+               f"{info['params_after']:,}, non-zero {info['nonzero_before']:,} -> "
+               f"{info['nonzero_after']:,}{shape} -> {out}")
+
+
+def _calibration_rows(source: Path, n: int, seed: int) -> list[dict]:
+    import random
+
+    from thresher.pipeline.pool import Pool, load_rows
+
+    if source.is_dir() and (source / "pool.json").exists():
+        p = Pool(source)
+        ids = p.frame(["id"])["id"].to_list()
+        return p.rows(sorted(random.Random(seed).sample(ids, min(n, len(ids)))))
+    rows, _ = load_rows(source)
+    return random.Random(seed).sample(rows, min(n, len(rows)))
+
+
+@app.command("capability-clusters")
+def capability_clusters(
+    pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
+    k: Annotated[int | None, typer.Option("--k", help="Number of clusters (default: the NMF reconstruction-error rule).")] = None,
+    algo: Annotated[str, typer.Option("--algo", help="nmf (the paper's) | kmeans | umap (UMAP + k-means).")] = "nmf",
+    neighbours: Annotated[int, typer.Option(help="Neighbours per row in the kNN graph.")] = 15,
+    label: Annotated[str, typer.Option("--label", help="Original field to compare the clusters with (adjusted mutual information).")] = "capability",
+    workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the eigensolver, NMF and k-means.")] = 0,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+):
+    """PASER's capability clusters of a pool's instructions; prints the cluster table and the AMI with --label."""
+    from thresher.pipeline.artifacts import ArtifactStore
+    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.select import default_workdir
+    from thresher.scoring.paser import cluster_table, pool_clusters
+
+    try:
+        p = Pool(pool)
+        store = ArtifactStore(workdir or default_workdir(p.path))
+        cl = pool_clusters(p, store, k=k, algo=algo, neighbours=neighbours, seed=seed, device=device)
+        table = cluster_table(p, cl.labels, label=label)
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
+        _fail(e)
+    for line in table["lines"]:
+        typer.echo(line)
+    ami = f"; adjusted mutual information with {label}: {table['ami']:.3f}" if table["ami"] is not None else ""
+    typer.echo(f"{cl.k} clusters ({algo}) of {len(cl.labels)} rows{ami}")
+
+
+@app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="One method to show in full.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """List the selection methods: parameters with defaults, needs (stages) and cost."""
+    from thresher.pipeline.registry import describe, describe_selectors
+
+    try:
+        rows = describe(name)
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
+        _fail(e)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        out = rows[0] if name else {"methods": rows, "selectors": describe_selectors()}
+        typer.echo(json.dumps(out, indent=2, default=str))
         return
     for r in rows:
-        typer.echo(f"{r['method']:<12} {r['summary']}\n{'':<12} needs: {r['needs']}; cost: {r['cost']}")
+        typer.echo(f"{r['method']}: {r['summary']}")
+        if not name:
+            continue
+        typer.echo(f"  cost: {r['cost']}; targets: {r['targets']}; score column: {r['score_column']}")
+        typer.echo("  needs: " + ("; ".join(n["describe"] for n in r["needs"]) or "nothing"))
+        for prm in r["params"]:
+            flag = f"--param {prm['name']}={prm['default']}"
+            typer.echo(f"  {flag:<40} {prm['type']:<34} {prm['help']}")
+    if not name:
+        typer.echo("\n`thresher methods NAME` shows a method's parameters and needs; --json for programs.")
 
 
 def main() -> None:

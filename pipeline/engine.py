@@ -208,15 +208,15 @@ def _head_stats(model, head, h_sel, logits_all, y, want: frozenset[str]) -> dict
     return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in pieces.items()}
 
 
-def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
-    """Signals of one padded batch. ids/am/lm: [B, T] (lm = loss mask)."""
+def _forward_batch(model, parts, ids, am, loss_mask, want: frozenset[str]) -> dict:
+    """Signals of one padded batch; ids, am (attention mask) and loss_mask are [B, T]."""
     import torch
     import torch.nn.functional as F
 
     need_stats = bool(want & LOGIT_SIGNALS)
-    sel = torch.zeros_like(lm)
-    sel[:, :-1] = lm[:, 1:]                 # hidden state at t-1 predicts loss token t
-    y = ids[:, 1:][lm[:, 1:]]
+    sel = torch.zeros_like(loss_mask)
+    sel[:, :-1] = loss_mask[:, 1:]                 # hidden state at t-1 predicts loss token t
+    y = ids[:, 1:][loss_mask[:, 1:]]
     logits_all, head, h_sel = None, None, None
     if parts is not None:
         body, head = parts
@@ -230,7 +230,7 @@ def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
     out: dict = {}
     if need_stats:
         out["token"] = _head_stats(model, head, h_sel, logits_all, y, want)
-        out["counts"] = lm[:, 1:].sum(1).cpu().numpy()
+        out["counts"] = loss_mask[:, 1:].sum(1).cpu().numpy()
     if "rds" in want:
         lengths = am.sum(1, keepdim=True).float()                             # L per row
         pos = torch.arange(1, am.shape[1] + 1, device=am.device).float()[None, :] * am
@@ -240,8 +240,8 @@ def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
     return out
 
 
-def _forward_packed(model, parts, ids, lm, lengths, want: frozenset[str]) -> dict:
-    """Signals of one packed sequence: ids / lm [T] (rows back to back), lengths [rows].
+def _forward_packed(model, parts, ids, loss_mask, lengths, want: frozenset[str]) -> dict:
+    """Signals of one packed sequence: ids / loss_mask [T] (rows back to back), lengths [rows].
 
     Position ids restart at every row and attention stays inside each row (`_packed_attention`),
     so every row sees exactly what it would see alone. A row's first token is never a loss token
@@ -258,10 +258,10 @@ def _forward_packed(model, parts, ids, lm, lengths, want: frozenset[str]) -> dic
                       thresher_bounds=bounds.tolist()).last_hidden_state[0]
     out: dict = {}
     if want & LOGIT_SIGNALS:
-        sel = torch.zeros_like(lm)
-        sel[:-1] = lm[1:]
-        out["token"] = _head_stats(model, head, hidden[sel], None, ids[1:][lm[1:]], want)
-        out["counts"] = np.add.reduceat(lm.cpu().numpy(), bounds[:-1]).astype(np.int64)
+        sel = torch.zeros_like(loss_mask)
+        sel[:-1] = loss_mask[1:]
+        out["token"] = _head_stats(model, head, hidden[sel], None, ids[1:][loss_mask[1:]], want)
+        out["counts"] = np.add.reduceat(loss_mask.cpu().numpy(), bounds[:-1]).astype(np.int64)
     if "rds" in want:
         L = torch.from_numpy(np.repeat(lengths, lengths)).to(ids.device).float()
         w = (pos + 1).float() / (L * (L + 1) / 2)                             # i / sum_j j
@@ -282,22 +282,22 @@ def _run_padded(model, parts, encoded, batch, lengths, pad, device, want):
     T = int(lengths[batch].max())
     ids = np.full((len(batch), T), pad, dtype=np.int64)
     am = np.zeros((len(batch), T), dtype=np.int64)
-    lm = np.zeros((len(batch), T), dtype=bool)
+    loss_mask = np.zeros((len(batch), T), dtype=bool)
     for j, i in enumerate(batch):
         L = lengths[i]
-        ids[j, :L], am[j, :L], lm[j, :L] = encoded[i].input_ids, 1, encoded[i].loss_mask
+        ids[j, :L], am[j, :L], loss_mask[j, :L] = encoded[i].input_ids, 1, encoded[i].loss_mask
     return _forward_batch(model, parts, torch.from_numpy(ids).to(device),
-                          torch.from_numpy(am).to(device), torch.from_numpy(lm).to(device), want)
+                          torch.from_numpy(am).to(device), torch.from_numpy(loss_mask).to(device), want)
 
 
 def _run_pack(model, parts, encoded, batch, lengths, pad, device, want):
     import torch
 
     ids = np.concatenate([encoded[i].input_ids for i in batch])
-    lm = np.concatenate([encoded[i].loss_mask for i in batch])
-    lm[np.concatenate([[0], np.cumsum(lengths[batch])[:-1]])] = False   # a row's first token
+    loss_mask = np.concatenate([encoded[i].loss_mask for i in batch])
+    loss_mask[np.concatenate([[0], np.cumsum(lengths[batch])[:-1]])] = False   # a row's first token
     return _forward_packed(model, parts, torch.from_numpy(ids).to(device),
-                           torch.from_numpy(lm).to(device), lengths[batch], want)
+                           torch.from_numpy(loss_mask).to(device), lengths[batch], want)
 
 
 def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = DEFAULT_MAX_TOKENS,

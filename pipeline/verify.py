@@ -10,6 +10,8 @@ model on every eval set:
     exact_match    greedy generation scored against the reference's final answer, for eval rows
                    whose reference carries one (GSM8K's `#### N`); the prediction is the number
                    after the generation's last `####`, else its last number.
+With `reference=` (the CLI's `--base-model PRUNED`: the source recorded in its prune.json) that
+untrained model is evaluated too, as the `original` row: the level a recovery aims at.
 Both use the first `max_eval` rows of each eval set; generation stops at `max_new_tokens`
 (0 = no generation). The pool comes from `<subset>.manifest.json` (inputs.pool) or `pool=`.
 
@@ -172,7 +174,7 @@ def _names(subsets: list[Path]) -> list[str]:
         base = s.name.split(".")[0]
         k = seen[base] = seen.get(base, 0) + 1
         names.append(base if k == 1 else f"{base}-{k}")
-    reserved = {"base", "random", "full"} & set(names)
+    reserved = {"base", "random", "full", "original"} & set(names)
     if reserved:
         raise ValueError(f"subset file names {sorted(reserved)} clash with the reference rows; rename them")
     return names
@@ -181,7 +183,7 @@ def _names(subsets: list[Path]) -> list[str]:
 def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | str,
                pool: Path | str | None = None, full: bool = False, seed: int = 0,
                cfg: TrainConfig | None = None, max_eval: int = 100, max_new_tokens: int = 256,
-               progress: bool = True) -> dict:
+               progress: bool = True, reference: str | None = None) -> dict:
     from thresher.pipeline.pool import Pool
 
     t_start = time.perf_counter()
@@ -242,6 +244,14 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
                                                            max_new_tokens),
                               "eval_seconds": round(time.perf_counter() - t0, 2)}
     del base
+    if reference:   # an untrained reference, e.g. the unpruned model a pruned base came from
+        ref = load_causal_lm(resolve(reference), device)
+        t0 = time.perf_counter()
+        report["runs"]["original"] = {"rows": 0, "model": reference,
+                                      "evals": evaluate(ref, tok, eval_sets, cfg.max_tokens,
+                                                        max_new_tokens),
+                                      "eval_seconds": round(time.perf_counter() - t0, 2)}
+        del ref
     for name, rows in train_sets.items():
         run_dir = out / "runs" / name
         summary = train(rows, run_dir, cfg, progress=progress)
@@ -291,7 +301,8 @@ def comparison_table(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"\nTrained with LoRA r={report['config']['lora_r']}, lr={report['config']['lr']}, "
             f"{report['config']['epochs']} epoch(s), seed {report['seed']}; eval on the first "
-            f"{report['max_eval']} rows of each set; base = no training; random = seeded random "
+            f"{report['max_eval']} rows of each set; base = {report['config']['model']} with no "
+            "training; original = the untrained model it was pruned from; random = seeded random "
             f"{report['subset_rows']} rows of {report['pool']}.\n")
     return "\n".join(lines) + "\n" + note
 
