@@ -271,9 +271,12 @@ def verify(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
     """Train on each subset and on a random subset of the same size; compare held-out loss and accuracy."""
+    from thresher.pipeline.outputs import check_outputs
     from thresher.pipeline.verify import run_verify
 
     try:
+        check_outputs([out / "verify.json", out / "verify.md"],
+                      inputs=[*subset, *eval] + ([pool] if pool else []))
         cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, device=device)
         r = run_verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
                        max_eval=max_eval, max_new_tokens=max_new_tokens)
@@ -314,11 +317,13 @@ def qtuning_masks(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
     """Offline Q-Tuning: base-model EU plane over all rows at once; per-row token keep masks."""
+    from thresher.pipeline.outputs import check_outputs
     from thresher.pipeline.pool import load_rows
     from thresher.scoring.qtuning import QTuningConfig, write_masks
 
     try:
         _check_device(device)
+        check_outputs([out], inputs=[source])
         rows, bad = load_rows(source)
         if bad:
             typer.echo(f"  {source}: {len(bad)} rows quarantined, e.g. {bad[0]['location']}: {bad[0]['reason']}", err=True)

@@ -87,6 +87,11 @@ MISUSE = [
     (["ingest", "{d}/*.nothing", "--out", "{d}/p3"], "matches no supported file"),
     (["train", "{d}/in.jsonl", "--out", "{d}/run", "--device", "tpu"], "--device 'tpu'"),
     (["train", "{d}/missing.jsonl", "--out", "{d}/run"], "no such file"),
+    (["train", "{d}/pool", "--out", "{d}/pool/run"], "inside the input"),
+    (["qtuning-masks", "{d}/in.jsonl", "--out", "{d}/in.jsonl"], "is the input"),
+    (["verify", "--subset", "{d}/in.jsonl", "--eval", "{d}/in.jsonl", "--pool", "{d}/pool",
+      "--out", "{d}/pool"],
+     "inside the input"),
 ]
 
 
@@ -154,3 +159,25 @@ def test_hub_name_without_network_is_one_line(ws, monkeypatch, capsys, tmp_path)
         a.format(d=ws) for a in sel(model="nobody-x/no-such-model")[1:]])
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: ") and "nobody-x/no-such-model" in err
+
+
+def test_two_trainings_into_one_directory_are_refused(ws, tmp_path):
+    from thresher.pipeline.outputs import output_lock
+    from thresher.pipeline.train import train_file
+
+    (tmp_path / "run").mkdir()
+    with output_lock(tmp_path / "run"), pytest.raises(ValueError, match="another thresher run"):
+        train_file(ws / "in.jsonl", tmp_path / "run")
+
+
+def test_hf_directory_output_replaces_an_earlier_one_whole(tmp_path):
+    from thresher.pipeline.outputs import OutputSet
+
+    out = tmp_path / "ds"
+    for n in (1, 2):
+        with OutputSet([out, tmp_path / "ds.manifest.json"], dir_outputs=[out]) as outs:
+            (outs.temp(out) / "data").mkdir(parents=True)
+            (outs.temp(out) / "data" / f"part{n}").write_text("x")
+            outs.temp(tmp_path / "ds.manifest.json").write_text(str(n))
+    assert [p.name for p in (out / "data").iterdir()] == ["part2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.manifest.json"]
