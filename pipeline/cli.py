@@ -281,10 +281,13 @@ def verify(
     base_model: Annotated[str | None, typer.Option("--base-model", help="Model to recover (e.g. a `thresher prune` output): trained and evaluated instead of --model; its unpruned source is evaluated as `original`.")] = None,
 ):
     """Train on each subset and on a random subset of the same size; compare held-out loss and accuracy."""
+    from thresher.pipeline.outputs import check_outputs
     from thresher.pipeline.prune import prune_info
     from thresher.pipeline.verify import run_verify
 
     try:
+        check_outputs([out / "verify.json", out / "verify.md"],
+                      inputs=[*subset, *eval] + ([pool] if pool else []))
         if base_model and model and model != base_model:
             raise ValueError("--base-model and --model name different models; give one")
         reference = (prune_info(base_model) or {}).get("source") if base_model else None
@@ -329,11 +332,13 @@ def qtuning_masks(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
     """Offline Q-Tuning: base-model EU plane over all rows at once; per-row token keep masks."""
+    from thresher.pipeline.outputs import check_outputs
     from thresher.pipeline.pool import load_rows
     from thresher.scoring.qtuning import QTuningConfig, write_masks
 
     try:
         _check_device(device)
+        check_outputs([out], inputs=[source])
         rows, bad = load_rows(source)
         if bad:
             typer.echo(f"  {source}: {len(bad)} rows quarantined, e.g. {bad[0]['location']}: {bad[0]['reason']}", err=True)

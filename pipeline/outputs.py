@@ -111,11 +111,15 @@ def output_lock(directory: Path, wait: bool = True) -> Iterator[None]:
 class OutputSet:
     """Temporary names for a run's output files, renamed onto the final names together."""
 
-    def __init__(self, finals: Iterable[Path], inputs: Iterable[Path] = ()):
+    def __init__(self, finals: Iterable[Path], inputs: Iterable[Path] = (),
+                 dir_outputs: Iterable[Path] = ()):
+        """`finals`: every output, the commit record last; those also in `dir_outputs` are
+        directories (an existing one is replaced whole)."""
         self.finals = [Path(f) for f in finals]
         if not self.finals:
             raise ValueError("OutputSet needs at least one output path")
-        check_outputs(self.finals, inputs)
+        self.dirs = {Path(d) for d in dir_outputs}
+        check_outputs([f for f in self.finals if f not in self.dirs], inputs, self.dirs)
         self.temps: dict[Path, Path] = {}
 
     def __enter__(self) -> Self:
@@ -152,7 +156,7 @@ class OutputSet:
             with contextlib.suppress(FileNotFoundError):
                 record.unlink()  # a crash mid-commit leaves no stale record
             for f in self.finals:
-                _replace(self.temps[f], f)
+                _replace(self.temps[f], f, whole_dir=f in self.dirs)
 
     def abort(self) -> None:
         for t in self.temps.values():
@@ -162,7 +166,13 @@ class OutputSet:
                 t.unlink(missing_ok=True)
 
 
-def _replace(src: Path, dst: Path) -> None:
+def _replace(src: Path, dst: Path, whole_dir: bool = False) -> None:
+    if whole_dir and dst.is_dir():  # os.replace cannot put a directory over a non-empty one
+        old = temp_name(dst)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     try:
         os.replace(src, dst)
     except IsADirectoryError:

@@ -22,17 +22,18 @@ from typing import Any
 
 import polars as pl
 from thresher.pipeline import registry
-from thresher.pipeline.artifacts import ArtifactStore, atomic_path
+from thresher.pipeline.artifacts import ArtifactStore, write_json_atomic
 from thresher.pipeline.budget import Budget
 from thresher.pipeline.executors import make_executor
 from thresher.pipeline.method import Inputs, Method, NoParams, Request
 from thresher.pipeline.models import DEFAULT_LM, pick_device
+from thresher.pipeline.outputs import OutputSet, check_outputs
 from thresher.pipeline.params import parse_params, split_params
 from thresher.pipeline.plan import Plan, make_plan
 from thresher.pipeline.pool import Pool
 from thresher.pipeline.stage import Stage, StageStats
 from thresher.pipeline.tokens import TokenCounts
-from thresher.pipeline.writers import FORMATS, write_manifest, write_rows
+from thresher.pipeline.writers import FORMATS, HF_DATA, manifest_path, write_rows
 
 VERSIONED = ["thresher", "polars", "pyarrow", "numpy", "torch", "transformers", "peft",
              "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn", "ray"]
@@ -139,6 +140,20 @@ def _score_and_cut(prep: Prepared, inputs: Inputs, budget: Budget, store: Artifa
     return scored, chosen, selector, out.path("scores.parquet")
 
 
+def _output_files(out: Path, fmt: str, pool: Pool, targets, check: bool = True) -> dict:
+    """The OutputSet arguments of one selection (subset, reasons, manifest; `--format hf` writes
+    a directory), checked against the inputs: nothing lands in the pool or replaces a target."""
+    finals = [out, out.with_name(out.name + ".selection.parquet"), manifest_path(out)]
+    dirs = [out] if fmt == "hf" else []
+    inputs = [pool.path, *(Path(t) for t in targets or ())]
+    if check:
+        check_outputs([f for f in finals if f not in dirs], inputs, dirs)
+        if fmt == "hf" and out.exists() and not (out / HF_DATA).exists():
+            raise FileExistsError(f"{out} exists and is not a dataset directory written by "
+                                  "thresher; refusing to replace it")
+    return {"finals": finals, "inputs": inputs, "dir_outputs": dirs}
+
+
 def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Path | str,
                fmt: str = "messages", seed: int = 0, workdir: Path | str | None = None,
                params: dict | None = None, selector: str | None = None, targets=(),
@@ -151,6 +166,8 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
     pool = Pool(pool_path)
     if pool.n_rows == 0:
         raise ValueError(f"{pool.path}: the pool has no rows to select from")
+    out = Path(out)
+    files = _output_files(out, fmt, pool, targets, check=not dry_run)  # refused before any work
     store = ArtifactStore(workdir or default_workdir(pool.path))
     prep = prepare(pool, method, params, selector, targets, seed, device, budget.kind == "tokens")
     run_with = make_executor(executor, ray_address)
@@ -163,20 +180,19 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
     scored, chosen, sel, scores_path = _score_and_cut(prep, inputs, budget, store, stats)
     if chosen.height == 0:
         raise ValueError(f"method {method} selected nothing under budget {budget}")
-    t0 = time.perf_counter()
-    rows = pool.rows(chosen["id"].to_list())
-    out = Path(out)
-    write_rows(rows, out, fmt)
-    sidecar = out.with_name(out.name + ".selection.parquet")
-    with atomic_path(sidecar) as tmp:
-        chosen.with_row_index("rank").write_parquet(tmp)
-    stats.append(StageStats(stage="write", config={"format": fmt}, rows_in=chosen.height,
-                            rows_out=len(rows), seconds=time.perf_counter() - t0))
-    manifest = _manifest(prep, inputs, scored, chosen, sel, rows, stats, budget, fmt, out,
-                         sidecar, scores_path, store, executor)
-    manifest["timings"] = {s.stage: round(s.seconds, 3) for s in stats}
-    manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
-    write_manifest(out, manifest)
+    with OutputSet(**files) as outs:  # all renamed into place together, the manifest last
+        t0 = time.perf_counter()
+        rows = pool.rows(chosen["id"].to_list())
+        sidecar = out.with_name(out.name + ".selection.parquet")
+        write_rows(rows, outs.temp(out), fmt)
+        chosen.with_row_index("rank").write_parquet(outs.temp(sidecar))
+        stats.append(StageStats(stage="write", config={"format": fmt}, rows_in=chosen.height,
+                                rows_out=len(rows), seconds=time.perf_counter() - t0))
+        manifest = _manifest(prep, inputs, scored, chosen, sel, rows, stats, budget, fmt, out,
+                             sidecar, scores_path, store, executor)
+        manifest["timings"] = {s.stage: round(s.seconds, 3) for s in stats}
+        manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
+        write_json_atomic(outs.temp(manifest_path(out)), manifest)
     return manifest
 
 

@@ -463,15 +463,22 @@ def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
 def train_file(subset: Path | str, out: Path | str, cfg: TrainConfig | None = None,
                **kwargs) -> dict:
     """`train` on a file (any reader format) or pool directory; quarantined rows are counted in
-    the summary and listed in OUT/quarantine.jsonl."""
-    rows, bad = load_rows(subset)
+    the summary and listed in OUT/quarantine.jsonl. OUT may not be or lie inside an input pool,
+    its files may not be inputs, and one run at a time writes it (a second is refused)."""
+    from thresher.pipeline.outputs import check_outputs, output_lock
+
     out = Path(out)
+    inputs = [Path(subset)] + ([Path(kwargs["token_masks"])] if kwargs.get("token_masks") else [])
+    check_outputs([out / n for n in ("train.json", "train_log.jsonl", "quarantine.jsonl",
+                                     "qtuning.jsonl")], inputs=inputs)
+    rows, bad = load_rows(subset)
     out.mkdir(parents=True, exist_ok=True)
-    if bad:
-        _rewrite_jsonl(out / "quarantine.jsonl", bad)
-        log.warning("%s: %d rows quarantined (see %s)", subset, len(bad), out / "quarantine.jsonl")
-    return train(rows, out, cfg, extra_info={"subset": str(subset), "quarantined": len(bad)},
-                 **kwargs)
+    with output_lock(out, wait=False):
+        if bad:
+            _rewrite_jsonl(out / "quarantine.jsonl", bad)
+            log.warning("%s: %d rows quarantined (see %s)", subset, len(bad), out / "quarantine.jsonl")
+        return train(rows, out, cfg, extra_info={"subset": str(subset), "quarantined": len(bad)},
+                     **kwargs)
 
 
 def load_trained(path: Path | str, device: str | None = None, merge: bool = False):

@@ -73,6 +73,10 @@ MISUSE = [
     (["select", "{d}/nopool"] + SEL[2:], "not a pool"),
     (["select", "{d}/afile.txt"] + SEL[2:], "not a pool"),
     (["select", "{d}/broken"] + SEL[2:], "part-00001.parquet"),
+    (sel(out="{d}/pool/shards/part-00000.parquet"), "inside the input"),
+    (sel(out="{d}/pool/pool.json"), "inside the input"),
+    (sel(out="{d}/pool"), "is a directory"),
+    (sel(out="{d}/adir"), "is a directory"),
     (["ingest", "{d}/missing.jsonl", "--out", "{d}/p2"], "no such file"),
     (["ingest", "{d}/in.jsonl", "--out", "{d}/p2", "--format", "bogus"], "unknown format"),
     (["ingest", "{d}/in.jsonl", "--out", "{d}/p2", "--encoding", "klingon"], "--encoding"),
@@ -87,6 +91,11 @@ MISUSE = [
     (["ingest", "{d}/*.nothing", "--out", "{d}/p3"], "matches no supported file"),
     (["train", "{d}/in.jsonl", "--out", "{d}/run", "--device", "tpu"], "--device 'tpu'"),
     (["train", "{d}/missing.jsonl", "--out", "{d}/run"], "no such file"),
+    (["train", "{d}/pool", "--out", "{d}/pool/run"], "inside the input"),
+    (["qtuning-masks", "{d}/in.jsonl", "--out", "{d}/in.jsonl"], "is the input"),
+    (["verify", "--subset", "{d}/in.jsonl", "--eval", "{d}/in.jsonl", "--pool", "{d}/pool",
+      "--out", "{d}/pool"],
+     "inside the input"),
 ]
 
 
@@ -154,3 +163,25 @@ def test_hub_name_without_network_is_one_line(ws, monkeypatch, capsys, tmp_path)
         a.format(d=ws) for a in sel(param="model=nobody-x/no-such-model", method="perplexity")[1:]])
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: ") and "nobody-x/no-such-model" in err
+
+
+def test_two_trainings_into_one_directory_are_refused(ws, tmp_path):
+    from thresher.pipeline.outputs import output_lock
+    from thresher.pipeline.train import train_file
+
+    (tmp_path / "run").mkdir()
+    with output_lock(tmp_path / "run"), pytest.raises(ValueError, match="another thresher run"):
+        train_file(ws / "in.jsonl", tmp_path / "run")
+
+
+def test_hf_directory_output_replaces_an_earlier_one_whole(tmp_path):
+    from thresher.pipeline.outputs import OutputSet
+
+    out = tmp_path / "ds"
+    for n in (1, 2):
+        with OutputSet([out, tmp_path / "ds.manifest.json"], dir_outputs=[out]) as outs:
+            (outs.temp(out) / "data").mkdir(parents=True)
+            (outs.temp(out) / "data" / f"part{n}").write_text("x")
+            outs.temp(tmp_path / "ds.manifest.json").write_text(str(n))
+    assert [p.name for p in (out / "data").iterdir()] == ["part2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.manifest.json"]
