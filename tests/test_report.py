@@ -127,14 +127,13 @@ def test_report_renders_in_chromium_offline(report, sample_run, sample_pool):
 
 
 @pytest.fixture(scope="module")
-def scored_run(sample_run, sample_pool):
+def scored_run(tmp_path_factory, sample_run, sample_pool):
     """A selection as the model-based methods write it: a score frame for every candidate
     (named by the manifest's `scores`), EU-plane columns, a PASER-style cluster table and
     per-stage statistics; rows from the sample pool, cut to the top 40 by `ppl`."""
     from thresher.scoring.eu_plane import eu_quadrants
 
-    out = sample_run / "scored"
-    out.mkdir()
+    out = tmp_path_factory.mktemp("scored")
     rng = np.random.default_rng(0)
     ids = sample_pool.frame(["id"])["id"].to_list()
     ppl = np.exp(rng.normal(2.0, 0.6, len(ids)))
@@ -194,6 +193,20 @@ def test_report_reads_every_selection_and_the_verify(sample_run):
     assert sorted(s.name for s in sels2) == ["rand", "semdedup"]
     semdedup = next(s for s in sels if s.name == "semdedup")
     assert semdedup.decisions is not None and semdedup.decisions.height == 775
+
+
+def test_recipe_layout_one_folder_per_selection(tmp_path, sample_run):
+    from thresher.pipeline.report_data import load_runs
+
+    for name in ("semdedup", "rand"):
+        (tmp_path / name).mkdir()
+        for f in sample_run.glob(f"{name}.jsonl*"):
+            shutil.copy(f, tmp_path / name / f.name)
+    sels, verifies = load_runs([tmp_path])
+    assert sorted(s.name for s in sels) == ["rand", "semdedup"] and verifies == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no selection manifests"):
+        load_runs([tmp_path / "empty"])
 
 
 def test_cli_report_and_user_errors(tmp_path, sample_run):
