@@ -432,9 +432,9 @@ def verify_section(ctx: ReportContext):
         body.append(f"<h3>{esc(v.path)}</h3>{_verify_table(v)}")
         plots = []
         if evals:
-            plots.append(figure(figs.heldout_bars(evals, {n: [r["evals"][e]["loss"] for e in evals]
-                                                          for n, r in runs.items()}),
-                                f"heldout-{k}", height=360))
+            plots.append(figure(figs.heldout_dots(list(runs), {
+                e: [r["evals"][e]["loss"] for r in runs.values()] for e in evals}),
+                f"heldout-{k}", height=360))
         if v.train_logs:
             plots.append(figure(figs.train_curves(v.train_logs), f"trainloss-{k}", height=360))
         body.append(f"<div class='grid'>{''.join(plots)}</div>")
