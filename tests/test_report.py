@@ -154,6 +154,7 @@ def scored_run(tmp_path_factory, sample_run, sample_pool):
                              "rows_out": len(ids), "tokens": 12345, "seconds": 3.5,
                              "device": "cpu", "flops": 2.5e12, "cached": False}])
     manifest["counts"]["selected"] = 40
+    manifest["config"]["selector"] = {"name": "ScoreBand", "column": "ppl", "keep": "top"}
     (out / "eu.jsonl.manifest.json").write_text(json.dumps(manifest))
     return out / "eu.jsonl"
 
@@ -171,6 +172,16 @@ def test_scored_selection_renders_eu_plane_and_cluster_table(scored_run, sample_
     assert plots["eu-eu"]["points"] == 775 + 40      # every candidate, plus the ringed picks
     assert plots["hist-eu-ppl"]["shapes"] == 1           # the top-40 cut on ppl is marked
     assert "<td class='num'>2.5e+12</td>" in html.read_text()   # FLOPs from the stages
+    # why a row was left out: its ppl lies below the cut on the selector's column
+    from thresher.pipeline.report_data import load_runs
+    from thresher.pipeline.report_map import _why
+
+    sel = load_runs([scored_run])[0][0]
+    lowest = sel.decisions.sort("ppl")["id"][0]
+    top = sel.chosen["id"][0]
+    why_low, why_top = _why(sel, [lowest, top])
+    assert why_low.startswith("not selected: ppl=") and "below the cut" in why_low
+    assert why_top == "selected #0: top ppl"
 
 
 def test_report_html_is_self_contained(report):
