@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -14,12 +15,39 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Select and curate LLM training data.")
 
-# Errors a user can cause with bad input: one line on stderr, exit code 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ModuleNotFoundError)
+# Errors a user or the environment causes: one line on stderr, exit code 2. Anything else is a
+# bug and keeps its traceback (KeyError, TypeError, AssertionError... are never caught here).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,
+               NotADirectoryError, PermissionError)
+# OSErrors that are the machine's state, not a bug: disk full, quota, read-only file system,
+# permissions, a name too long, too many open files, a missing device.
+ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+              errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.ENODEV, errno.ENXIO}
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message for a user or environment error, or None for a programming error."""
+    from thresher.pipeline.models import MissingPackage
+
+    if isinstance(e, OSError) and (isinstance(e, USER_ERRORS) or e.errno in ENV_ERRNOS):
+        if e.filename is not None and e.strerror:
+            return f"{e.filename}: {e.strerror}"
+        return str(e) or type(e).__name__
+    if isinstance(e, USER_ERRORS + (MissingPackage,)):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _check_device(device: str | None) -> None:
+    from thresher.pipeline.models import check_device
+
+    check_device(device)
 
 
 def _fail(e: Exception) -> None:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = user_error_message(e)
+    if msg is None:
+        raise e
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
 
@@ -30,6 +58,7 @@ def ingest(
     out: Annotated[Path, typer.Option("--out", help="Pool directory to write (replaced if it exists).")],
     format: Annotated[str | None, typer.Option("--format", help="messages|sharegpt|alpaca|text; default: detect per file.")] = None,
     rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 10_000,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding of files without a byte-order mark (default UTF-8).")] = None,
 ):
     """Read instruction or text data into a pool of canonical Parquet shards."""
     from thresher.pipeline.pool import ingest as run_ingest
@@ -38,8 +67,8 @@ def ingest(
     try:
         with tqdm(unit=" rows", desc="ingest", disable=None) as bar:
             rep = run_ingest(sources, out, shape=format, rows_per_shard=rows_per_shard,
-                             progress=bar.update)
-    except USER_ERRORS as e:
+                             progress=bar.update, encoding=encoding)
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     for i in rep.inputs:
         if i.quarantined:
@@ -74,6 +103,7 @@ def select(
     options = {"model": model, "embedder": embedder, "keep": keep, "by": by, "device": device,
                "target": [str(t) for t in target] if target else None}
     try:
+        _check_device(device)
         for kv in param or []:
             if "=" not in kv:
                 raise ValueError(f"--param {kv!r}: expected KEY=VALUE")
@@ -81,7 +111,7 @@ def select(
             options[k.strip().replace("-", "_")] = json.loads(v) if _is_json(v) else v
         m = run_select(pool, method, budget, out, fmt=format, seed=seed, workdir=workdir,
                        options=options)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     c = m["counts"]
     typer.echo(f"selected {c['selected']} of {c['candidates']} rows ({m['tokens']['selected']} tokens) "
@@ -112,11 +142,12 @@ def embed(
     from thresher.pipeline.select import default_workdir
 
     try:
+        _check_device(device)
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
         e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size,
                        progress=lambda shard, n: typer.echo(f"  embedded {shard} ({n} rows)", err=True))
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(err)
     typer.echo(f"embeddings {e.rows} x {e.dim} float16 ({e.model}, {e.part}) -> {e.path}")
 
@@ -141,12 +172,13 @@ def cluster(
     from thresher.pipeline.select import default_workdir
 
     try:
+        _check_device(device)
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
         e = embed_pool(p, store, model, part=part, device=device)
         c = cluster_matrix(store, e.matrix(), k, fingerprint=e.fingerprint, niter=niter,
                            seed=seed, spherical=spherical)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(err)
     typer.echo(f"embeddings -> {e.path}")
     for name, path in c.paths().items():
@@ -158,9 +190,11 @@ def cluster(
 def _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, save_steps=None,
                   every=0, device=None, merge=False, qtuning=False, sample_ratio=0.25,
                   token_ratio=0.5, token_budget="sample"):
+    from thresher.pipeline.models import check_device
     from thresher.pipeline.train import TrainConfig
     from thresher.scoring.qtuning import QTuningConfig
 
+    check_device(device)
     steps = [int(s) for s in (save_steps or "").replace(" ", "").split(",") if s]
     q = QTuningConfig(sample_ratio=sample_ratio, token_ratio=token_ratio,
                       token_budget=token_budget) if qtuning else None
@@ -200,7 +234,7 @@ def train(
                             save_steps, every, device, merge, qtuning, sample_ratio, token_ratio,
                             token_budget)
         s = train_file(subset, out, cfg, resume=not fresh, token_masks=token_masks)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     if s.get("quarantined"):
         typer.echo(f"  {subset}: {s['quarantined']} rows quarantined (see {out / 'quarantine.jsonl'})", err=True)
@@ -243,7 +277,7 @@ def verify(
         cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, device=device)
         r = run_verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
                        max_eval=max_eval, max_new_tokens=max_new_tokens)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(r["markdown"])
     typer.echo(f"verify took {r['seconds']:.0f}s -> {out / 'verify.json'}, {out / 'verify.md'}, "
@@ -263,7 +297,7 @@ def report(
     try:
         path = write_report(runs, out or default_out(runs), embedder=embedder,
                             max_points=max_points)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(f"report -> {path}")
 
@@ -284,13 +318,14 @@ def qtuning_masks(
     from thresher.scoring.qtuning import QTuningConfig, write_masks
 
     try:
+        _check_device(device)
         rows, bad = load_rows(source)
         if bad:
             typer.echo(f"  {source}: {len(bad)} rows quarantined, e.g. {bad[0]['location']}: {bad[0]['reason']}", err=True)
         info = write_masks(rows, out, model or "smollm2-135m-instruct",
                            QTuningConfig(sample_ratio=sample_ratio, token_ratio=token_ratio,
                                          token_budget=token_budget), max_tokens=max_tokens, device=device)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(f"kept {info['kept_samples']} of {info['samples']} rows, {info['kept_tokens']} of "
                f"{info['label_tokens']} label tokens -> {out}")
@@ -317,10 +352,28 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("THRESHER_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted; completed shards are kept and a rerun resumes", err=True)
-        sys.exit(130)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently
+            code = _interrupted()
+    except (typer.Abort, KeyboardInterrupt):
+        code = _interrupted()
+    except typer.TyperException as e:  # misuse: unknown option, missing argument, bad value
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {msg.splitlines()[0]} (see thresher --help)", err=True)
+        code = 2
+    except Exception as e:  # user errors raised outside a command's own handler
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        typer.echo(f"error: {msg}", err=True)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted() -> int:
+    typer.echo("interrupted: no output was written (outputs are renamed into place only when "
+               "complete); finished cache shards are kept and a rerun resumes from them", err=True)
+    return 130
 
 
 if __name__ == "__main__":
