@@ -61,9 +61,13 @@ def write_report(runs: list[Path], out: Path, *, embedder: str | None = None,
     `compute_embeddings=False` draws the map only from embeddings already cached (verify uses
     this so it never embeds the pool just for a picture); `max_points` caps the map's sample."""
     from thresher.pipeline.artifacts import atomic_path
+    from thresher.pipeline.outputs import check_outputs
     from thresher.pipeline.projection import MAX_POINTS
 
     selections, verifies = load_runs([Path(r) for r in runs])
+    out = Path(out)
+    check_outputs([out], [p for s in selections for p in s.files()] +
+                  [v.path / "verify.json" for v in verifies])
     ctx = ReportContext(selections, verifies, embedder, compute_embeddings,
                         max_points or MAX_POINTS)
     parts = [s for s in (funnel_section(ctx), map_section(ctx), scores_section(ctx),
@@ -73,7 +77,6 @@ def write_report(runs: list[Path], out: Path, *, embedder: str | None = None,
     title = f"thresher report: {names}"
     pool = ctx.pool.path if ctx.pool is not None else "-"
     subtitle = f"pool {pool} · {len(selections)} selection(s) · {len(verifies)} verify run(s)"
-    out = Path(out)
     with atomic_path(out) as tmp:
         tmp.write_text(page(title, subtitle, parts), encoding="utf-8")
     return out

@@ -45,6 +45,10 @@ class Selection:
     def method_config(self) -> dict:
         return self.manifest.get("config", {}).get("method", {}) or {}
 
+    def files(self) -> list[Path]:
+        """What the report reads of this selection (never to be overwritten by it)."""
+        return [self.path, Path(f"{self.path}{MANIFEST}"), Path(f"{self.path}{SIDECAR}")]
+
     def lookup(self, key: str):
         """A method statistic wherever the manifest keeps it: top level, `counts`, `notes`,
         `stats`, or the method's config (first found)."""

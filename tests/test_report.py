@@ -230,6 +230,10 @@ def test_cli_report_and_user_errors(tmp_path, sample_run):
     assert out.exists() and "semdedup" in out.read_text()[:2000]
     r = CliRunner().invoke(app, ["report", str(tmp_path / "nothing.jsonl"), "--out", str(out)])
     assert r.exit_code == 2 and "error:" in r.output and "nothing.jsonl" in r.output
+    sidecar = sample_run / "semdedup.jsonl.selection.parquet"      # never written over an input
+    before = sidecar.read_bytes()
+    r = CliRunner().invoke(app, ["report", str(sample_run / "semdedup.jsonl"), "--out", str(sidecar)])
+    assert r.exit_code == 2 and "error:" in r.output and sidecar.read_bytes() == before
 
 
 # ------------------------------------------------------------------ units
