@@ -14,19 +14,38 @@ checkpoint and average the `el2n` arrays.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import polars as pl
-from thresher.pipeline.forward import scored_candidates
-from thresher.pipeline.method import Context, Method
+from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
+from thresher.pipeline.forward import Forward, scored_rows
+from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.stage import Stage
 from thresher.selectors.score_band import ScoreBand
+
+
+@dataclass(frozen=True)
+class El2nParams:
+    model: str = field(default=DEFAULT_LM, metadata={"help": "reference causal LM"})
+    keep: Literal["top", "middle", "bottom"] = field(default="top",
+                                                     metadata={"help": "which band to keep"})
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"help": "truncate rows to this many tokens"})
 
 
 class El2nMethod(Method):
     name = "el2n"
-    needs = "a causal LM forward pass (--model, default smollm2-135m-instruct)"
-    cost = "one forward pass over the pool (shared cache with perplexity), O(N log N) ranking"
     summary = "rank by EL2N (mean ||p - onehot|| over response tokens); keep top (default), middle or bottom"
+    cost = "one forward pass over the pool (shared cache with perplexity), O(N log N) ranking"
+    Params = El2nParams
+    score_column = "el2n"
 
-    def select(self, ctx: Context) -> pl.DataFrame:
-        keep = ctx.option("keep", "top")
-        cand = scored_candidates(ctx, ["el2n"])
-        return ScoreBand("el2n", keep=keep).select(cand, ctx.budget, ctx.seed)
+    def needs(self, p: El2nParams, req: Request) -> dict[str, Stage]:
+        return {"fwd": Forward(model=p.model, stats=True, max_tokens=p.max_tokens)}
+
+    def score(self, p: El2nParams, inputs: Inputs) -> pl.DataFrame:
+        return scored_rows(inputs["fwd"], ["el2n"])
+
+    def selector(self, p: El2nParams, inputs: Inputs, scores: pl.DataFrame) -> ScoreBand:
+        return ScoreBand("el2n", keep=p.keep)

@@ -14,6 +14,8 @@ generic group column has no such rule), see README.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import polars as pl
 from thresher.pipeline.budget import Budget
@@ -50,9 +52,9 @@ def sample_groups(candidates: pl.DataFrame, group: pl.Series, n: int, seed: int)
     return ranked.sort(["_pick", "_size", "_group"])   # interleave, smallest groups first
 
 
+@dataclass(frozen=True)
 class Balanced:
-    def __init__(self, column: str):
-        self.column = column
+    column: str = field(default="source", metadata={"help": "group column (source, cluster, ...)"})
 
     def select(self, candidates: pl.DataFrame, budget: Budget, seed: int = 0) -> pl.DataFrame:
         if self.column not in candidates.columns:

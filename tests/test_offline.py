@@ -58,8 +58,8 @@ def test_the_guard_sees_a_hub_attempt(tmp_path, sample_pool_dir):
     subprocess.run([sys.executable, "-c", GUARD, str(log), "ingest", str(tmp_path / "in.jsonl"),
                     "--out", str(tmp_path / "pool")], check=True, env=env, capture_output=True)
     r = subprocess.run([sys.executable, "-c", GUARD, str(log), "select", str(tmp_path / "pool"),
-                        "--method", "random", "--budget", "1", "--out", str(tmp_path / "o.jsonl"),
-                        "--model", "nobody-x/no-such-model"], env=env, capture_output=True, text=True,
+                        "--method", "perplexity", "--budget", "1", "--out", str(tmp_path / "o.jsonl"),
+                        "--param", "model=nobody-x/no-such-model"], env=env, capture_output=True, text=True,
                        check=False)
     assert log.exists()
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: model")

@@ -150,7 +150,7 @@ def test_ctrl_c_during_ingest_leaves_no_temporary(ws, monkeypatch, capsys, tmp_p
 
 def test_hub_name_without_network_is_one_line(ws, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, err = run_cli(monkeypatch, capsys, sel(model="nobody-x/no-such-model")[:1] + [
-        a.format(d=ws) for a in sel(model="nobody-x/no-such-model")[1:]])
+    code, _, err = run_cli(monkeypatch, capsys, sel(param="model=nobody-x/no-such-model", method="perplexity")[:1] + [
+        a.format(d=ws) for a in sel(param="model=nobody-x/no-such-model", method="perplexity")[1:]])
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: ") and "nobody-x/no-such-model" in err
