@@ -3,7 +3,7 @@ cluster, source or score, selected rows marked, each point's hover telling why i
 
 Embeddings: an `embed` stage output for this pool already in the artifact store (the one a
 method made; `conversation` text preferred), else computed with the given embedder (default
-all-MiniLM-L6-v2) when allowed. Clusters: the selection's own k-means (`config.method.clusters`)
+all-MiniLM-L6-v2) when allowed. Clusters: the selection's own k-means (its manifest's `artifacts`)
 when it has one, else a k-means over the same embeddings (`cluster.default_k`), both cached.
 """
 
@@ -54,8 +54,8 @@ def pool_embeddings(ctx) -> tuple[np.ndarray, str] | None:
 def cluster_labels(ctx, x: np.ndarray, fingerprint: str) -> np.ndarray:
     """Per pool row: the first selection's own cluster labels, else a cached k-means."""
     for sel in ctx.selections:
-        d = sel.method_config.get("clusters")
-        if isinstance(d, str) and (Path(d) / "labels.npy").exists():
+        dirs = [sel.method_config.get("clusters"), *sel.manifest.get("artifacts", {}).values()]
+        for d in (d for d in dirs if isinstance(d, str) and (Path(d) / "labels.npy").exists()):
             labels = np.load(Path(d) / "labels.npy")
             if len(labels) == x.shape[0]:
                 return labels
