@@ -8,7 +8,7 @@ appear when their data exists; what each reads (RUN arguments: see `report_data.
 | section | reads |
 |---|---|
 | Funnel | pool `pool.json` (read, quarantined, duplicate_ids), `quarantine.jsonl` (reasons), each manifest's `counts` (candidates, selected) and, when a method reports them (top level, `counts`, `notes`, `stats` or `config.method`), `exact_duplicates` and `near_duplicates` (or `semantic_duplicates`); per source and per `capability` (an original field) from the pool and the sidecar ids |
-| Map | the pool's embeddings artifact (`embed` stage in the manifest's `workdir`; computed with `--embedder` when missing), projected by the cached UMAP stage (`pipeline/projection.py`); clusters from `config.method.clusters` (a cluster stage directory with `labels.npy`) or a k-means over the same embeddings; scores from the sidecar / score frame |
+| Map | the pool's embeddings artifact (`embed` stage in the manifest's `workdir`; computed with `--embedder` when missing), projected by the cached UMAP stage (`pipeline/projection.py`); clusters from the manifest's `artifacts` (a k-means output directory with `labels.npy`; or `config.method.clusters`) or a k-means over the same embeddings; scores from the sidecar / score frame |
 | Scores | numeric columns of the sidecar `X.jsonl.selection.parquet` (id, rank, reason, scores) and, for every candidate, of the score frame the manifest names under `scores` (or `config.method.decisions`): a Parquet of id + score columns (+ optional `reason`, `kept`) |
 | Error-uncertainty plane | `ppl` and `entropy` columns (+ `quadrant`), alpha from `alpha_found` / `alpha` |
 | Clusters | the map's cluster labels vs selected rows; a method's `cluster_table` (list of {cluster, size, and any of budget, selected, degradation, label}; `cluster_table_kind`: "capability" for PASER, "trajectory" for S2L) |
@@ -61,9 +61,13 @@ def write_report(runs: list[Path], out: Path, *, embedder: str | None = None,
     `compute_embeddings=False` draws the map only from embeddings already cached (verify uses
     this so it never embeds the pool just for a picture); `max_points` caps the map's sample."""
     from thresher.pipeline.artifacts import atomic_path
+    from thresher.pipeline.outputs import check_outputs
     from thresher.pipeline.projection import MAX_POINTS
 
     selections, verifies = load_runs([Path(r) for r in runs])
+    out = Path(out)
+    check_outputs([out], [p for s in selections for p in s.files()] +
+                  [v.path / "verify.json" for v in verifies])
     ctx = ReportContext(selections, verifies, embedder, compute_embeddings,
                         max_points or MAX_POINTS)
     parts = [s for s in (funnel_section(ctx), map_section(ctx), scores_section(ctx),
@@ -73,7 +77,6 @@ def write_report(runs: list[Path], out: Path, *, embedder: str | None = None,
     title = f"thresher report: {names}"
     pool = ctx.pool.path if ctx.pool is not None else "-"
     subtitle = f"pool {pool} · {len(selections)} selection(s) · {len(verifies)} verify run(s)"
-    out = Path(out)
     with atomic_path(out) as tmp:
         tmp.write_text(page(title, subtitle, parts), encoding="utf-8")
     return out
@@ -432,9 +435,9 @@ def verify_section(ctx: ReportContext):
         body.append(f"<h3>{esc(v.path)}</h3>{_verify_table(v)}")
         plots = []
         if evals:
-            plots.append(figure(figs.heldout_bars(evals, {n: [r["evals"][e]["loss"] for e in evals]
-                                                          for n, r in runs.items()}),
-                                f"heldout-{k}", height=360))
+            plots.append(figure(figs.heldout_dots(list(runs), {
+                e: [r["evals"][e]["loss"] for r in runs.values()] for e in evals}),
+                f"heldout-{k}", height=360))
         if v.train_logs:
             plots.append(figure(figs.train_curves(v.train_logs), f"trainloss-{k}", height=360))
         body.append(f"<div class='grid'>{''.join(plots)}</div>")

@@ -5,8 +5,9 @@ A RUN given to `thresher report` (or `write_report`) is any of:
     the manifest and the per-row sidecar beside it;
   - a verify output directory (or its `verify.json`): the verify results, plus every subset it
     names (each a selection, when its manifest is beside it);
-  - a directory holding several selections (a recipe's output): every `*.manifest.json` in it,
-    and `verify.json` in it or in a direct subdirectory.
+  - a directory holding several selections (a recipe's output): every `*.manifest.json` in it
+    or in a direct subdirectory (a recipe writes OUT/<name>/), and `verify.json` in a direct
+    subdirectory.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class Selection:
     @property
     def method_config(self) -> dict:
         return self.manifest.get("config", {}).get("method", {}) or {}
+
+    def files(self) -> list[Path]:
+        """What the report reads of this selection (never to be overwritten by it)."""
+        return [self.path, Path(f"{self.path}{MANIFEST}"), Path(f"{self.path}{SIDECAR}")]
 
     def lookup(self, key: str):
         """A method statistic wherever the manifest keeps it: top level, `counts`, `notes`,
@@ -125,12 +130,13 @@ def _expand(run: Path) -> tuple[list[Path], list[Path]]:
     if run.is_dir():
         if (run / "verify.json").exists():
             return [], [run]
-        bases = sorted(selection_base(m) for m in run.glob(f"*{MANIFEST}"))
+        manifests = [*run.glob(f"*{MANIFEST}"), *run.glob(f"*/*{MANIFEST}")]   # recipe: OUT/<name>/
+        bases = sorted(b for b in (selection_base(m) for m in manifests) if b is not None)
         verifies = sorted(d.parent for d in run.glob("*/verify.json"))
         if not bases and not verifies:
             raise FileNotFoundError(f"{run}: no selection manifests (*{MANIFEST}) and no "
                                     "verify.json here")
-        return [b for b in bases if b is not None], verifies
+        return bases, verifies
     base = selection_base(run)
     if base is None:
         raise FileNotFoundError(f"{run}: not a selection output (no {run.name}{MANIFEST} beside "

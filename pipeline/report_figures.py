@@ -208,9 +208,20 @@ def overlap_heatmap(names: list[str], counts: np.ndarray, jaccard: np.ndarray) -
     return fig
 
 
-def heldout_bars(evals: list[str], runs: dict[str, list[float]]) -> go.Figure:
-    return grouped_bars("Held-out loss by training subset (lower is better)", "eval set", evals,
-                        runs, ylabel="held-out loss")
+def heldout_dots(runs: list[str], evals: dict[str, list[float]]) -> go.Figure:
+    """Held-out loss of each trained run, one marker series per eval set (a dot plot: the
+    differences that matter are small next to the loss itself, so no bars from zero)."""
+    fig = go.Figure()
+    for i, (name, values) in enumerate(evals.items()):
+        fig.add_trace(go.Scatter(x=runs, y=values, mode="markers+text", name=name,
+                                 text=[f"{v:.4f}" for v in values], textposition="top center",
+                                 cliponaxis=False,
+                                 marker={"size": 12, "color": colour_of(i),
+                                         "symbol": SELECTED_SYMBOLS[i % 5].replace("-open", "")}))
+    fig.update_layout(title="Held-out loss by training subset (lower is better)",
+                      xaxis_title="trained on", yaxis_title="held-out loss (response tokens)",
+                      legend=TOP_LEGEND)
+    return fig
 
 
 def train_curves(logs: dict[str, list[dict]]) -> go.Figure:
@@ -218,7 +229,8 @@ def train_curves(logs: dict[str, list[dict]]) -> go.Figure:
     for i, (name, steps) in enumerate(logs.items()):
         fig.add_trace(go.Scatter(x=[s["step"] for s in steps], y=[s["loss"] for s in steps],
                                  mode="lines+markers", name=name, marker={"color": colour_of(i)}))
+    longest = max((len(s) for s in logs.values()), default=1)
     fig.update_layout(title="Training loss per optimizer step", xaxis_title="step",
-                      yaxis_title="training loss (response tokens)",
-                      legend=TOP_LEGEND)
+                      yaxis_title="training loss (response tokens)", legend=TOP_LEGEND)
+    fig.update_xaxes(dtick=max(1, longest // 10))
     return fig

@@ -3,7 +3,7 @@ cluster, source or score, selected rows marked, each point's hover telling why i
 
 Embeddings: an `embed` stage output for this pool already in the artifact store (the one a
 method made; `conversation` text preferred), else computed with the given embedder (default
-all-MiniLM-L6-v2) when allowed. Clusters: the selection's own k-means (`config.method.clusters`)
+all-MiniLM-L6-v2) when allowed. Clusters: the selection's own k-means (its manifest's `artifacts`)
 when it has one, else a k-means over the same embeddings (`cluster.default_k`), both cached.
 """
 
@@ -54,8 +54,8 @@ def pool_embeddings(ctx) -> tuple[np.ndarray, str] | None:
 def cluster_labels(ctx, x: np.ndarray, fingerprint: str) -> np.ndarray:
     """Per pool row: the first selection's own cluster labels, else a cached k-means."""
     for sel in ctx.selections:
-        d = sel.method_config.get("clusters")
-        if isinstance(d, str) and (Path(d) / "labels.npy").exists():
+        dirs = [sel.method_config.get("clusters"), *sel.manifest.get("artifacts", {}).values()]
+        for d in (d for d in dirs if isinstance(d, str) and (Path(d) / "labels.npy").exists()):
             labels = np.load(Path(d) / "labels.npy")
             if len(labels) == x.shape[0]:
                 return labels
@@ -71,8 +71,32 @@ def _wrap(text: str, width: int = HOVER_WRAP) -> str:
     return "<br>".join(html.escape(line) for line in textwrap.wrap(text, width)[:4])
 
 
+def _beyond_cut(sel: Selection) -> dict[str, str]:
+    """Unselected ids whose value of the selector's column lies beyond the selection's cut."""
+    from thresher.pipeline.report import cuts
+
+    col = (sel.manifest.get("config", {}).get("selector") or {}).get("column")
+    d = sel.decisions
+    if not col or d is None or col not in d.columns:
+        return {}
+    values = d.select("id", pl.col(col).cast(pl.Float64)).drop_nulls()
+    picked = values.filter(pl.col("id").is_in(sel.chosen["id"].implode()))[col].to_numpy()
+    edges = cuts(values[col].to_numpy(), picked)
+    if not edges or picked.size == 0:
+        return {}
+    lo, hi = float(np.nanmin(picked)), float(np.nanmax(picked))
+    out = {}
+    for i, v in values.iter_rows():
+        if v < lo and lo in edges:
+            out[i] = f"{col}={v:.4g} below the cut {lo:.4g}"
+        elif v > hi and hi in edges:
+            out[i] = f"{col}={v:.4g} above the cut {hi:.4g}"
+    return out
+
+
 def _why(sel: Selection, ids: list[str]) -> list[str]:
-    """Per id: "selected #rank: reason" or why not (the score frame's reason / duplicate)."""
+    """Per id: "selected #rank: reason", or why not: a duplicate, the score frame's reason,
+    beyond the cut on the selector's column, or left out by the budget."""
     chosen = dict(zip(sel.chosen["id"].to_list(),
                       zip(sel.chosen["rank"].to_list(), sel.chosen["reason"].to_list())))
     other: dict[str, str] = {}
@@ -83,6 +107,8 @@ def _why(sel: Selection, ids: list[str]) -> list[str]:
             if col in d.columns:
                 for i, v in d.filter(pl.col(col).is_not_null()).select("id", col).iter_rows():
                     other.setdefault(i, f"{say} {v}".strip())
+        for i, why in _beyond_cut(sel).items():
+            other.setdefault(i, why)
         if "kept" in d.columns:
             for i in d.filter(pl.col("kept"))["id"].to_list():
                 other.setdefault(i, "passed the method's filter, left out by the budget")
@@ -104,6 +130,8 @@ def map_score(ctx, ids: list[str]) -> tuple[str, np.ndarray] | None:
         frame = sel.decisions if sel.decisions is not None and score_columns(sel.decisions) \
             else sel.chosen
         cols = score_columns(frame)
+        column = (sel.manifest.get("config", {}).get("selector") or {}).get("column")
+        cols = [column, *cols] if column in cols else cols     # the column the cut was made on
         if cols and "id" in frame.columns:
             values = dict(frame.select("id", cols[0]).iter_rows())
             return f"{cols[0]} ({sel.name})", np.array(

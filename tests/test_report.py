@@ -127,14 +127,13 @@ def test_report_renders_in_chromium_offline(report, sample_run, sample_pool):
 
 
 @pytest.fixture(scope="module")
-def scored_run(sample_run, sample_pool):
+def scored_run(tmp_path_factory, sample_run, sample_pool):
     """A selection as the model-based methods write it: a score frame for every candidate
     (named by the manifest's `scores`), EU-plane columns, a PASER-style cluster table and
     per-stage statistics; rows from the sample pool, cut to the top 40 by `ppl`."""
     from thresher.scoring.eu_plane import eu_quadrants
 
-    out = sample_run / "scored"
-    out.mkdir()
+    out = tmp_path_factory.mktemp("scored")
     rng = np.random.default_rng(0)
     ids = sample_pool.frame(["id"])["id"].to_list()
     ppl = np.exp(rng.normal(2.0, 0.6, len(ids)))
@@ -155,6 +154,7 @@ def scored_run(sample_run, sample_pool):
                              "rows_out": len(ids), "tokens": 12345, "seconds": 3.5,
                              "device": "cpu", "flops": 2.5e12, "cached": False}])
     manifest["counts"]["selected"] = 40
+    manifest["config"]["selector"] = {"name": "ScoreBand", "column": "ppl", "keep": "top"}
     (out / "eu.jsonl.manifest.json").write_text(json.dumps(manifest))
     return out / "eu.jsonl"
 
@@ -172,6 +172,16 @@ def test_scored_selection_renders_eu_plane_and_cluster_table(scored_run, sample_
     assert plots["eu-eu"]["points"] == 775 + 40      # every candidate, plus the ringed picks
     assert plots["hist-eu-ppl"]["shapes"] == 1           # the top-40 cut on ppl is marked
     assert "<td class='num'>2.5e+12</td>" in html.read_text()   # FLOPs from the stages
+    # why a row was left out: its ppl lies below the cut on the selector's column
+    from thresher.pipeline.report_data import load_runs
+    from thresher.pipeline.report_map import _why
+
+    sel = load_runs([scored_run])[0][0]
+    lowest = sel.decisions.sort("ppl")["id"][0]
+    top = sel.chosen["id"][0]
+    why_low, why_top = _why(sel, [lowest, top])
+    assert why_low.startswith("not selected: ppl=") and "below the cut" in why_low
+    assert why_top == "selected #0: top ppl"
 
 
 def test_report_html_is_self_contained(report):
@@ -196,6 +206,20 @@ def test_report_reads_every_selection_and_the_verify(sample_run):
     assert semdedup.decisions is not None and semdedup.decisions.height == 775
 
 
+def test_recipe_layout_one_folder_per_selection(tmp_path, sample_run):
+    from thresher.pipeline.report_data import load_runs
+
+    for name in ("semdedup", "rand"):
+        (tmp_path / name).mkdir()
+        for f in sample_run.glob(f"{name}.jsonl*"):
+            shutil.copy(f, tmp_path / name / f.name)
+    sels, verifies = load_runs([tmp_path])
+    assert sorted(s.name for s in sels) == ["rand", "semdedup"] and verifies == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no selection manifests"):
+        load_runs([tmp_path / "empty"])
+
+
 def test_cli_report_and_user_errors(tmp_path, sample_run):
     from thresher.pipeline.cli import app
     from typer.testing import CliRunner
@@ -206,6 +230,10 @@ def test_cli_report_and_user_errors(tmp_path, sample_run):
     assert out.exists() and "semdedup" in out.read_text()[:2000]
     r = CliRunner().invoke(app, ["report", str(tmp_path / "nothing.jsonl"), "--out", str(out)])
     assert r.exit_code == 2 and "error:" in r.output and "nothing.jsonl" in r.output
+    sidecar = sample_run / "semdedup.jsonl.selection.parquet"      # never written over an input
+    before = sidecar.read_bytes()
+    r = CliRunner().invoke(app, ["report", str(sample_run / "semdedup.jsonl"), "--out", str(sidecar)])
+    assert r.exit_code == 2 and "error:" in r.output and sidecar.read_bytes() == before
 
 
 # ------------------------------------------------------------------ units
