@@ -30,8 +30,8 @@ name: bench
 out: out
 sources: [src]
 selections:
-  - {{name: dedup, method: semdedup, params: {{eps: 0.05}}, budget: 100%}}
-  - {{name: pick, method: random, from: dedup, budget: 64}}
+  - {name: dedup, method: semdedup, params: {eps: 0.05}, budget: 100%}
+  - {name: pick, method: random, from: dedup, budget: 64}
 """
 RDS = """\
   - {{name: rds, method: rds, from: dedup, targets: [{targets}], budget: 64}}
