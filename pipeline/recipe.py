@@ -89,6 +89,31 @@ class SelectionSpec(_Strict):
                              + ", ".join(registry.METHODS))
         return v
 
+    @model_validator(mode="after")
+    def _params(self) -> SelectionSpec:
+        """The method's (and selector's) typed parameters, checked as `--param` checks them."""
+        from thresher.pipeline import registry
+        from thresher.pipeline.method import NoParams
+        from thresher.pipeline.params import parse_params, split_params
+
+        impl = registry.get(self.method)
+        try:
+            sel_cls = registry.selector_class(self.selector) if self.selector else None
+        except ValueError as e:
+            raise ValueError(f"selector: {e}") from None
+        try:
+            method_raw, sel_raw = split_params(self.params, impl.Params, sel_cls or NoParams)
+            parse_params(impl.Params, method_raw)
+            if sel_cls is not None:
+                parse_params(sel_cls, {"column": impl.score_column, **sel_raw}, "selector parameter")
+        except ValueError as e:
+            raise ValueError(f"params: {e}") from None
+        if self.targets and not impl.needs_targets:
+            raise ValueError(f"targets: method {self.method} does not use a target set")
+        if impl.needs_targets and not self.targets:
+            raise ValueError(f"targets: method {self.method} needs a target set (targets: [FILE])")
+        return self
+
 
 class VerifySpec(_Strict):
     selections: list[str] | None = Field(None, description="Which subsets to train on "
@@ -215,6 +240,12 @@ def _message(err: dict) -> str:
 
 def _fail(path: Path, root: yaml.Node | None, err: dict, more: int) -> RecipeError:
     loc = tuple(err["loc"])
+    head = _message(err).split(": ", 1)
+    model = _model_at(loc)
+    if len(head) == 2 and model is not None and head[0] in {
+            f.alias or n for n, f in model.model_fields.items()}:
+        loc = (*loc, head[0])        # a model check about one field: point at that field
+        err = {**err, "msg": head[1], "loc": loc, "type": "value_error"}
     line = _line_of(root, loc[:-1] if err["type"] == "missing" else loc)
     where = f"{path}:{line}" if line else str(path)
     extra = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""

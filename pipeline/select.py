@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata as md
+import json
 import platform
 import sys
 import time
@@ -111,7 +112,8 @@ def check_scores(scores: pl.DataFrame, cands: pl.DataFrame, method: str) -> pl.D
 
 
 def _score_and_cut(prep: Prepared, inputs: Inputs, budget: Budget, store: ArtifactStore,
-                   stats: list[StageStats]) -> tuple[pl.DataFrame, pl.DataFrame, Any, Path]:
+                   stats: list[StageStats], among: list[str] | None = None,
+                   ) -> tuple[pl.DataFrame, pl.DataFrame, Any, Path]:
     impl, p, cands = prep.method, prep.params, inputs.candidates
     t0 = time.perf_counter()
     scores = check_scores(impl.score(p, inputs), cands, impl.name)
@@ -125,6 +127,8 @@ def _score_and_cut(prep: Prepared, inputs: Inputs, budget: Budget, store: Artifa
     t0 = time.perf_counter()
     dup = [c for c in scores.columns if c in cands.columns and c != "id"]
     scored = cands.drop(dup).join(scores, on="id", how="inner", maintain_order="left")
+    if among is not None:   # scores are over the whole pool; the cut only among these rows
+        scored = scored.filter(pl.col("id").is_in(pl.Series(among, dtype=pl.String).implode()))
     if prep.selector_cls is not None:
         selector = parse_params(prep.selector_cls, prep.selector_params, "selector parameter")
     else:
@@ -158,7 +162,11 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
                fmt: str = "messages", seed: int = 0, workdir: Path | str | None = None,
                params: dict | None = None, selector: str | None = None, targets=(),
                device: str | None = None, executor: str = "local", ray_address: str | None = None,
-               dry_run: bool = False) -> dict:
+               dry_run: bool = False, among: list[str] | None = None,
+               ran: dict[str, dict] | None = None, label: dict | None = None) -> dict:
+    """among: choose only among these ids (a recipe's `from:`); ran: statistics of stages the
+    caller already ran for this selection (a recipe's shared plan), keyed by `stage_key`, which
+    the manifest records instead of the cached re-visit; label: extra manifest fields."""
     t_start = time.perf_counter()
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -174,10 +182,11 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
     if dry_run:
         return {"plan": prep.plan.show(pool, store)}
     outputs, stats = prep.plan.run(pool, store, run_with)
+    stats = [_ran_instead(s, ran or {}) for s in stats]
     by_name = {name: outputs[bound] for name, bound in zip(prep.needs, prep.plan.roots)}
     inputs = Inputs(pool, candidates_of(pool, by_name.get("tokens")), by_name, seed,
                     prep.request.targets)
-    scored, chosen, sel, scores_path = _score_and_cut(prep, inputs, budget, store, stats)
+    scored, chosen, sel, scores_path = _score_and_cut(prep, inputs, budget, store, stats, among)
     if chosen.height == 0:
         raise ValueError(f"method {method} selected nothing under budget {budget}")
     with OutputSet(**files) as outs:  # all renamed into place together, the manifest last
@@ -190,10 +199,24 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
                                 rows_out=len(rows), seconds=time.perf_counter() - t0))
         manifest = _manifest(prep, inputs, scored, chosen, sel, rows, stats, budget, fmt, out,
                              sidecar, scores_path, store, executor)
+        manifest.update(label or {})
+        if among is not None:
+            manifest["counts"]["eligible"] = scored.height
         manifest["timings"] = {s.stage: round(s.seconds, 3) for s in stats}
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
         write_json_atomic(outs.temp(manifest_path(out)), manifest)
     return manifest
+
+
+def stage_key(stage: str, config: dict) -> str:
+    return json.dumps([stage, config], sort_keys=True, default=str)
+
+
+def _ran_instead(s: StageStats, ran: dict[str, dict]) -> StageStats:
+    d = ran.get(stage_key(s.stage, s.config))
+    if d is None or not s.cached:
+        return s
+    return StageStats(**{f.name: d[f.name] for f in dataclasses.fields(StageStats)})
 
 
 def _selected_tokens(prep: Prepared, inputs: Inputs, chosen: pl.DataFrame, rows) -> dict:

@@ -68,6 +68,7 @@ class StageStats:
     cached: bool = False
     shards_computed: int = 0
     shards_cached: int = 0
+    rows_computed: int = 0      # rows of the shards computed (not found cached) by this run
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -1,0 +1,192 @@
+"""The Prefect flow of a recipe: one task per step of `pipeline/run.py`, built from its plan.
+
+    ingest ─► stage 1 ─► stage 2 ... (the recipe's one plan) ─► select A ─► select B ─► verify ─► report
+
+Every task calls the same step function `thresher run` calls (no second code path) and passes
+only paths, indexes and fingerprints (large objects through the orchestrator leak memory:
+prefect#10952, #12668); a stage task reopens the pool and rebuilds the plan, which computes and
+loads nothing. Stages that may fail transiently (loading a model, a worker lost) retry. Each
+step's statistics are published as a Prefect table artifact, readable in the UI, and the flow
+ends with a table of every step.
+
+    thresher serve data/recipes/sample.yaml --cron "0 3 * * *"   # a deployment, on a server
+    python -m thresher.flows.recipe_flow data/recipes/sample.yaml # once (a temporary server)
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from thresher.flows import prefect_env  # noqa: F401  (analytics off before prefect loads)
+from thresher.pipeline.recipe import load_recipe
+from thresher.pipeline.run import (
+    describe_step,
+    finish,
+    ingest_step,
+    plan_of,
+    report_step,
+    selection_step,
+    stage_step,
+    verify_step,
+)
+
+FLOW_NAME = "thresher-recipe"
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:120]
+
+
+def publish(recipe_name: str, step: dict) -> None:
+    """A step's statistics as a two-column table artifact (one row per statistic)."""
+    label = step.get("name") or step.get("describe") or step["step"]
+    rows = [{"statistic": k, "value": v if isinstance(v, int | float | str) else str(v)}
+            for k, v in step.items()]
+    create_table_artifact(table=rows, key=artifact_key(recipe_name, step["step"], label),
+                          description=describe_step(step))
+
+
+# -- per-shard tasks: the local executor's unit, one Prefect task run per missing shard ------------
+# A stage task registers its StageRun here and maps `shard_task` over the missing shards, so each
+# shard is retried alone and shows in the UI; tasks pass only the registration key and the shard
+# path. The worker (the model) is opened once per stage and used by one shard at a time. (With
+# `--executor ray` the stage task hands its shards to Ray actors instead.)
+_RUNS: dict[str, dict] = {}
+
+
+class MappedShards:
+    """The flow's local executor: the same per-shard unit (`compute_shard`), one task per shard."""
+
+    name = "local"
+
+    def fill(self, run, missing: list[Path], update) -> None:
+        key = uuid.uuid4().hex
+        _RUNS[key] = {"run": run, "worker": None, "lock": threading.Lock()}
+        try:
+            for future in shard_task.map(key, [str(s) for s in missing]):
+                update(future.result())
+        finally:
+            _RUNS.pop(key, None)
+
+
+@task(name="shard", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def shard_task(key: str, shard: str) -> int:
+    from thresher.pipeline.executors import compute_shard
+
+    entry = _RUNS[key]
+    with entry["lock"]:
+        if entry["worker"] is None:
+            entry["worker"] = entry["run"].stage.open_worker(entry["run"].device)
+        return compute_shard(entry["run"], Path(shard), entry["worker"])
+
+
+def _executor(name: str):
+    from thresher.pipeline.executors import make_executor
+
+    return MappedShards() if name == "local" else make_executor(name)
+
+
+@task(name="ingest", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def ingest_task(recipe_path: str) -> dict:
+    recipe = load_recipe(recipe_path)
+    step = ingest_step(recipe)
+    publish(recipe.name, step)
+    print(describe_step(step))
+    return step
+
+
+@task(name="stage", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def stage_task(recipe_path: str, index: int, executor: str, pool_fingerprint: str) -> dict:
+    """Stage `index` of the recipe's plan over the pool with this fingerprint."""
+    planned = plan_of(load_recipe(recipe_path))
+    if planned.pool.fingerprint != pool_fingerprint:
+        raise RuntimeError(f"the pool changed under the flow ({planned.pool.fingerprint} is not "
+                           f"{pool_fingerprint}); another run wrote {planned.pool.path}?")
+    step = stage_step(planned, index, _executor(executor))
+    publish(planned.recipe.name, step)
+    print(describe_step(step))
+    return step
+
+
+@task(name="select", cache_policy=NO_CACHE)
+def selection_task(recipe_path: str, name: str, stage_stats: list[dict], executor: str) -> dict:
+    planned = plan_of(load_recipe(recipe_path))
+    step = selection_step(planned, name, stage_stats, executor)
+    publish(planned.recipe.name, step)
+    print(describe_step(step))
+    return step
+
+
+@task(name="verify", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def verify_task(recipe_path: str) -> dict | None:
+    recipe = load_recipe(recipe_path)
+    step = verify_step(recipe)
+    if step:
+        publish(recipe.name, step)
+        print(describe_step(step))
+    return step
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(recipe_path: str) -> dict | None:
+    recipe = load_recipe(recipe_path)
+    step = report_step(recipe)
+    if step:
+        publish(recipe.name, step)
+        print(describe_step(step))
+    return step
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def recipe_flow(recipe: str, executor: str = "local") -> dict:
+    """Run a recipe file: the tasks follow its plan, stage by stage."""
+    t_start = time.perf_counter()
+    spec = load_recipe(recipe)
+    ingested = ingest_task(recipe)
+    planned = plan_of(spec)
+    stages = [stage_task.with_options(task_run_name=f"stage-{i + 1}-{stage.kind}")(
+                  recipe, i, executor, ingested["fingerprint"])
+              for i, stage in enumerate(planned.plan.stages)]
+    selected = [selection_task.with_options(task_run_name=f"select-{s.name}")(
+                    recipe, s.name, stages, executor) for s in spec.selections]
+    steps = [ingested, *stages, *selected, verify_task(recipe), report_task(recipe)]
+    summary = finish(spec, steps, t_start, executor)
+    create_table_artifact(
+        table=[{"step": describe_step(s).split(":")[0], "line": describe_step(s)}
+               for s in summary["steps"]],
+        key=artifact_key(spec.name, "run"), description=f"recipe {spec.name}: every step")
+    return summary
+
+
+def serve(recipe: str, cron: str, executor: str = "local", name: str | None = None) -> None:
+    """Serve the recipe as a deployment on the Prefect server in PREFECT_API_URL (blocks)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ValueError("thresher serve needs a Prefect server: start one with "
+                         "`prefect server start` and set PREFECT_API_URL (see the README)")
+    spec = load_recipe(recipe)   # fail now on a bad recipe, not at 3 a.m.
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError:
+        raise ValueError(f"--cron {cron!r}: not a cron schedule (e.g. \"0 3 * * *\": "
+                         "minute hour day-of-month month day-of-week)") from None
+
+    recipe_flow.serve(name=name or spec.name, cron=cron, pause_on_shutdown=False,
+                      parameters={"recipe": str(Path(recipe).resolve()), "executor": executor})
+
+
+if __name__ == "__main__":
+    print(recipe_flow(sys.argv[1], *sys.argv[2:3]))
