@@ -14,6 +14,10 @@ METHODS: dict[str, str] = {
     "diversity": "thresher.scoring.diversity:DiversityMethod",
     "perplexity": "thresher.scoring.perplexity:PerplexityMethod",
     "el2n": "thresher.scoring.el2n:El2nMethod",
+    "el2n-single": "thresher.scoring.el2n_single:El2nSingleMethod",
+    "grand": "thresher.scoring.grand:GrandMethod",
+    "s2l": "thresher.scoring.s2l:S2LMethod",
+    "dealrec": "thresher.scoring.dealrec:DealrecMethod",
     "eu-plane": "thresher.scoring.eu_plane:EuPlaneMethod",
     "rds": "thresher.scoring.rds:RdsMethod",
 }
