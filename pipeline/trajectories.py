@@ -56,6 +56,7 @@ class ProxySpec:
     save_steps: tuple[int, ...] = ()
     stop_after: int | None = None
     stop_fraction: float | None = None
+    dtype: str | None = None        # trainer autocast: None = fp32 on CPU, bf16/fp16 on GPU
 
     def __post_init__(self):
         if not 0 < self.part <= 1:
@@ -76,6 +77,11 @@ class ProxyRun:
     total_steps: int
     seconds: float              # training time (0 when reused from the cache)
     cached: bool
+    key: str = ""               # the proxy's cache key
+
+    @property
+    def fingerprint(self) -> str:
+        return f"proxy:{self.key}"
 
     @property
     def final(self) -> Path:
@@ -125,7 +131,7 @@ def train_proxy(pool: Pool, store: ArtifactStore, spec: ProxySpec, device: str |
     if stage.done:
         info = stage.info()
         return ProxyRun(run_dir, [run_dir / c for c in info["checkpoints"]], info["steps"],
-                        info["total_steps"], 0.0, True)
+                        info["total_steps"], 0.0, True, stage.key)
     rows = proxy_rows(pool, spec.part, spec.seed)
     examples, _, _ = make_examples(load_tokenizer(resolved), rows, spec.max_tokens)
     if not examples:
@@ -135,7 +141,8 @@ def train_proxy(pool: Pool, store: ArtifactStore, spec: ProxySpec, device: str |
         raise ValueError(f"the proxy run has {total} steps; no checkpoint step (stop_after / "
                          f"save_steps / checkpoints) falls inside it")
     cfg = TrainConfig(model=spec.model, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                      max_tokens=spec.max_tokens, seed=spec.seed, save_steps=steps, device=device)
+                      max_tokens=spec.max_tokens, seed=spec.seed, save_steps=steps, device=device,
+                      dtype=spec.dtype)
     stop = stop_step(total, spec)
     stop = stop if stop is not None and stop < total else None
     summary = train(rows, run_dir, cfg, stop_after=stop, progress=progress)
@@ -147,7 +154,7 @@ def train_proxy(pool: Pool, store: ArtifactStore, spec: ProxySpec, device: str |
     stage.complete({"checkpoints": [p.name for p in ckpts], "steps": list(steps),
                     "total_steps": total, "rows": len(rows), "trained_rows": len(examples),
                     "seconds": summary["seconds"], "final_loss": summary["final_loss"]})
-    return ProxyRun(run_dir, ckpts, list(steps), total, float(summary["seconds"]), False)
+    return ProxyRun(run_dir, ckpts, list(steps), total, float(summary["seconds"]), False, stage.key)
 
 
 # ---------------------------------------------------------------- trajectories
@@ -186,6 +193,13 @@ class Trajectories:
 
     def el2n(self) -> np.ndarray:
         return self._load("el2n")
+
+    def matrix(self) -> np.ndarray:
+        """The loss trajectories as float32 with NaN (no loss token) set to 0, as S2L's code:
+        the matrix the k-means stage clusters."""
+        x = np.array(self.loss(), dtype=np.float32)
+        x[~np.isfinite(x)] = 0.0
+        return x
 
 
 def trajectories(pool: Pool, store: ArtifactStore, ckpts: list[Path], max_tokens: int = 512,
