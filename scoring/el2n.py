@@ -56,7 +56,7 @@ def early_specs(ctx: Context) -> list[ProxySpec]:
                       max_tokens=int(ctx.option("max_tokens", 512)),
                       save_steps=(int(steps),) if steps is not None else (),
                       stop_after=int(steps) if steps is not None else None,
-                      stop_fraction=early) for s in seeds]
+                      stop_fraction=early, dtype=ctx.option("proxy_dtype", None)) for s in seeds]
 
 
 def early_checkpoints(ctx: Context) -> list:

@@ -65,7 +65,8 @@ def proxy_spec(ctx: Context, epochs: int, checkpoints: int = 0, **over) -> Proxy
                      lr=float(ctx.option("proxy_lr", 2e-4)),
                      batch_size=int(ctx.option("proxy_batch_size", 8)),
                      max_tokens=int(ctx.option("max_tokens", 512)),
-                     checkpoints=int(ctx.option("checkpoints", checkpoints)), **over)
+                     checkpoints=int(ctx.option("checkpoints", checkpoints)),
+                     dtype=ctx.option("proxy_dtype", None), **over)
 
 
 def loss_trajectories(ctx: Context):
