@@ -8,6 +8,12 @@
 
 `ingest` streams the inputs (memory does not grow with their size: rows are converted one at a
 time and written shard by shard), and always satisfies read = kept + quarantined.
+
+A shard never spans two input files, so an unchanged input file gives byte-identical shards in
+every pool it is part of (per-shard stage caches then reuse its artifacts). With `reuse=True`,
+ingesting over an existing pool copies the shards and quarantine entries of every input whose
+path and sha256 are unchanged instead of reading it again, and reports the inputs that are gone
+(`IngestReport.reused`, `.removed`): incremental curation of a folder that grows.
 """
 
 from __future__ import annotations
@@ -91,6 +97,10 @@ class InputReport:
     read: int = 0
     kept: int = 0
     quarantined: int = 0
+    duplicate_ids: int = 0
+    shards: list[str] = field(default_factory=list)
+    rows_sha256: str = ""      # hash of this file's canonical rows (the pool fingerprint's part)
+    reused: bool = False       # copied from the previous pool instead of read again
 
 
 @dataclass
@@ -99,6 +109,11 @@ class IngestReport:
     fingerprint: str
     inputs: list[InputReport] = field(default_factory=list)
     duplicate_ids: int = 0
+    removed: list[dict] = field(default_factory=list)   # inputs of the previous pool now gone
+
+    @property
+    def reused(self) -> list[str]:
+        return [i.path for i in self.inputs if i.reused]
 
     @property
     def read(self) -> int:
@@ -166,9 +181,42 @@ def load_rows(path: Path | str, shape: str | None = None) -> tuple[list[dict], l
     return rows, bad
 
 
+def _previous(out: Path, shape: str | None, rows_per_shard: int) -> tuple[dict, dict]:
+    """Inputs of the pool at `out` that can be reused (path -> entry), and its quarantine lines
+    by file; nothing when ingest options changed or the pool predates per-file shards."""
+    info_path = out / "pool.json"
+    if not info_path.exists():
+        return {}, {}
+    info = json.loads(info_path.read_text())
+    if info.get("declared_format") != shape or info.get("rows_per_shard") != rows_per_shard:
+        return {}, {}
+    inputs = {i["path"]: i for i in info["inputs"] if "shards" in i and "rows_sha256" in i}
+    quarantine: dict[str, list[str]] = {}
+    with open(out / "quarantine.jsonl", encoding="utf-8") as f:
+        for line in f:
+            quarantine.setdefault(json.loads(line)["file"], []).append(line)
+    return inputs, quarantine
+
+
+def _reuse_input(prev: dict | None, sha256: str, src: Path, seen: set[bytes]) -> list[str] | None:
+    """Ids of an unchanged input's shards in the previous pool at `src`, if they can be copied:
+    same sha256, no renamed duplicate ids, and none of its ids taken by an earlier input now."""
+    if prev is None or prev["sha256"] != sha256 or prev.get("duplicate_ids", 1):
+        return None
+    if not all((src / "shards" / s).exists() for s in prev["shards"]):
+        return None
+    ids = [i for s in prev["shards"]
+           for i in pq.read_table(src / "shards" / s, columns=["id"])["id"].to_pylist()]
+    if any(hashlib.blake2b(i.encode(), digest_size=12).digest() in seen for i in ids):
+        return None
+    return ids
+
+
 def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_shard: int = 10_000,
-           progress=None) -> IngestReport:
-    """Read every source file into a new pool at `out` (replacing any pool already there)."""
+           progress=None, reuse: bool = False) -> IngestReport:
+    """Read every source file into a new pool at `out` (replacing any pool already there).
+
+    reuse: copy what an unchanged input gave the pool already at `out` instead of reading it."""
     if shape is not None and shape not in SHAPES:
         raise ValueError(f"unknown format {shape!r}; expected one of {', '.join(SHAPES)}")
     files = expand_inputs([Path(s) for s in sources])
@@ -183,20 +231,35 @@ def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_sh
     buffer: list[dict] = []
     shards: list[str] = []
     report = IngestReport(pool=str(out), fingerprint="")
+    prev_inputs, prev_quarantine = _previous(out, shape, rows_per_shard) if reuse else ({}, {})
 
-    def flush() -> None:
-        if not buffer:
-            return
+    def flush() -> str:
         name = f"part-{len(shards):05d}.parquet"
         pq.write_table(pa.Table.from_pylist(buffer, schema=POOL_SCHEMA), tmp / "shards" / name)
         shards.append(name)
         buffer.clear()
+        return name
 
     with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as qf, \
             open(tmp / "duplicate_ids.jsonl", "w", encoding="utf-8") as df:
         for path in files:
             rep = InputReport(path=str(path), sha256=file_fingerprint(path), shape=shape)
             report.inputs.append(rep)
+            prev = prev_inputs.get(str(path))
+            ids = _reuse_input(prev, rep.sha256, out, seen)
+            if ids is not None:
+                for s in prev["shards"]:
+                    name = f"part-{len(shards):05d}.parquet"
+                    shutil.copyfile(out / "shards" / s, tmp / "shards" / name)
+                    shards.append(name)
+                    rep.shards.append(name)
+                seen.update(hashlib.blake2b(i.encode(), digest_size=12).digest() for i in ids)
+                qf.writelines(prev_quarantine.get(str(path), []))
+                for k in ("shape", "read", "kept", "quarantined", "rows_sha256"):
+                    setattr(rep, k, prev[k])
+                rep.reused = True
+                continue
+            file_content = hashlib.sha256()
             file_shape, shapes_seen = shape, set()
             for where, rec, err in read_records(path):
                 rep.read += 1
@@ -224,22 +287,30 @@ def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_sh
                                          "location": where}, ensure_ascii=False) + "\n")
                     row["id"] = new_id
                     report.duplicate_ids += 1
+                    rep.duplicate_ids += 1
                     key = hashlib.blake2b(new_id.encode(), digest_size=12).digest()
                 seen.add(key)
-                content.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode())
+                file_content.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode())
                 buffer.append(row)
                 rep.kept += 1
                 if len(buffer) >= rows_per_shard:
-                    flush()
+                    rep.shards.append(flush())
             rep.shape = "+".join(sorted(shapes_seen)) or shape
-        flush()
+            if buffer:   # a shard never spans two input files
+                rep.shards.append(flush())
+            rep.rows_sha256 = file_content.hexdigest()
 
+    for rep in report.inputs:
+        content.update(rep.rows_sha256.encode())
     report.fingerprint = content.hexdigest()[:32]
+    now = {i.path for i in report.inputs}
+    report.removed = [{"path": p, "kept": i["kept"]} for p, i in prev_inputs.items() if p not in now]
     write_json_atomic(tmp / "pool.json", {
         "format_version": FORMAT_VERSION,
         "fingerprint": report.fingerprint,
         "read": report.read, "kept": report.kept, "quarantined": report.quarantined,
         "duplicate_ids": report.duplicate_ids,
+        "declared_format": shape, "rows_per_shard": rows_per_shard,
         "shards": shards,
         "inputs": [vars(i) for i in report.inputs],
     })

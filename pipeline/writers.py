@@ -5,6 +5,9 @@ Formats
     alpaca    JSONL {"id", "instruction", "input", "output", "system", "history"}  LLaMA-Factory
     sharegpt  JSONL {"id", "conversations": [{"from", "value"}]}      LLaMA-Factory, FastChat
     parquet   the canonical rows (id, source, kind, messages, text, n_chars, meta)
+    hf        a Hugging Face dataset directory: OUT/data/train-00000-of-00001.parquet (the
+              canonical rows); its dataset card OUT/README.md (pipeline/card.py) names the
+              files, so `datasets.load_dataset(OUT)` and the Hub read it as is
 Plain-text rows are written as {"id", "text"} in every JSONL shape (pretraining format).
 Output is a pure function of the rows and their order: the same selection gives the same bytes.
 """
@@ -12,6 +15,8 @@ Output is a pure function of the rows and their order: the same selection gives 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +24,8 @@ import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
 from thresher.pipeline.schema import POOL_SCHEMA
 
-FORMATS = ("messages", "alpaca", "sharegpt", "parquet")
+FORMATS = ("messages", "alpaca", "sharegpt", "parquet", "hf")
+HF_DATA = "data/train-00000-of-00001.parquet"   # the Hub's file naming for one train shard
 SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation"}
 
 
@@ -53,15 +59,35 @@ def to_record(row: dict, fmt: str) -> dict:
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
+def _canonical_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{k: r[k] for k in POOL_SCHEMA.names} for r in rows],
+                                schema=POOL_SCHEMA)
+
+
+def write_hf(rows: list[dict], out: Path) -> None:
+    """A Hugging Face dataset directory at `out`, replacing an earlier one written here."""
+    out = Path(out)
+    if out.exists() and not (out / HF_DATA).exists():
+        raise FileExistsError(f"{out} exists and is not a dataset directory written by thresher; "
+                              "refusing to replace it")
+    with atomic_path(out) as tmp:
+        (tmp / HF_DATA).parent.mkdir(parents=True)
+        pq.write_table(_canonical_table(rows), tmp / HF_DATA)
+        if out.exists():   # os.replace cannot put a directory over a non-empty one
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def write_rows(rows: list[dict], out: Path, fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "hf":
+        return write_hf(rows, out)
     records = None if fmt == "parquet" else [to_record(r, fmt) for r in rows]  # fail before writing
     with atomic_path(Path(out)) as tmp:
         if fmt == "parquet":
-            table = pa.Table.from_pylist([{k: r[k] for k in POOL_SCHEMA.names} for r in rows],
-                                         schema=POOL_SCHEMA)
-            pq.write_table(table, tmp)
+            pq.write_table(_canonical_table(rows), tmp)
         else:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
