@@ -28,22 +28,22 @@ def ingest_task(sources: list[str], pool_dir: str) -> dict:
 
 @task(name="select")
 def select_task(pool_dir: str, method: str, budget: str, out: str, fmt: str, seed: int,
-                options: dict) -> dict:
+                params: dict) -> dict:
     from thresher.pipeline.select import run_select
 
-    m = run_select(pool_dir, method, budget, out, fmt=fmt, seed=seed, options=options)
+    m = run_select(pool_dir, method, budget, out, fmt=fmt, seed=seed, params=params)
     return {"output": out, "manifest": out + ".manifest.json", "counts": m["counts"]}
 
 
 @flow(name="thresher-curate", log_prints=True)
 def curate(sources: list[str], out_dir: str, method: str = "random", budget: str = "10%",
-           fmt: str = "messages", seed: int = 0, options: dict | None = None) -> dict:
+           fmt: str = "messages", seed: int = 0, params: dict | None = None) -> dict:
     out = Path(out_dir)
     ing = ingest_task(sources, str(out / "pool"))
     print(f"ingested: read {ing['read']} = kept {ing['kept']} + quarantined {ing['quarantined']}")
     suffix = "parquet" if fmt == "parquet" else "jsonl"
     sel = select_task(ing["pool"], method, budget, str(out / f"{method}.{suffix}"), fmt, seed,
-                      options or {})
+                      params or {})
     print(f"selected {sel['counts']['selected']} of {sel['counts']['candidates']} -> {sel['output']}")
     return {"ingest": ing, "select": sel}
 

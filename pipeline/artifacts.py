@@ -1,13 +1,13 @@
 """Artifact store: stage outputs keyed by inputs + configuration, written atomically, resumable.
 
     store = ArtifactStore(workdir)
-    stage = store.stage("embed", inputs=[pool.fingerprint], config={"model": ..., "part": ...})
-    for shard in pool.shards:
-        if stage.has(shard.name + ".npy"):
-            continue                      # finished by an earlier (possibly killed) run
-        with stage.writing(shard.name + ".npy") as tmp:
-            np.save(tmp, ...)             # becomes visible only when the block exits cleanly
-    stage.complete({"rows": n})          # marks the whole stage done
+    out = store.dir("embed", inputs=[pool.fingerprint], config={"model": ..., "part": ...})
+    with out.writing("embeddings.npy") as tmp:
+        np.save(tmp, ...)                 # becomes visible only when the block exits cleanly
+    out.complete({"rows": n})            # marks the whole output done
+
+Stages (`pipeline/stage.py`) use one such directory for their pool-level output and a shared
+`<stage>/<config key>/shards/` directory for per-shard files keyed by shard content.
 
 The directory is `workdir/<stage>/<key>`, key = sha256 of the stage name, the input
 fingerprints and the canonical JSON of the configuration, so a change to any of them gives a
@@ -62,7 +62,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-class Stage:
+class ArtifactDir:
     def __init__(self, root: Path, name: str, key: str, description: dict):
         self.name, self.key, self.dir = name, key, root / name / key
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -89,12 +89,12 @@ class Stage:
     def info(self) -> dict:
         return json.loads((self.dir / DONE).read_text())
 
-    def concat_arrays(self, parts: list[str], name: str) -> tuple[int, int]:
-        """Stack per-shard `.npy` matrices (in the order given) into one `.npy` in this stage,
-        streamed through a memory map so the whole matrix is never in RAM; returns its shape."""
+    def concat_arrays(self, parts: list[Path], name: str) -> tuple[int, int]:
+        """Stack per-shard `.npy` matrices (in the order given) into one `.npy` here, streamed
+        through a memory map so the whole matrix is never in RAM; returns its shape."""
         import numpy as np
 
-        arrays = [np.load(self.path(p), mmap_mode="r") for p in parts]
+        arrays = [np.load(p, mmap_mode="r") for p in parts]
         n = sum(a.shape[0] for a in arrays)
         d = arrays[0].shape[1] if arrays else 0
         dtype = arrays[0].dtype if arrays else np.float16
@@ -114,6 +114,7 @@ class ArtifactStore:
         self.root = Path(workdir)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def stage(self, name: str, inputs: list[str], config: dict) -> Stage:
+    def dir(self, name: str, inputs: list[str], config: dict) -> ArtifactDir:
+        """The directory of one stage output: name/key, key = hash(name, inputs, config)."""
         key = config_key(name, list(inputs), config)
-        return Stage(self.root, name, key, {"stage": name, "inputs": inputs, "config": config})
+        return ArtifactDir(self.root, name, key, {"stage": name, "inputs": inputs, "config": config})

@@ -56,44 +56,49 @@ def select(
     pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
     method: Annotated[str, typer.Option("--method", help="Selection method; see `thresher methods`.")],
     budget: Annotated[str, typer.Option("--budget", help="Rows (100), percent (10%) or tokens (50000tok).")],
-    out: Annotated[Path, typer.Option("--out", help="Output file for the subset.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output file for the subset.")] = None,
     format: Annotated[str, typer.Option("--format", help="messages|alpaca|sharegpt|parquet")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
-    model: Annotated[str | None, typer.Option(help="Causal LM for model-based methods and token counts (default smollm2-135m-instruct).")] = None,
-    embedder: Annotated[str | None, typer.Option(help="Sentence-transformers model (default all-minilm-l6-v2).")] = None,
     target: Annotated[list[Path] | None, typer.Option(help="Target set file(s) for targeted methods; repeat for several tasks.")] = None,
-    keep: Annotated[str | None, typer.Option(help="Which end of a score to keep: top|bottom|middle (hard|easy for prototypes/semdedup).")] = None,
-    by: Annotated[str | None, typer.Option(help="Group column for balanced selection: source, cluster, or an original field such as capability.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Method (or selector) parameter KEY=VALUE, repeatable; `thresher methods NAME` lists them.")] = None,
+    selector: Annotated[str | None, typer.Option("--selector", help="Cut the method's scores with another selector: band|stratified|balanced|threshold|random.")] = None,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", help="Method-specific setting KEY=VALUE (repeatable).")] = None,
+    executor: Annotated[str, typer.Option("--executor", help="local (in-process) or ray.")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: a local cluster, or RAY_ADDRESS).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what is cached; run nothing.")] = False,
 ):
     """Select a subset of a pool under a budget and write it with a manifest."""
     from thresher.pipeline.select import run_select
 
-    options = {"model": model, "embedder": embedder, "keep": keep, "by": by, "device": device,
-               "target": [str(t) for t in target] if target else None}
     try:
-        for kv in param or []:
-            if "=" not in kv:
-                raise ValueError(f"--param {kv!r}: expected KEY=VALUE")
-            k, v = kv.split("=", 1)
-            options[k.strip().replace("-", "_")] = json.loads(v) if _is_json(v) else v
-        m = run_select(pool, method, budget, out, fmt=format, seed=seed, workdir=workdir,
-                       options=options)
+        params = parse_param_options(param)
+        if out is None and not dry_run:
+            raise ValueError("--out is required (the subset file to write)")
+        m = run_select(pool, method, budget, out or Path("-"), fmt=format, seed=seed,
+                       workdir=workdir, params=params, selector=selector, targets=target or (),
+                       device=device, executor=executor, ray_address=ray_address, dry_run=dry_run)
     except USER_ERRORS as e:
         _fail(e)
+    if dry_run:
+        typer.echo(f"plan for {method} ({len(m['plan'])} stages):")
+        for line in m["plan"] or ["(no stages: scores come from the pool itself)"]:
+            typer.echo(f"  {line}")
+        return
     c = m["counts"]
     typer.echo(f"selected {c['selected']} of {c['candidates']} rows ({m['tokens']['selected']} tokens) "
                f"by {method} -> {out} (manifest: {out}.manifest.json) in {m['timings']['total']:.1f}s")
 
 
-def _is_json(v: str) -> bool:
-    try:
-        json.loads(v)
-        return True
-    except ValueError:
-        return False
+def parse_param_options(param: list[str] | None) -> dict:
+    """`--param KEY=VALUE` options as a dict of strings (typed later by the method's Params)."""
+    out = {}
+    for kv in param or []:
+        if "=" not in kv:
+            raise ValueError(f"--param {kv!r}: expected KEY=VALUE")
+        k, v = kv.split("=", 1)
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out
 
 
 @app.command()
@@ -114,8 +119,7 @@ def embed(
     try:
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
-        e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size,
-                       progress=lambda shard, n: typer.echo(f"  embedded {shard} ({n} rows)", err=True))
+        e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size)
     except USER_ERRORS as err:
         _fail(err)
     typer.echo(f"embeddings {e.rows} x {e.dim} float16 ({e.model}, {e.part}) -> {e.path}")
@@ -151,7 +155,7 @@ def cluster(
     typer.echo(f"embeddings -> {e.path}")
     for name, path in c.paths().items():
         typer.echo(f"{name} -> {path}")
-    sizes = c.stage.info()["sizes"]
+    sizes = c.dir.info()["sizes"]
     typer.echo(f"k={k}: cluster sizes min {min(sizes)}, median {sorted(sizes)[len(sizes) // 2]}, max {max(sizes)}")
 
 
@@ -279,16 +283,31 @@ def qtuning_masks(
 
 
 @app.command()
-def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
-    """List the selection methods, what each needs and what it costs."""
-    from thresher.pipeline.registry import describe
+def methods(
+    name: Annotated[str | None, typer.Argument(help="One method to show in full.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """List the selection methods: parameters with defaults, needs (stages) and cost."""
+    from thresher.pipeline.registry import describe, describe_selectors
 
-    rows = describe()
+    try:
+        rows = describe(name)
+    except USER_ERRORS as e:
+        _fail(e)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        out = rows[0] if name else {"methods": rows, "selectors": describe_selectors()}
+        typer.echo(json.dumps(out, indent=2, default=str))
         return
     for r in rows:
-        typer.echo(f"{r['method']:<12} {r['summary']}\n{'':<12} needs: {r['needs']}; cost: {r['cost']}")
+        typer.echo(f"{r['method']}: {r['summary']}")
+        if not name:
+            continue
+        typer.echo(f"  cost: {r['cost']}; targets: {r['targets']}; score column: {r['score_column']}")
+        typer.echo("  needs: " + ("; ".join(n["describe"] for n in r["needs"]) or "nothing"))
+        for prm in r["params"]:
+            typer.echo(f"  --param {prm['name']}={prm['default']!s:<22} {prm['type']:<28} {prm['help']}")
+    if not name:
+        typer.echo("\n`thresher methods NAME` shows a method's parameters and needs; --json for programs.")
 
 
 def main() -> None:

@@ -8,7 +8,7 @@
 
 Works on embeddings and on any other feature matrix (S2L's loss trajectories). The artifacts
 (`labels.npy`, `cos_dist.npy`, `l2_dist.npy`, `centroids.npy`) live in
-`store.stage("cluster", [fingerprint], {k, niter, seed, spherical, ...})`. Training uses at most
+`store.dir("cluster", ...)` (`cluster_matrix`) or the `KMeans` stage's directory. Training uses at most
 `max_points_per_centroid * k` rows (a seeded sample, as faiss itself would take) and assignment
 runs in blocks, so memory beyond the input stays O(block x k). faiss runs on the GPU when it has
 one (faiss-gpu) unless `gpu=False`.
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
-from thresher.pipeline.artifacts import ArtifactStore, Stage
+from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
+from thresher.pipeline.stage import Resources, Stage, StageRun
 
 BLOCK = 65_536
 FILES = ("labels", "cos_dist", "l2_dist", "centroids")
@@ -83,11 +85,15 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: 
 
 @dataclass
 class Clusters:
-    stage: Stage
+    dir: ArtifactDir
     k: int
 
+    @property
+    def fingerprint(self) -> str:
+        return f"kmeans:{self.dir.key}"
+
     def _load(self, name: str) -> np.ndarray:
-        return np.load(self.stage.path(f"{name}.npy"))
+        return np.load(self.dir.path(f"{name}.npy"))
 
     @property
     def labels(self) -> np.ndarray:
@@ -106,39 +112,70 @@ class Clusters:
         return self._load("centroids")
 
     def paths(self) -> dict[str, str]:
-        return {name: str(self.stage.path(f"{name}.npy")) for name in FILES}
+        return {name: str(self.dir.path(f"{name}.npy")) for name in FILES}
+
+
+def _write(out: ArtifactDir, x: np.ndarray, k: int, niter: int, seed: int, spherical: bool,
+           gpu: bool | None) -> dict:
+    centroids, labels, cos_dist, l2_dist = kmeans(x, k, niter, seed, spherical, gpu)
+    for name, arr in zip(FILES, (labels, cos_dist, l2_dist, centroids)):
+        with out.writing(f"{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
+    return {"rows": int(x.shape[0]), "k": k, "sizes": np.bincount(labels, minlength=k).tolist()}
+
+
+def _config(k: int, niter: int, seed: int, spherical: bool) -> dict:
+    return {"k": k, "niter": niter, "seed": seed, "spherical": spherical,
+            "algorithm": "faiss.Kmeans"}
 
 
 def cluster_matrix(store: ArtifactStore, x: np.ndarray, k: int, fingerprint: str | None = None,
                    niter: int = 20, seed: int = 1234, spherical: bool = False,
                    gpu: bool | None = None) -> Clusters:
-    """k-means over `x` (cached: the same matrix and settings reuse the saved assignment)."""
+    """k-means over any matrix `x` (cached: the same matrix and settings reuse the assignment).
+    Methods declare the `KMeans` stage instead; this is for matrices no stage made."""
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"cannot cluster a matrix of shape {x.shape}")
-    fingerprint = fingerprint or matrix_fingerprint(x)
-    stage = store.stage("cluster", [fingerprint],
-                        {"k": k, "niter": niter, "seed": seed, "spherical": spherical,
-                         "algorithm": "faiss.Kmeans"})
-    if not stage.done:
-        centroids, labels, cos_dist, l2_dist = kmeans(x, k, niter, seed, spherical, gpu)
-        for name, arr in zip(FILES, (labels, cos_dist, l2_dist, centroids)):
-            with stage.writing(f"{name}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, arr)
-        stage.complete({"rows": int(x.shape[0]), "k": k,
-                        "sizes": np.bincount(labels, minlength=k).tolist()})
-    return Clusters(stage, k)
+    out = store.dir("cluster", [fingerprint or matrix_fingerprint(x)],
+                    _config(k, niter, seed, spherical))
+    if not out.done:
+        out.complete(_write(out, x, k, niter, seed, spherical, gpu))
+    return Clusters(out, k)
+
+
+@dataclass(frozen=True)
+class KMeans(Stage):
+    """FAISS k-means over the matrix another stage made (`of`: Embed, trajectories, ...)."""
+
+    kind: ClassVar[str] = "kmeans"
+    per_shard: ClassVar[bool] = False
+    of: Stage = None
+    k: int = 100
+    niter: int = 20
+    seed: int = 1234
+    spherical: bool = False
+
+    def deps(self) -> tuple[Stage, ...]:
+        return (*super().deps(), self.of)
+
+    def resources(self) -> Resources:
+        return Resources(cpus=2, gpus=0, memory_gb=4)
+
+    def describe(self) -> str:
+        return (f"kmeans(k={self.k}, niter={self.niter}, seed={self.seed}, "
+                f"spherical={self.spherical}) of {self.of.kind}")
+
+    def run_whole(self, run: StageRun) -> dict:
+        x = run.deps[self.of].matrix()
+        k = min(self.k, x.shape[0])
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"cannot cluster a matrix of shape {x.shape}")
+        return _write(run.dir, x, k, self.niter, self.seed, self.spherical, None)
+
+    def load(self, run: StageRun) -> Clusters:
+        return Clusters(run.dir, int(run.dir.info()["k"]))
 
 
 def default_k(n: int, per_cluster: int = 100, cap: int = 1000) -> int:
     """Heuristic k for a pool of n rows: about `per_cluster` rows per cluster, at most `cap`."""
     return max(1, min(cap, n // per_cluster))
-
-
-def cluster_for(ctx, emb, k: int, spherical: bool = False, niter: int = 20) -> Clusters:
-    """k-means over a method's embeddings (`emb` from `embed.embed_for`), timed and recorded."""
-    seed = int(ctx.option("kmeans_seed", 1234))
-    with ctx.timed("cluster"):
-        cl = cluster_matrix(ctx.store, emb.matrix(), k, fingerprint=emb.fingerprint, niter=niter,
-                            seed=seed, spherical=spherical)
-    ctx.config["clusters"] = str(cl.stage.dir)
-    return cl

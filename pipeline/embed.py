@@ -4,43 +4,36 @@
     x = emb.matrix()                              # np.memmap float16 (n_rows, dim), pool row order
     emb.path                                      # .../embed/<key>/embeddings.npy
 
-Layout of the stage directory (`store.stage("embed", [pool.fingerprint], config)`):
-
-    part-00000.npy ...     float16 (rows of that shard, dim), written atomically per shard
-    embeddings.npy         every shard concatenated once, in pool order (what `matrix()` maps)
-    _COMPLETE.json         rows, dim, model identity
-
-A killed run keeps its finished shards; the rerun embeds only the missing ones. Texts are sorted
-by token length into batches (little padding); on a GPU the model runs in bf16 (fp16 where bf16
-is not supported). Vectors are L2-normalised in float32 before the cast to float16 (unless
+`Embed` is the stage (pipeline/stage.py): per shard, `ShardEmbedder` (the model, loaded once per
+process or Ray actor) embeds the shard's rows into `<workdir>/embed/<config>/shards/<shard hash>
+.vectors.npy`; the pool-level `embeddings.npy` concatenates them in pool order. A killed run keeps
+its finished shards; the rerun embeds only the missing ones, and a pool that shares shards with
+an earlier one (a folder that grew) embeds only its new shards. Texts are sorted by token length
+into batches (little padding); on a GPU the model runs in bf16 (fp16 where bf16 is not
+supported). Vectors are L2-normalised in float32 before the cast to float16 (unless
 `normalize=False`).
-
-Scale-out hook: `embed_shard(stage, shard, embedder)` embeds one pool shard into the stage
-directory, and `ShardEmbedder` holds the model (one per GPU). A Ray actor pool (one actor per
-GPU, each with a `ShardEmbedder`, mapping `embed_shard` over `pool.shards`) or any other executor
-can fill the stage; `embed_pool` then finds every shard done and only concatenates. Ray is not
-required here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
-from thresher.pipeline.artifacts import ArtifactStore, Stage
+from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
 from thresher.pipeline.models import (
     DEFAULT_EMBEDDER,
     ResolvedModel,
+    model_identity,
     pick_device,
     pick_dtype,
     resolve,
 )
 from thresher.pipeline.pool import Pool
 from thresher.pipeline.schema import row_text
+from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +66,8 @@ class ShardEmbedder:
         dim_of = getattr(self.st, "get_embedding_dimension", None) or \
             self.st.get_sentence_embedding_dimension   # renamed in sentence-transformers 6
         self.dim = dim_of()
+        self.n_params = sum(p.numel() for p in self.st.parameters())
+        self.tokens_seen = 0      # tokens embedded so far (stage statistics, FLOPs)
 
     def __call__(self, rows: list[dict]) -> np.ndarray:
         return self.encode([row_text(r, self.part) for r in rows])
@@ -84,6 +79,7 @@ class ShardEmbedder:
         tok = self.st.tokenizer
         lengths = [len(ids) for ids in tok(texts, add_special_tokens=False, truncation=True,
                                              max_length=self.st.max_seq_length)["input_ids"]]
+        self.tokens_seen += int(sum(lengths))
         order = np.argsort(-np.asarray(lengths), kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float16)
         import torch
@@ -101,7 +97,7 @@ class ShardEmbedder:
 
 @dataclass
 class Embeddings:
-    stage: Stage
+    dir: ArtifactDir
     model: str          # identity
     part: str
     rows: int
@@ -109,81 +105,69 @@ class Embeddings:
 
     @property
     def path(self) -> Path:
-        return self.stage.path(MATRIX)
+        return self.dir.path(MATRIX)
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the matrix for downstream cache keys (the embed stage key)."""
-        return f"embed:{self.stage.key}"
+        """Identifies the matrix for downstream cache keys (the embed output's key)."""
+        return f"embed:{self.dir.key}"
 
     def matrix(self) -> np.ndarray:
         """The float16 (rows, dim) matrix, memory-mapped read-only, aligned to pool row order."""
         return np.load(self.path, mmap_mode="r")
 
 
-def embed_shard(stage: Stage, shard: Path, embedder: ShardEmbedder) -> int:
-    """Embed one pool shard into `<stage>/<shard>.npy` (atomic); the unit of work and of resume.
+@dataclass(frozen=True)
+class Embed(Stage):
+    """Sentence embeddings of one text part of every row (float16, L2-normalised)."""
 
-    A multi-GPU executor calls this from one worker per GPU, each holding its own
-    `ShardEmbedder` (e.g. a Ray actor pool over `pool.shards`); `embed_pool` then finds every
-    shard done and only concatenates.
-    """
-    rows = pq.read_table(shard, columns=["kind", "messages", "text"]).to_pylist()
-    vec = embedder(rows)
-    with stage.writing(f"{shard.stem}.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, vec)
-    return len(rows)
+    kind: ClassVar[str] = "embed"
+    loads_model: ClassVar[bool] = True
+    model: str = DEFAULT_EMBEDDER
+    part: Literal["first_user", "conversation", "response"] = "conversation"
+    max_seq_length: int | None = None
+    normalize: bool = True
+    batch_size: int = field(default=64, compare=False, metadata={"key": False})
 
+    def __post_init__(self):
+        if self.part not in PARTS:
+            raise ValueError(f"unknown text part {self.part!r}; expected one of {', '.join(PARTS)}")
 
-def embed_config(model: ResolvedModel, part: str, max_seq_length: int | None,
-                 normalize: bool) -> dict:
-    return {"model": model.identity, "part": part, "max_seq_length": max_seq_length,
-            "normalize": normalize}
+    def key_extra(self) -> dict:
+        return {"model": model_identity(self.model)}
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1, gpus=0.25, memory_gb=2)   # small embedders share a GPU
+
+    def open_worker(self, device: str) -> ShardEmbedder:
+        return ShardEmbedder(self.model, self.part, device, None, self.batch_size,
+                             self.max_seq_length, self.normalize)
+
+    def run_shard(self, worker: ShardEmbedder, rows: list[dict]) -> ShardResult:
+        before = worker.tokens_seen
+        vec = worker(rows)
+        tokens = worker.tokens_seen - before
+        return ShardResult(arrays={"vectors": vec}, tokens=tokens, flops=2.0 * worker.n_params * tokens)
+
+    def assemble(self, run: StageRun) -> dict:
+        parts = [shard_file(run, s, "vectors.npy") for s in run.pool.shards]
+        n, dim = run.dir.concat_arrays(parts, MATRIX)
+        if n != run.pool.n_rows:
+            raise RuntimeError(f"embedding shards hold {n} rows but the pool has {run.pool.n_rows}")
+        return {"rows": n, "dim": dim, "model": model_identity(self.model), "part": self.part}
+
+    def load(self, run: StageRun) -> Embeddings:
+        info = run.dir.info()
+        return Embeddings(run.dir, info["model"], info["part"], info["rows"], info["dim"])
 
 
 def embed_pool(pool: Pool, store: ArtifactStore, model: str | ResolvedModel = DEFAULT_EMBEDDER,
-               part: str = "conversation", device: str | None = None, dtype: str | None = None,
-               batch_size: int = 64, max_seq_length: int | None = None, normalize: bool = True,
-               progress: Callable[[str, int], None] | None = None) -> Embeddings:
+               part: str = "conversation", device: str | None = None, batch_size: int = 64,
+               max_seq_length: int | None = None, normalize: bool = True) -> Embeddings:
     """Embed every pool row (resuming from finished shards) and return the mapped matrix."""
-    if part not in PARTS:
-        raise ValueError(f"unknown text part {part!r}; expected one of {', '.join(PARTS)}")
-    resolved = resolve(model) if isinstance(model, str) else model
-    stage = store.stage("embed", [pool.fingerprint],
-                        embed_config(resolved, part, max_seq_length, normalize))
-    if stage.done and stage.has(MATRIX):
-        info = stage.info()
-        return Embeddings(stage, resolved.identity, part, info["rows"], info["dim"])
+    from thresher.pipeline.plan import run_stage
 
-    embedder: ShardEmbedder | None = None   # loaded only if some shard is missing
-    names = []
-    for shard in pool.shards:
-        names.append(f"{shard.stem}.npy")
-        if stage.has(names[-1]):
-            continue
-        if embedder is None:
-            embedder = ShardEmbedder(resolved, part, device, dtype, batch_size, max_seq_length,
-                                     normalize)
-        n = embed_shard(stage, shard, embedder)
-        log.info("embedded %s (%d rows)", shard.name, n)
-        if progress is not None:
-            progress(shard.stem, n)
-
-    n = sum(np.load(stage.path(name), mmap_mode="r").shape[0] for name in names)
-    if n != pool.n_rows:
-        raise ValueError(f"embedding shards hold {n} rows but the pool has {pool.n_rows}; "
-                         f"remove {stage.dir} and rerun")
-    n, dim = stage.concat_arrays(names, MATRIX)
-    stage.complete({"rows": n, "dim": dim, "model": resolved.identity, "part": part})
-    return Embeddings(stage, resolved.identity, part, n, dim)
-
-
-def embed_for(ctx) -> Embeddings:
-    """The embeddings a method asked for through its context: `--embedder`, `--param part=`,
-    `--device`, `--param batch_size=`; records the embedder identity and the time taken."""
-    model = resolve(ctx.option("embedder") or DEFAULT_EMBEDDER)
-    ctx.models["embedder"] = model.identity
-    with ctx.timed("embed"):
-        return embed_pool(ctx.pool, ctx.store, model, part=ctx.option("part", "conversation"),
-                          device=ctx.option("device"),
-                          batch_size=int(ctx.option("batch_size", 64)))
+    name = model.name if isinstance(model, ResolvedModel) else model
+    stage = Embed(model=str(name), part=part, max_seq_length=max_seq_length, normalize=normalize,
+                  batch_size=batch_size)
+    return run_stage(stage, pool, store, pick_device(device))

@@ -16,11 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
-from thresher.pipeline.artifacts import ArtifactStore
+from thresher.pipeline.artifacts import ArtifactStore, config_key
 from thresher.pipeline.chat import encode
+from thresher.pipeline.models import DEFAULT_LM
 from thresher.pipeline.pool import Pool
+from thresher.pipeline.stage import Resources, Stage, StageRun
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ def grad_norm_stage(pool: Pool, store: ArtifactStore, ref: ModelRef, params: str
     from thresher.pipeline.grads import grad_norms, n_params, select_params
     from thresher.pipeline.models import pick_device
 
-    stage = store.stage("grad_norms", [pool.fingerprint], {"ref": ref.key(),
+    stage = store.dir("grad_norms", [pool.fingerprint], {"ref": ref.key(),
                                                            **_settings(max_tokens, response_only, params)})
     if not stage.done:
         t0, dev = time.perf_counter(), pick_device(device)
@@ -117,7 +120,7 @@ def influence_stage(pool: Pool, store: ArtifactStore, ref: ModelRef, params: str
 
     cfg = {"ref": ref.key(), "depth": depth, "damp": damp, "scale": scale, "batch": batch,
            "seed": seed, **_settings(max_tokens, response_only, params)}
-    stage = store.stage("influence", [pool.fingerprint], cfg)
+    stage = store.dir("influence", [pool.fingerprint], cfg)
     if not stage.done:
         dev = pick_device(device)
         model, tok = ref.load(dev)
@@ -145,3 +148,93 @@ def influence_stage(pool: Pool, store: ArtifactStore, ref: ModelRef, params: str
                         "params": sorted(chosen)})
         del model
     return np.load(stage.path("influence.npy")), stage.info()
+
+
+# ---------------------------------------------------------------- as declared stages
+
+@dataclass
+class GradNormResult:
+    values: np.ndarray          # float64 [N], pool order; NaN: no loss token
+    info: dict
+    key: str
+
+    @property
+    def fingerprint(self) -> str:
+        return f"grad_norms:{self.key}"
+
+
+@dataclass(frozen=True)
+class GradNorms(Stage):
+    """Per-row gradient norm over `params` of `model` + a fresh LoRA (seed `lora_seed`), or of
+    the final adapter of the `of` proxy stage."""
+
+    kind: ClassVar[str] = "grad_norms"
+    per_shard: ClassVar[bool] = False
+    loads_model: ClassVar[bool] = True
+    model: str = DEFAULT_LM
+    lora_seed: int = 0
+    of: Stage | None = None
+    params: str = "lora"
+    max_tokens: int = 512
+    response_only: bool = True
+
+    def deps(self) -> tuple[Stage, ...]:
+        return (*super().deps(), *((self.of,) if self.of is not None else ()))
+
+    def resources(self) -> Resources:
+        return Resources(cpus=2, gpus=1, memory_gb=6)
+
+    def _ref(self, run: StageRun) -> ModelRef:
+        if self.of is not None:
+            return ModelRef(checkpoint=str(run.deps[self.of].final))
+        return ModelRef(model=self.model, lora_seed=self.lora_seed)
+
+    def _compute(self, run: StageRun) -> GradNormResult:
+        values, info = grad_norm_stage(run.pool, run.store, self._ref(run), self.params,
+                                       self.max_tokens, self.response_only, device=run.device)
+        return GradNormResult(values, info, config_key(self.key_config(), info.get("shards")))
+
+    def run_whole(self, run: StageRun) -> dict:
+        r = self._compute(run)
+        return {"rows": run.pool.n_rows, "n_params": r.info["n_params"], "grad_seconds": r.info["seconds"]}
+
+    def load(self, run: StageRun) -> GradNormResult:
+        return self._compute(run)
+
+
+@dataclass(frozen=True)
+class Influence(Stage):
+    """DEALRec's influence on empirical risk of every row on the `surrogate` proxy's final adapter."""
+
+    kind: ClassVar[str] = "influence"
+    per_shard: ClassVar[bool] = False
+    loads_model: ClassVar[bool] = True
+    surrogate: Stage = None
+    params: str = "*layers.{last}.self_attn.o_proj.lora_B*"
+    depth: int = 5000
+    damp: float = 0.01
+    scale: float = 25.0
+    batch: int = 1
+    seed: int = 0
+    max_tokens: int = 512
+    response_only: bool = True
+
+    def deps(self) -> tuple[Stage, ...]:
+        return (*super().deps(), self.surrogate)
+
+    def resources(self) -> Resources:
+        return Resources(cpus=2, gpus=1, memory_gb=6)
+
+    def _compute(self, run: StageRun) -> GradNormResult:
+        ref = ModelRef(checkpoint=str(run.deps[self.surrogate].final))
+        values, info = influence_stage(run.pool, run.store, ref, self.params, self.depth, self.damp,
+                                       self.scale, self.batch, self.seed, self.max_tokens,
+                                       self.response_only, device=run.device)
+        return GradNormResult(values, info, config_key(self.key_config(), info.get("u_norm")))
+
+    def run_whole(self, run: StageRun) -> dict:
+        r = self._compute(run)
+        return {"rows": run.pool.n_rows, **{k: r.info[k] for k in ("n_params", "seconds_v", "seconds_lissa")}}
+
+    def load(self, run: StageRun) -> GradNormResult:
+        return self._compute(run)

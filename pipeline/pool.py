@@ -47,10 +47,19 @@ class Pool:
             raise FileNotFoundError(f"{self.path}: not a pool (no pool.json); run `thresher ingest` first")
         self.info = json.loads(manifest.read_text())
         self.shards = [self.path / "shards" / s for s in self.info["shards"]]
+        self._hashed: dict[Path, str] = {}
 
     @property
     def fingerprint(self) -> str:
         return self.info["fingerprint"]
+
+    def shard_fingerprint(self, shard: Path) -> str:
+        """The sha256 of one shard's content (from pool.json when recorded, else hashed once)."""
+        recorded = {e["name"]: e.get("sha256") for e in self.info.get("shard_info", [])}
+        fp = recorded.get(Path(shard).name) or self._hashed.get(shard)
+        if fp is None:
+            fp = self._hashed[shard] = file_fingerprint(Path(shard))
+        return fp
 
     @property
     def n_rows(self) -> int:

@@ -1,10 +1,18 @@
-"""Method name -> "module:Class". Imported lazily so `thresher --help` stays fast."""
+"""Method and selector names -> "module:Class", imported lazily so `thresher --help` stays fast.
+
+A new method is one file under scoring/ plus one line in METHODS; a new selector, one file
+under selectors/ plus one line in SELECTORS (selectors listed here can be named by `--selector`
+to cut any method's score column).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from pathlib import Path
 
-from thresher.pipeline.method import Method
+from thresher.pipeline.method import Method, Request
+from thresher.pipeline.params import describe_params
 
 METHODS: dict[str, str] = {
     "random": "thresher.scoring.random_baseline:RandomMethod",
@@ -22,20 +30,60 @@ METHODS: dict[str, str] = {
     "rds": "thresher.scoring.rds:RdsMethod",
 }
 
+SELECTORS: dict[str, str] = {
+    "band": "thresher.selectors.score_band:ScoreBand",
+    "stratified": "thresher.selectors.stratified:Stratified",
+    "balanced": "thresher.selectors.balanced:Balanced",
+    "threshold": "thresher.selectors.threshold:Threshold",
+    "random": "thresher.selectors.random_sample:RandomSelector",
+}
+
+
+def _load(target: str):
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
 
 def get(name: str) -> Method:
-    try:
-        target = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; `thresher methods` lists: {', '.join(METHODS)}") from None
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; `thresher methods` lists: {', '.join(METHODS)}")
+    return _load(METHODS[name])()
 
 
-def describe() -> list[dict]:
+def selector_class(name: str) -> type:
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; expected one of {', '.join(SELECTORS)}")
+    return _load(SELECTORS[name])
+
+
+class _Sketch:
+    """Stands in for a pool when `thresher methods` shows needs without one (10,000 rows)."""
+
+    n_rows = 10_000
+    fingerprint = "(pool)"
+
+
+def describe(name: str | None = None) -> list[dict]:
+    """Every method's (or one method's) parameters with defaults, and its needs as stages."""
     out = []
-    for name, target in METHODS.items():
-        module, cls = target.split(":")
-        m = getattr(importlib.import_module(module), cls)
-        out.append({"method": name, "needs": m.needs, "cost": m.cost, "summary": m.summary})
+    for m_name in [name] if name else list(METHODS):
+        method = get(m_name)
+        p = method.Params()
+        req = Request(pool=_Sketch(), targets=(Path("TARGET.jsonl"),) if method.needs_targets else ())
+        needs = method.needs(p, req)
+        out.append({
+            "method": m_name, "summary": method.summary, "cost": method.cost,
+            "params": describe_params(method.Params),
+            "needs": [{"name": k, "stage": st.kind, "describe": st.describe(),
+                       "config": {f.name: getattr(st, f.name) for f in dataclasses.fields(st)
+                                  if not dataclasses.is_dataclass(getattr(st, f.name))}}
+                      for k, st in needs.items()],
+            "targets": "required" if method.needs_targets else "no",
+            "score_column": method.score_column,
+        })
     return out
+
+
+def describe_selectors() -> list[dict]:
+    return [{"selector": n, "params": [p for p in describe_params(_load(t)) if p["name"] != "column"]}
+            for n, t in SELECTORS.items()]

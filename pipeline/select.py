@@ -1,14 +1,22 @@
-"""Run one selection method on a pool and write the subset, its reasons and its manifest.
+"""Run one selection: method parameters -> needs -> plan -> executor -> scores -> selector -> files.
 
-The CLI, the Prefect flows and library users all call `run_select`.
+    m = run_select("out/pool", "semdedup", "50%", "out/dedup.jsonl", params={"eps": 0.1})
+    lines = run_select(..., dry_run=True)["plan"]          # the plan, with what is cached
+
+The CLI, `thresher run` (recipes), the Prefect flows and library users all call this; nothing
+else decides what runs. The manifest records the plan's per-stage statistics (rows, tokens,
+seconds, device, FLOPs, cached), the method's parameters and notes, the selector, the model
+identities, and the counts, so each selection states what it cost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +24,18 @@ import polars as pl
 from thresher.pipeline import registry
 from thresher.pipeline.artifacts import ArtifactStore, atomic_path
 from thresher.pipeline.budget import Budget
-from thresher.pipeline.chat import encode
-from thresher.pipeline.method import Context
-from thresher.pipeline.models import DEFAULT_LM, load_tokenizer, resolve
+from thresher.pipeline.executors import make_executor
+from thresher.pipeline.method import Inputs, Method, NoParams, Request
+from thresher.pipeline.models import DEFAULT_LM, pick_device
+from thresher.pipeline.params import parse_params, split_params
+from thresher.pipeline.plan import Plan, make_plan
 from thresher.pipeline.pool import Pool
-from thresher.pipeline.tokens import NO_LIMIT, token_counts
+from thresher.pipeline.stage import Stage, StageStats
+from thresher.pipeline.tokens import TokenCounts
 from thresher.pipeline.writers import FORMATS, write_manifest, write_rows
 
 VERSIONED = ["thresher", "polars", "pyarrow", "numpy", "torch", "transformers", "peft",
-             "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn"]
+             "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn", "ray"]
 
 
 def default_workdir(pool: Path) -> Path:
@@ -42,76 +53,198 @@ def versions() -> dict[str, str]:
     return out
 
 
+@dataclass
+class Prepared:
+    """A selection resolved up to its plan: nothing computed or loaded yet."""
+
+    method: Method
+    params: Any
+    selector_cls: type | None
+    selector_params: dict
+    request: Request
+    needs: dict[str, Stage]
+    plan: Plan
+
+
+def prepare(pool: Pool, method: str, params: dict | None = None, selector: str | None = None,
+            targets=(), seed: int = 0, device: str | None = None,
+            token_budget: bool = False) -> Prepared:
+    impl = registry.get(method)
+    sel_cls = registry.selector_class(selector) if selector else None
+    method_raw, sel_raw = split_params(params or {}, impl.Params, sel_cls or NoParams)
+    p = parse_params(impl.Params, method_raw)
+    if sel_cls is not None:
+        if impl.score_column is None and "column" not in sel_raw:
+            raise ValueError(f"--selector: method {method} has no score column to cut; "
+                             "give --param column=NAME or use its own selector")
+        sel_raw = {"column": impl.score_column, **sel_raw}
+        parse_params(sel_cls, sel_raw, "selector parameter")        # fail before any work
+    req = Request(pool, tuple(Path(t) for t in targets or ()), seed, pick_device(device))
+    if targets and not impl.needs_targets:
+        raise ValueError(f"--target: method {method} does not use a target set")
+    needs = dict(impl.needs(p, req))
+    if token_budget:    # token budgets need per-row counts: the tokenizer only, no weights
+        needs["tokens"] = TokenCounts(tokenizer=getattr(p, "model", DEFAULT_LM))
+    plan = make_plan(needs.values(), req.device)
+    return Prepared(impl, p, sel_cls, sel_raw, req, needs, plan)
+
+
+def candidates_of(pool: Pool, tokens=None) -> pl.DataFrame:
+    """Every pool row that may be selected: id, source, kind, n_chars, `row` (pool index)."""
+    cands = pool.frame(["id", "source", "kind", "n_chars"]).with_row_index("row")
+    if tokens is not None:
+        cands = cands.join(tokens.frame().select("id", "n_tokens", "n_loss_tokens"), on="id",
+                           how="left", maintain_order="left")
+    return cands
+
+
+def check_scores(scores: pl.DataFrame, cands: pl.DataFrame, method: str) -> pl.DataFrame:
+    if "id" not in scores.columns:
+        raise RuntimeError(f"method {method} returned scores without an id column")
+    if scores["id"].n_unique() != scores.height:
+        raise RuntimeError(f"method {method} scored some id twice")
+    unknown = scores.filter(~pl.col("id").is_in(cands["id"].implode())).height
+    if unknown:
+        raise RuntimeError(f"method {method} scored {unknown} ids that are not in the pool")
+    return scores
+
+
+def _score_and_cut(prep: Prepared, inputs: Inputs, budget: Budget, store: ArtifactStore,
+                   stats: list[StageStats]) -> tuple[pl.DataFrame, pl.DataFrame, Any, Path]:
+    impl, p, cands = prep.method, prep.params, inputs.candidates
+    t0 = time.perf_counter()
+    scores = check_scores(impl.score(p, inputs), cands, impl.name)
+    keyed = [o.fingerprint for o in inputs.outputs.values()]
+    out = store.dir("scores", [prep.request.pool.fingerprint, *keyed],
+                    {"method": impl.name, "params": dataclasses.asdict(p), "seed": inputs.seed})
+    with out.writing("scores.parquet") as tmp:
+        scores.write_parquet(tmp)
+    stats.append(StageStats(stage="score", config={"method": impl.name}, rows_in=cands.height,
+                            rows_out=scores.height, seconds=time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    dup = [c for c in scores.columns if c in cands.columns and c != "id"]
+    scored = cands.drop(dup).join(scores, on="id", how="inner", maintain_order="left")
+    if prep.selector_cls is not None:
+        selector = parse_params(prep.selector_cls, prep.selector_params, "selector parameter")
+    else:
+        selector = impl.selector(p, inputs, scored)
+    chosen = selector.select(scored, budget, inputs.seed)
+    from thresher.selectors.base import check_selection
+
+    chosen = check_selection(chosen, scored)
+    inputs.notes.update(getattr(selector, "notes", {}))
+    stats.append(StageStats(stage="select", config={"selector": type(selector).__name__},
+                            rows_in=scored.height, rows_out=chosen.height,
+                            seconds=time.perf_counter() - t0))
+    return scored, chosen, selector, out.path("scores.parquet")
+
+
 def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Path | str,
                fmt: str = "messages", seed: int = 0, workdir: Path | str | None = None,
-               options: dict[str, Any] | None = None) -> dict:
+               params: dict | None = None, selector: str | None = None, targets=(),
+               device: str | None = None, executor: str = "local", ray_address: str | None = None,
+               dry_run: bool = False) -> dict:
     t_start = time.perf_counter()
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     pool = Pool(pool_path)
+    if pool.n_rows == 0:
+        raise ValueError(f"{pool.path}: the pool has no rows to select from")
     store = ArtifactStore(workdir or default_workdir(pool.path))
-    impl = registry.get(method)
-    ctx = Context(pool=pool, store=store, budget=budget, seed=seed, options=dict(options or {}))
-
-    counting = resolve(ctx.options.get("model") or DEFAULT_LM)
-    counts = None
-    if budget.kind == "tokens":
-        with ctx.timed("token_counts"):
-            counts = token_counts(pool, store, counting)
-        ctx._candidates = ctx.candidates.join(counts.select("id", "n_tokens"), on="id",
-                                              how="left", maintain_order="left")
-    with ctx.timed("method"):
-        chosen = impl.select(ctx)
-    from thresher.selectors.base import check_selection
-
-    chosen = check_selection(chosen, ctx.candidates)
+    prep = prepare(pool, method, params, selector, targets, seed, device, budget.kind == "tokens")
+    run_with = make_executor(executor, ray_address)
+    if dry_run:
+        return {"plan": prep.plan.show(pool, store)}
+    outputs, stats = prep.plan.run(pool, store, run_with)
+    by_name = {name: outputs[bound] for name, bound in zip(prep.needs, prep.plan.roots)}
+    inputs = Inputs(pool, candidates_of(pool, by_name.get("tokens")), by_name, seed,
+                    prep.request.targets)
+    scored, chosen, sel, scores_path = _score_and_cut(prep, inputs, budget, store, stats)
     if chosen.height == 0:
         raise ValueError(f"method {method} selected nothing under budget {budget}")
-
+    t0 = time.perf_counter()
+    rows = pool.rows(chosen["id"].to_list())
     out = Path(out)
-    with ctx.timed("write"):
-        rows = pool.rows(chosen["id"].to_list())
-        write_rows(rows, out, fmt)
-        sidecar = out.with_name(out.name + ".selection.parquet")
-        with atomic_path(sidecar) as tmp:
-            chosen.with_row_index("rank").write_parquet(tmp)
-    with ctx.timed("token_counts"):
-        if counts is None:  # only the selected rows need counting
-            tok = load_tokenizer(counting)
-            encs = [encode(tok, r, NO_LIMIT) for r in rows]
-            n_tokens = sum(len(e.input_ids) for e in encs)
-            n_loss = sum(int(e.loss_mask.sum()) for e in encs)
-        else:  # a token budget already counted every row
-            picked = chosen.select("id").join(counts, on="id", how="left")
-            n_tokens, n_loss = picked["n_tokens"].sum(), picked["n_loss_tokens"].sum()
-    ctx.models.setdefault("tokenizer", counting.identity)
+    write_rows(rows, out, fmt)
+    sidecar = out.with_name(out.name + ".selection.parquet")
+    with atomic_path(sidecar) as tmp:
+        chosen.with_row_index("rank").write_parquet(tmp)
+    stats.append(StageStats(stage="write", config={"format": fmt}, rows_in=chosen.height,
+                            rows_out=len(rows), seconds=time.perf_counter() - t0))
+    manifest = _manifest(prep, inputs, scored, chosen, sel, rows, stats, budget, fmt, out,
+                         sidecar, scores_path, store, executor)
+    manifest["timings"] = {s.stage: round(s.seconds, 3) for s in stats}
+    manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
+    write_manifest(out, manifest)
+    return manifest
 
-    manifest = {
-        "method": method,
-        "summary": impl.summary,
+
+def _selected_tokens(prep: Prepared, inputs: Inputs, chosen: pl.DataFrame, rows) -> dict:
+    """Tokens of the selected rows, by the tokenizer only (never model weights)."""
+    from thresher.pipeline.chat import encode
+    from thresher.pipeline.models import load_tokenizer, resolve
+    from thresher.pipeline.tokens import NO_LIMIT
+
+    name = getattr(prep.params, "model", DEFAULT_LM)
+    if "n_tokens" in inputs.candidates.columns:
+        picked = chosen.select("id").join(inputs.candidates, on="id", how="left")
+        n_tokens, n_loss = picked["n_tokens"].sum(), picked["n_loss_tokens"].sum()
+    else:
+        tok = load_tokenizer(resolve(name))
+        encs = [encode(tok, r, NO_LIMIT) for r in rows]
+        n_tokens = sum(len(e.input_ids) for e in encs)
+        n_loss = sum(int(e.loss_mask.sum()) for e in encs)
+    from thresher.pipeline.models import model_identity
+
+    return {"selected": int(n_tokens), "selected_loss": int(n_loss),
+            "tokenizer": model_identity(name)}
+
+
+def _models(stats: list[StageStats]) -> dict:
+    """Model identities the plan's stages used, by stage kind (no entry: no model loaded)."""
+    out = {}
+    for s in stats:
+        for key in ("model", "tokenizer"):
+            if key in s.config and isinstance(s.config[key], str):
+                out[f"{s.stage}.{key}" if s.stage != "embed" else "embedder"] = s.config[key]
+    return {("lm" if k == "forward.model" else k): v for k, v in out.items()}
+
+
+def _manifest(prep, inputs, scored, chosen, sel, rows, stats, budget, fmt, out, sidecar,
+              scores_path, store, executor) -> dict:
+    pool = prep.request.pool
+    return {
+        "method": prep.method.name,
+        "summary": prep.method.summary,
         "budget": str(budget),
-        "seed": seed,
+        "seed": inputs.seed,
         "format": fmt,
         "output": str(out),
         "selection": str(sidecar),
-        "config": {"options": {k: v for k, v in ctx.options.items() if v is not None},
-                   "method": ctx.config},
-        "models": ctx.models,
+        "scores": str(scores_path),
+        "config": {"method": {**dataclasses.asdict(prep.params), **inputs.notes,
+                              "decisions": str(scores_path)},
+                   "selector": {"name": type(sel).__name__,
+                                **({k: v for k, v in dataclasses.asdict(sel).items() if k != "notes"}
+                                   if dataclasses.is_dataclass(sel) else {})},
+                   "targets": [str(t) for t in prep.request.targets]},
+        "plan": [s.describe() for s in prep.plan.stages],
+        "artifacts": {name: str(o.dir.dir) for name, o in inputs.outputs.items()
+                      if hasattr(getattr(o, "dir", None), "dir")},
+        "stages": [s.as_dict() for s in stats],
+        "executor": executor,
+        "models": _models(stats),
         "inputs": {"pool": str(pool.path), "pool_fingerprint": pool.fingerprint,
                    "files": [{"path": i["path"], "sha256": i["sha256"]} for i in pool.info["inputs"]]},
         "counts": {"read": pool.info["read"], "quarantined": pool.info["quarantined"],
-                   "duplicate_ids": pool.info["duplicate_ids"], "candidates": ctx.candidates.height,
-                   "selected": chosen.height},
-        "tokens": {"selected": int(n_tokens), "selected_loss": int(n_loss),
-                   "tokenizer": counting.identity},
+                   "duplicate_ids": pool.info["duplicate_ids"],
+                   "candidates": inputs.candidates.height, "scored": scored.height,
+                   "unscored": inputs.candidates.height - scored.height, "selected": chosen.height},
+        "tokens": _selected_tokens(prep, inputs, chosen, rows),
         "by_source": dict(sorted(pl.DataFrame({"source": [r["source"] for r in rows]})
                                  ["source"].value_counts().iter_rows())),
         "versions": versions(),
         "workdir": str(store.root),
         "command": sys.argv if sys.argv and "thresher" in Path(sys.argv[0]).name else None,
     }
-    ctx.timings["total"] = round(time.perf_counter() - t_start, 3)
-    manifest["timings"] = ctx.timings
-    write_manifest(out, manifest)
-    return manifest

@@ -1,30 +1,75 @@
-"""Token counts per pool row (whole sequence and loss-bearing tokens), cached per tokenizer."""
+"""Token counts per pool row (whole sequence and loss-bearing tokens): the `TokenCounts` stage.
+
+Needs the tokenizer only (no model weights): token budgets and the manifest's token totals.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import polars as pl
-from thresher.pipeline.artifacts import ArtifactStore
+import pyarrow as pa
+from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
 from thresher.pipeline.chat import encode
-from thresher.pipeline.models import ResolvedModel, load_tokenizer
+from thresher.pipeline.models import (
+    DEFAULT_LM,
+    ResolvedModel,
+    load_tokenizer,
+    model_identity,
+    resolve,
+)
 from thresher.pipeline.pool import Pool
+from thresher.pipeline.stage import ShardResult, Stage, StageRun, shard_file
 
 NO_LIMIT = 1 << 30
 
 
-def token_counts(pool: Pool, store: ArtifactStore, model: ResolvedModel) -> pl.DataFrame:
-    """DataFrame[id, n_tokens, n_loss_tokens] in pool order; computed once per pool + tokenizer."""
-    stage = store.stage("tokens", [pool.fingerprint], {"tokenizer": model.identity})
-    tok = None
-    for shard, rows in pool.iter_shards(["id", "kind", "messages", "text"]):
-        name = f"{shard}.parquet"
-        if stage.has(name):
-            continue
-        tok = tok or load_tokenizer(model)
-        encs = [encode(tok, r, NO_LIMIT) for r in rows]
-        frame = pl.DataFrame({"id": [r["id"] for r in rows],
-                              "n_tokens": [len(e.input_ids) for e in encs],
-                              "n_loss_tokens": [int(e.loss_mask.sum()) for e in encs]})
-        with stage.writing(name) as tmp:
+@dataclass
+class TokenCountsResult:
+    dir: ArtifactDir
+
+    @property
+    def fingerprint(self) -> str:
+        return f"tokens:{self.dir.key}"
+
+    def frame(self) -> pl.DataFrame:
+        """DataFrame[id, n_tokens, n_loss_tokens] in pool order."""
+        return pl.read_parquet(self.dir.path("counts.parquet"))
+
+
+@dataclass(frozen=True)
+class TokenCounts(Stage):
+    kind: ClassVar[str] = "tokens"
+    tokenizer: str = DEFAULT_LM
+
+    def key_extra(self) -> dict:
+        return {"tokenizer": model_identity(self.tokenizer)}
+
+    def open_worker(self, device: str):
+        return load_tokenizer(resolve(self.tokenizer))
+
+    def run_shard(self, worker, rows: list[dict]) -> ShardResult:
+        encs = [encode(worker, r, NO_LIMIT) for r in rows]
+        table = pa.table({"id": pa.array([r["id"] for r in rows], pa.string()),
+                          "n_tokens": pa.array([len(e.input_ids) for e in encs], pa.int64()),
+                          "n_loss_tokens": pa.array([int(e.loss_mask.sum()) for e in encs], pa.int64())})
+        return ShardResult(tables={"counts": table}, tokens=sum(len(e.input_ids) for e in encs))
+
+    def assemble(self, run: StageRun) -> dict:
+        frame = pl.concat([pl.read_parquet(shard_file(run, s, "counts.parquet"))
+                           for s in run.pool.shards])
+        with run.dir.writing("counts.parquet") as tmp:
             frame.write_parquet(tmp)
-    stage.complete({"rows": pool.n_rows})
-    return pl.concat([pl.read_parquet(stage.path(f"{s.stem}.parquet")) for s in pool.shards])
+        return {"rows": frame.height}
+
+    def load(self, run: StageRun) -> TokenCountsResult:
+        return TokenCountsResult(run.dir)
+
+
+def token_counts(pool: Pool, store: ArtifactStore, model: ResolvedModel | str) -> pl.DataFrame:
+    """DataFrame[id, n_tokens, n_loss_tokens] in pool order; computed once per shard + tokenizer."""
+    from thresher.pipeline.plan import run_stage
+
+    name = model.name if isinstance(model, ResolvedModel) else model
+    return run_stage(TokenCounts(tokenizer=str(name)), pool, store).frame()

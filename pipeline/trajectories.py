@@ -19,18 +19,21 @@ directories), are keyed by the checkpoints' adapter bytes, and write one float16
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-from thresher.pipeline.artifacts import ArtifactStore, Stage
+from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
 from thresher.pipeline.engine import engine_dtype, run_forward
 from thresher.pipeline.models import DEFAULT_LM
 from thresher.pipeline.pool import Pool
+from thresher.pipeline.stage import Resources, Stage, StageRun
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,7 @@ def train_proxy(pool: Pool, store: ArtifactStore, spec: ProxySpec, device: str |
     from thresher.pipeline.train import TrainConfig, checkpoints, make_examples, train
 
     resolved = resolve(spec.model)
-    stage = store.stage("proxy", [pool.fingerprint], {**asdict(spec), "model": resolved.identity})
+    stage = store.dir("proxy", [pool.fingerprint], {**asdict(spec), "model": resolved.identity})
     run_dir = stage.path("run")
     if stage.done:
         info = stage.info()
@@ -178,7 +181,7 @@ def checkpoint_fingerprint(path: Path) -> str:
 
 @dataclass
 class Trajectories:
-    stage: Stage
+    stage: ArtifactDir
     checkpoints: list[str]
 
     @property
@@ -218,7 +221,7 @@ def trajectories(pool: Pool, store: ArtifactStore, ckpts: list[Path], max_tokens
     dev = pick_device(device)
     torch_dtype = engine_dtype(dev, dtype)
     fps = [checkpoint_fingerprint(Path(c)) for c in ckpts]
-    stage = store.stage("trajectories", [pool.fingerprint, *fps],
+    stage = store.dir("trajectories", [pool.fingerprint, *fps],
                         {"max_tokens": int(max_tokens), "response_only": bool(response_only),
                          "dtype": str(torch_dtype).removeprefix("torch."), "version": TRAJ_VERSION})
     result = Trajectories(stage, [str(c) for c in ckpts])
@@ -263,3 +266,99 @@ def _one_checkpoint(pool, stage, j, ckpt, dev, torch_dtype, max_tokens, response
         log.info("trajectories: checkpoint %d (%s), %s done", j, ckpt.name, shard)
         if progress is not None:
             progress(len(rows))
+
+
+# ---------------------------------------------------------------- as declared stages
+
+def _spec_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(ProxySpec)]
+
+
+@dataclass(frozen=True)
+class Proxy(Stage):
+    """A proxy LoRA run on the pool (a whole-pool stage); loads a `ProxyRun`. The run itself lives
+    under `proxy/<key>` (`train_proxy`'s cache), shared with direct callers."""
+
+    kind: ClassVar[str] = "proxy"
+    per_shard: ClassVar[bool] = False
+    loads_model: ClassVar[bool] = True
+    unit: ClassVar[str] = "runs"
+    model: str = DEFAULT_LM
+    part: float = 1.0
+    seed: int = 0
+    epochs: int = 1
+    lr: float = 2e-4
+    batch_size: int = 8
+    max_tokens: int = 512
+    checkpoints: int = 0
+    save_steps: tuple[int, ...] = ()
+    stop_after: int | None = None
+    stop_fraction: float | None = None
+    dtype: str | None = None
+
+    def __post_init__(self):
+        self.spec()    # validates
+
+    def spec(self) -> ProxySpec:
+        return ProxySpec(**{n: getattr(self, n) for n in _spec_fields()})
+
+    def key_extra(self) -> dict:
+        from thresher.pipeline.models import model_identity
+
+        return {"model": model_identity(self.model)}
+
+    def resources(self) -> Resources:
+        return Resources(cpus=2, gpus=1, memory_gb=6)
+
+    def run_whole(self, run: StageRun) -> dict:
+        r = train_proxy(run.pool, run.store, self.spec(), device=run.device, progress=False)
+        return {"rows": run.pool.n_rows, "steps": r.steps, "total_steps": r.total_steps,
+                "train_seconds": r.seconds}
+
+    def load(self, run: StageRun) -> ProxyRun:
+        return train_proxy(run.pool, run.store, self.spec(), device=run.device, progress=False)
+
+
+@dataclass(frozen=True)
+class TrajectoryStage(Stage):
+    """Per-row loss and EL2N at every checkpoint of `proxy` (or of the given `ckpts`)."""
+
+    kind: ClassVar[str] = "trajectories"
+    per_shard: ClassVar[bool] = False
+    loads_model: ClassVar[bool] = True
+    proxy: Stage | None = None
+    ckpts: tuple[str, ...] = ()
+    max_tokens: int = 512
+    response_only: bool = True
+    dtype: str | None = None
+    threads: int | None = field(default=None, compare=False, metadata={"key": False})
+
+    def __post_init__(self):
+        if (self.proxy is None) == (not self.ckpts):
+            raise ValueError("trajectories need either a proxy stage or a list of checkpoints")
+
+    def deps(self) -> tuple[Stage, ...]:
+        return (*super().deps(), *((self.proxy,) if self.proxy is not None else ()))
+
+    def key_extra(self) -> dict:
+        return {"ckpts": [checkpoint_fingerprint(Path(c)) for c in self.ckpts]}
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1, gpus=1, memory_gb=4)
+
+    def _ckpts(self, run: StageRun) -> list[str]:
+        if self.proxy is not None:
+            return [str(c) for c in run.deps[self.proxy].checkpoints]
+        return list(self.ckpts)
+
+    def _traj(self, run: StageRun) -> Trajectories:
+        return trajectories(run.pool, run.store, self._ckpts(run), max_tokens=self.max_tokens,
+                            response_only=self.response_only, device=run.device,
+                            dtype=self.dtype, threads=self.threads)
+
+    def run_whole(self, run: StageRun) -> dict:
+        tr = self._traj(run)
+        return {"rows": run.pool.n_rows, "checkpoints": len(tr.checkpoints)}
+
+    def load(self, run: StageRun) -> Trajectories:
+        return self._traj(run)

@@ -14,40 +14,50 @@ all-MiniLM-L6-v2 (DEITA uses the last hidden state of a 7B LM; deviation, see RE
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import polars as pl
-from thresher.pipeline.embed import embed_for
-from thresher.pipeline.method import Context, Method
+from thresher.pipeline.embed import Embed
+from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.models import DEFAULT_EMBEDDER
+from thresher.pipeline.stage import Stage
 from thresher.selectors.diversity import DiversityFilter
 
-ORDERS = ("random", "longest")
+
+@dataclass(frozen=True)
+class DiversityParams:
+    threshold: float = field(default=0.9, metadata={"help": "skip rows with cos sim > this (DEITA tau)"})
+    score: str | None = field(default=None, metadata={
+        "help": "numeric original field to visit rows by (highest first)"})
+    order: Literal["random", "longest"] = field(default="random", metadata={
+        "help": "visit order without a score field"})
+    embedder: str = field(default=DEFAULT_EMBEDDER, metadata={"help": "sentence-transformers model"})
+    part: Literal["first_user", "conversation", "response"] = field(
+        default="conversation", metadata={"help": "text embedded"})
 
 
 class DiversityMethod(Method):
     name = "diversity"
-    needs = "an embedding model (default all-MiniLM-L6-v2)"
-    cost = "embeddings O(N) + greedy scan O(N*|S|*d) (FAISS inner product)"
     summary = "DEITA-style filter: greedy in score order, skip rows too similar to chosen ones"
+    cost = "embeddings O(N) + greedy scan O(N*|S|*d) (FAISS inner product)"
+    Params = DiversityParams
 
-    def select(self, ctx: Context) -> pl.DataFrame:
-        threshold = float(ctx.option("threshold", 0.9))
-        field = ctx.option("score")
-        order = ctx.option("order", "random") if field is None else None
-        cands = ctx.candidates
-        if field is not None:
-            values = ctx.pool.meta_field(field).cast(pl.Float64, strict=False)
+    def needs(self, p: DiversityParams, req: Request) -> dict[str, Stage]:
+        return {"emb": Embed(model=p.embedder, part=p.part)}
+
+    def score(self, p: DiversityParams, inputs: Inputs) -> pl.DataFrame:
+        frame = inputs.candidates.select("id")
+        if p.score is not None:
+            values = inputs.pool.meta_field(p.score).cast(pl.Float64, strict=False)
             if values.null_count():
-                raise ValueError(f"--param score={field}: {values.null_count()} rows have no "
-                                 f"numeric {field!r} field")
-            cands, score = cands.with_columns(values.alias("_score")), "_score"
-        elif order == "longest":
-            score = "n_chars"
-        elif order == "random":
-            score = None
-        else:
-            raise ValueError(f"--param order must be one of {', '.join(ORDERS)}, got {order!r}")
-        emb = embed_for(ctx)
-        chosen = DiversityFilter(emb.matrix(), threshold, score).select(cands, ctx.budget, ctx.seed)
-        if field is not None:
-            chosen = chosen.with_columns(reason=pl.col("reason").str.replace("_score", field,
-                                                                             literal=True))
-        return chosen.select("id", "reason", "max_sim")
+                raise ValueError(f"--param score={p.score}: {values.null_count()} rows have no "
+                                 f"numeric {p.score!r} field")
+            return frame.with_columns(values.alias(p.score))
+        if p.order == "longest":
+            return frame.with_columns(inputs.candidates["n_chars"].alias("length"))
+        return frame
+
+    def selector(self, p: DiversityParams, inputs: Inputs, scores: pl.DataFrame) -> DiversityFilter:
+        column = p.score if p.score is not None else ("length" if p.order == "longest" else None)
+        return DiversityFilter(inputs["emb"].matrix(), p.threshold, column)

@@ -1,99 +1,101 @@
 """EL2N as published (Paul et al. 2021; the LM form of Marion et al. 2023; methods-a.md §1):
 the error L2 norm averaged over several seeds' briefly trained reference models.
 
-For each seed r in `seeds` (a count, 10 as in the paper, or a list): a proxy (the bundled LoRA
-trainer) trains on its own seeded random `part` of the pool (0.5; Marion's references train on
-data apart from what they score) and stops early, at `early` of one epoch (0.55: Marion's
-1000-step checkpoint is ~55% of its data) or at `early_steps`; the learning-rate schedule is
-the full epoch's, so the checkpoint is genuinely "early in training". Every pool row is scored at
-that checkpoint with the forward engine: EL2N = mean over its response tokens of ||p - e_y||_2
-(from ||p - e_y||^2 = 1 - 2 p_y + sum_v p_v^2). The score is the plain mean over seeds
-(`get_mean_score.py`).
+For each seed r in `seeds` (a count, 10 as in the paper, or a list `seeds=3,7`): a proxy (the
+bundled LoRA trainer, `Proxy` stage) trains on its own seeded random `part` of the pool (0.5;
+Marion's references train on data apart from what they score) and stops early, at `early` of
+one epoch (0.55: Marion's 1000-step checkpoint is ~55% of its data) or at `early_steps`; the
+learning-rate schedule is the full epoch's, so the checkpoint is genuinely early in training.
+Every pool row is scored at that checkpoint by the forward engine (`TrajectoryStage`): EL2N =
+mean over its response tokens of ||p - e_y||_2 (from ||p - e_y||^2 = 1 - 2 p_y + sum_v p_v^2).
+The score is the plain mean over seeds (`get_mean_score.py`); `el2n_seed_std` is kept too.
 
-Selection (`--keep`): `top` keeps the hardest (Data Diet's default, §1.4); `middle` the band
+Selection (`keep`): `top` keeps the hardest (Data Diet's default, §1.4); `middle` the band
 around the median (Marion et al.'s best for LMs); `bottom` the easiest.
 
-Deviations (README): references are LoRA adapters on the pretrained `--model` (the paper
-trains networks from scratch); seeds change the LoRA initialisation, the data order and the
-part (the paper: initialisation and data order). The cheap single-model variant is `el2n-single`.
+Deviations (README): references are LoRA adapters on the pretrained `model` (the paper trains
+networks from scratch); a seed changes the LoRA initialisation, the data order and the part
+(the paper: initialisation and data order). The cheap single-model variant is `el2n-single`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
 import polars as pl
-from thresher.pipeline.method import Context, Method
+from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models import DEFAULT_LM
-from thresher.pipeline.trajectories import ProxySpec, train_proxy, trajectories
+from thresher.pipeline.stage import Stage
+from thresher.pipeline.trajectories import Proxy, TrajectoryStage
 from thresher.selectors.score_band import ScoreBand
 
-DEFAULT_SEEDS = 10        # paper / Marion: 10 runs
 
-
-def seed_list(value) -> list[int]:
+def seed_list(seeds: tuple[int, ...]) -> list[int]:
     """`seeds=10` -> 0..9; `seeds=3,7,11` -> those."""
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"seeds must be >= 1, got {value}")
-        return list(range(value))
-    if isinstance(value, list | tuple):
-        return [int(v) for v in value]
-    parts = [p.strip() for p in str(value).split(",") if p.strip()]
-    if len(parts) == 1:
-        return seed_list(int(parts[0]))
-    return [int(p) for p in parts]
+    seeds = list(seeds)
+    if len(seeds) == 1:
+        if seeds[0] < 1:
+            raise ValueError(f"seeds must be >= 1 (a count) or a list, got {seeds[0]}")
+        return list(range(seeds[0]))
+    return seeds
 
 
-def early_specs(ctx: Context) -> list[ProxySpec]:
-    """One early-stopped reference proxy per seed (shared with GraNd's `at=early`)."""
-    seeds = seed_list(ctx.option("seeds", DEFAULT_SEEDS))
-    steps = ctx.option("early_steps", None)
-    early = None if steps is not None else float(ctx.option("early", 0.55))
-    return [ProxySpec(model=ctx.option("model", DEFAULT_LM) or DEFAULT_LM,
-                      part=float(ctx.option("part", 0.5)), seed=s, epochs=1,
-                      lr=float(ctx.option("proxy_lr", 2e-4)),
-                      batch_size=int(ctx.option("proxy_batch_size", 8)),
-                      max_tokens=int(ctx.option("max_tokens", 512)),
-                      save_steps=(int(steps),) if steps is not None else (),
-                      stop_after=int(steps) if steps is not None else None,
-                      stop_fraction=early, dtype=ctx.option("proxy_dtype", None)) for s in seeds]
+@dataclass(frozen=True)
+class EarlyParams:
+    """The early reference proxies EL2N trains (and GraNd's `at=early` reuses)."""
+
+    model: str = field(default=DEFAULT_LM, metadata={"help": "reference causal LM (LoRA-trained)"})
+    seeds: tuple[int, ...] = field(default=(10,), metadata={
+        "help": "a count (10: seeds 0..9, as the paper) or a list of seeds"})
+    part: float = field(default=0.5, metadata={"help": "seeded fraction of the pool each reference trains on"})
+    early: float = field(default=0.55, metadata={"help": "checkpoint after this fraction of one epoch"})
+    early_steps: int | None = field(default=None, metadata={"help": "checkpoint after this many steps instead"})
+    proxy_lr: float = field(default=2e-4, metadata={"help": "reference learning rate"})
+    proxy_batch_size: int = field(default=8, metadata={"help": "reference batch size"})
+    proxy_dtype: str | None = field(default=None, metadata={"help": "reference autocast (bf16 / fp32)"})
+    max_tokens: int = field(default=512, metadata={"help": "truncate rows"})
 
 
-def early_checkpoints(ctx: Context) -> list:
-    runs = []
-    with ctx.timed("proxy"):
-        for spec in early_specs(ctx):
-            runs.append(train_proxy(ctx.pool, ctx.store, spec, device=ctx.option("device", None)))
-    ctx.config["proxies"] = [{"seed": s.seed, "dir": str(r.dir), "checkpoint": r.checkpoints[-1].name,
-                              "total_steps": r.total_steps, "train_seconds": r.seconds,
-                              "cached": r.cached} for s, r in zip(early_specs(ctx), runs)]
-    return [r.checkpoints[-1] for r in runs]
+def early_proxies(p: EarlyParams) -> list[Proxy]:
+    steps = p.early_steps
+    return [Proxy(model=p.model, part=p.part, seed=s, epochs=1, lr=p.proxy_lr,
+                  batch_size=p.proxy_batch_size, max_tokens=p.max_tokens,
+                  save_steps=(steps,) if steps is not None else (), stop_after=steps,
+                  stop_fraction=None if steps is not None else p.early, dtype=p.proxy_dtype)
+            for s in seed_list(p.seeds)]
+
+
+@dataclass(frozen=True)
+class El2nParams(EarlyParams):
+    keep: Literal["top", "middle", "bottom"] = field(default="top", metadata={"help": "which band to keep"})
 
 
 class El2nMethod(Method):
     name = "el2n"
-    needs = ("per seed: a LoRA proxy trained early (0.55 epoch of a seeded half of the pool) and "
-             "one forward pass over the pool; --param seeds=10 early=0.55 part=0.5")
-    cost = "seeds x (0.55 epoch on half the pool + one forward pass); O(N log N) ranking"
     summary = ("EL2N as published: mean over seeds of ||p - onehot|| at early proxy checkpoints; "
                "keep top (default), middle or bottom")
+    cost = "seeds x (0.55 epoch on half the pool + one forward pass over the pool); O(N log N)"
+    Params = El2nParams
+    score_column = "el2n"
 
-    def select(self, ctx: Context) -> pl.DataFrame:
-        keep = ctx.option("keep", "top")
-        ckpts = early_checkpoints(ctx)
-        scores = []
-        with ctx.timed("forward"):
-            for c in ckpts:
-                tr = trajectories(ctx.pool, ctx.store, [str(c)], max_tokens=int(ctx.option("max_tokens", 512)),
-                                  device=ctx.option("device", None), dtype=ctx.option("dtype", None),
-                                  threads=ctx.option("threads", None))
-                scores.append(np.asarray(tr.el2n(), dtype=np.float64)[:, 0])
-        el2n = np.mean(scores, axis=0)
-        spread = np.std(scores, axis=0)
-        cand = ctx.candidates.with_columns(el2n=pl.Series(el2n), el2n_seed_std=pl.Series(spread))
-        ok = cand["el2n"].is_not_nan()
-        ctx.config["unscored_rows"] = int((~ok).sum())
-        cand = cand.filter(ok)
-        if cand.height == 0:
+    def needs(self, p: El2nParams, req: Request) -> dict[str, Stage]:
+        return {f"seed{pr.seed}": TrajectoryStage(proxy=pr, max_tokens=p.max_tokens)
+                for pr in early_proxies(p)}
+
+    def score(self, p: El2nParams, inputs: Inputs) -> pl.DataFrame:
+        per_seed = np.stack([np.asarray(inputs[name].el2n(), np.float64)[:, 0]
+                             for name in sorted(inputs.outputs) if name.startswith("seed")])
+        inputs.note("seeds", seed_list(p.seeds))
+        inputs.note("checkpoints", [inputs[name].checkpoints[0] for name in sorted(inputs.outputs)
+                                    if name.startswith("seed")])
+        out = inputs.candidates.select("id").with_columns(
+            el2n=pl.Series(per_seed.mean(0)), el2n_seed_std=pl.Series(per_seed.std(0)))
+        out = out.filter(pl.col("el2n").is_not_nan())
+        if out.height == 0:
             raise ValueError("no row has a response token to score; check the pool and --param max_tokens")
-        return ScoreBand("el2n", keep=keep).select(cand, ctx.budget, ctx.seed)
+        return out
+
+    def selector(self, p: El2nParams, inputs: Inputs, scores: pl.DataFrame) -> ScoreBand:
+        return ScoreBand("el2n", keep=p.keep)

@@ -27,10 +27,19 @@ bisecting; `--param keep_quadrants=Q2,Q4` changes which quadrants are kept.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import numpy as np
 import polars as pl
-from thresher.pipeline.forward import scored_candidates
-from thresher.pipeline.method import Context, Method
+from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
+from thresher.pipeline.forward import Forward, scored_rows
+from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.stage import Stage
+
+if TYPE_CHECKING:
+    from thresher.selectors.quadrants import EuQuadrants
 
 QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
 MEANING = {"Q1": "high ppl, high entropy", "Q2": "high ppl, low entropy",
@@ -96,32 +105,34 @@ def eu_keep(ppl, ent, ratio: float, keep=("Q2", "Q4"), alpha: float | None = Non
     return {"labels": labels, "alpha": alpha, "s": s, "kept": kept, "fill": fill, "q2_like": q2_like}
 
 
+@dataclass(frozen=True)
+class EuPlaneParams:
+    model: str = field(default=DEFAULT_LM, metadata={"help": "reference causal LM"})
+    keep_quadrants: tuple[str, ...] = field(default=("Q2", "Q4"),
+                                            metadata={"help": "quadrants kept (Q1..Q4)"})
+    alpha: float | None = field(default=None, metadata={"help": "fix alpha = beta instead of bisecting"})
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"help": "truncate rows to this many tokens"})
+
+    def __post_init__(self):
+        if not self.keep_quadrants or set(self.keep_quadrants) - set(QUADRANTS):
+            raise ValueError(f"keep_quadrants must list some of {', '.join(QUADRANTS)}, "
+                             f"got {','.join(self.keep_quadrants)}")
+
+
 class EuPlaneMethod(Method):
     name = "eu-plane"
-    needs = "a causal LM forward pass (--model, default smollm2-135m-instruct)"
-    cost = "one forward pass over the pool (shared cache with perplexity/el2n), O(N log N)"
     summary = "Q-Tuning's error-uncertainty plane (static): keep Q2 (confidently wrong) + Q4 (right but unsure)"
+    cost = "one forward pass over the pool (shared cache with perplexity/el2n), O(N log N)"
+    Params = EuPlaneParams
+    score_column = "ppl"
 
-    def select(self, ctx: Context) -> pl.DataFrame:
-        keep = tuple(str(ctx.option("keep_quadrants", "Q2,Q4")).replace(" ", "").split(","))
-        if not keep or set(keep) - set(QUADRANTS):
-            raise ValueError(f"keep_quadrants must list some of {', '.join(QUADRANTS)}, got {keep}")
-        fixed = ctx.option("alpha", None)
-        cand = scored_candidates(ctx, ["ppl", "entropy"])
-        ratio = ctx.budget.rows(cand) / cand.height
-        res = eu_keep(cand["ppl"].to_numpy(), cand["entropy"].to_numpy(), ratio, keep,
-                      None if fixed is None else float(fixed))
-        ctx.config["alpha_found"] = round(float(res["alpha"]), 6)
-        ctx.config["quadrant_counts"] = {q: int((res["labels"] == q).sum()) for q in (*QUADRANTS, "-")}
-        ctx.config["fill_rows"] = int(res["fill"].sum())
-        tier = np.where(res["kept"], 0, np.where(res["fill"], 1, 2))
-        reason = [f"{q} ({MEANING[q]})" if t == 0 else
-                  f"fill by |ppl_n - ent_n| ({'Q2' if q2 else 'Q4'}-like; quadrant {q})"
-                  for q, t, q2 in zip(res["labels"], tier, res["q2_like"])]
-        ranked = (cand.with_columns(quadrant=pl.Series(res["labels"].tolist(), dtype=pl.String),
-                                    s=res["s"], tier=tier, reason=pl.Series(reason, dtype=pl.String))
-                  .filter(pl.col("tier") < 2)
-                  .sort(["tier", "s", "id"], descending=[False, True, False])
-                  .select("id", "reason", "quadrant", "ppl", "entropy", "s",
-                          *(["n_tokens"] if "n_tokens" in cand.columns else [])))
-        return ctx.budget.cut(ranked, cand)
+    def needs(self, p: EuPlaneParams, req: Request) -> dict[str, Stage]:
+        return {"fwd": Forward(model=p.model, stats=True, max_tokens=p.max_tokens)}
+
+    def score(self, p: EuPlaneParams, inputs: Inputs) -> pl.DataFrame:
+        return scored_rows(inputs["fwd"], ["ppl", "entropy"])
+
+    def selector(self, p: EuPlaneParams, inputs: Inputs, scores: pl.DataFrame) -> EuQuadrants:
+        from thresher.selectors.quadrants import EuQuadrants
+
+        return EuQuadrants("ppl", "entropy", p.keep_quadrants, p.alpha)

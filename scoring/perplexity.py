@@ -11,19 +11,40 @@ ranked: they are left out, counted in the manifest (config.unscored_rows) and lo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import polars as pl
-from thresher.pipeline.forward import scored_candidates
-from thresher.pipeline.method import Context, Method
+from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
+from thresher.pipeline.forward import Forward, scored_rows
+from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.stage import Stage
 from thresher.selectors.score_band import ScoreBand
+
+
+@dataclass(frozen=True)
+class PerplexityParams:
+    model: str = field(default=DEFAULT_LM, metadata={"help": "reference causal LM"})
+    keep: Literal["middle", "top", "bottom"] = field(default="middle",
+                                                     metadata={"help": "which band to keep"})
+    response_only: bool = field(default=True, metadata={"help": "score the assistant turns only"})
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"help": "truncate rows to this many tokens"})
 
 
 class PerplexityMethod(Method):
     name = "perplexity"
-    needs = "a causal LM forward pass (--model, default smollm2-135m-instruct)"
-    cost = "one forward pass over the pool, cached; O(N log N) ranking"
     summary = "rank by reference-model perplexity; keep the middle band (default), top or bottom"
+    cost = "one forward pass over the pool, cached; O(N log N) ranking"
+    Params = PerplexityParams
+    score_column = "ppl"
 
-    def select(self, ctx: Context) -> pl.DataFrame:
-        keep = ctx.option("keep", "middle")
-        cand = scored_candidates(ctx, ["ppl"])
-        return ScoreBand("ppl", keep=keep).select(cand, ctx.budget, ctx.seed)
+    def needs(self, p: PerplexityParams, req: Request) -> dict[str, Stage]:
+        return {"fwd": Forward(model=p.model, stats=True, max_tokens=p.max_tokens,
+                               response_only=p.response_only)}
+
+    def score(self, p: PerplexityParams, inputs: Inputs) -> pl.DataFrame:
+        return scored_rows(inputs["fwd"], ["loss", "ppl"])
+
+    def selector(self, p: PerplexityParams, inputs: Inputs, scores: pl.DataFrame) -> ScoreBand:
+        return ScoreBand("ppl", keep=p.keep)

@@ -11,34 +11,48 @@ per-cluster variant is not implemented.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import polars as pl
-from thresher.pipeline.cluster import cluster_for, default_k
-from thresher.pipeline.embed import embed_for
-from thresher.pipeline.method import Context, Method
+from thresher.pipeline.cluster import KMeans, default_k
+from thresher.pipeline.embed import Embed
+from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.models import DEFAULT_EMBEDDER
+from thresher.pipeline.stage import Stage
 from thresher.selectors.score_band import ScoreBand
 
 KEEPS = {"hard": "top", "easy": "bottom"}
 
 
+@dataclass(frozen=True)
+class PrototypesParams:
+    embedder: str = field(default=DEFAULT_EMBEDDER, metadata={"help": "sentence-transformers model"})
+    part: Literal["first_user", "conversation", "response"] = field(
+        default="conversation", metadata={"help": "text embedded"})
+    k: int | None = field(default=None, metadata={"help": "clusters (default n/100, at most 1000)"})
+    spherical: bool = field(default=True, metadata={"help": "spherical k-means"})
+    niter: int = field(default=20, metadata={"help": "k-means iterations"})
+    keep: Literal["hard", "easy"] = field(default="hard", metadata={
+        "help": "hard: farthest from the centroid; easy: closest"})
+
+
 class PrototypesMethod(Method):
     name = "prototypes"
-    needs = "an embedding model (default all-MiniLM-L6-v2)"
-    cost = "embeddings O(N) + k-means O(N*k*d)"
     summary = "distance to the nearest k-means centroid (Sorscher et al.); keep hard or easy"
+    cost = "embeddings O(N) + k-means O(N*k*d)"
+    Params = PrototypesParams
+    score_column = "proto_dist"
 
-    def select(self, ctx: Context) -> pl.DataFrame:
-        keep = ctx.option("keep", "hard")
-        if keep not in KEEPS:
-            raise ValueError(f"--keep must be hard or easy for prototypes, got {keep!r}")
-        emb = embed_for(ctx)
-        k = int(ctx.option("k", default_k(ctx.candidates.height)))
-        cl = cluster_for(ctx, emb, k, spherical=bool(ctx.option("spherical", True)),
-                         niter=int(ctx.option("niter", 20)))
-        scored = ctx.candidates.with_columns(proto_dist=pl.Series(cl.cos_dist),
-                                             cluster=pl.Series(cl.labels))
-        chosen = ScoreBand("proto_dist", keep=KEEPS[keep]).select(scored, ctx.budget, ctx.seed)
-        word = "farthest from" if keep == "hard" else "closest to"
-        return chosen.with_columns(reason=pl.format(
-            "{} its centroid ({}: cos distance {} in cluster {})", pl.lit(word),
-            pl.lit(keep), pl.col("proto_dist").round(4), "cluster")).select(
-            "id", "reason", "proto_dist", "cluster")
+    def needs(self, p: PrototypesParams, req: Request) -> dict[str, Stage]:
+        emb = Embed(model=p.embedder, part=p.part)
+        return {"emb": emb, "km": KMeans(of=emb, k=p.k or default_k(req.n_rows),
+                                         spherical=p.spherical, niter=p.niter)}
+
+    def score(self, p: PrototypesParams, inputs: Inputs) -> pl.DataFrame:
+        cl = inputs["km"]
+        return inputs.candidates.select("id").with_columns(
+            proto_dist=pl.Series(cl.cos_dist), cluster=pl.Series(cl.labels))
+
+    def selector(self, p: PrototypesParams, inputs: Inputs, scores: pl.DataFrame) -> ScoreBand:
+        return ScoreBand("proto_dist", keep=KEEPS[p.keep])

@@ -1,17 +1,19 @@
-"""Random baseline: a uniform sample of the candidates, seeded."""
+"""Random baseline: a uniform sample of the candidates, seeded. Needs nothing, loads nothing."""
 
 from __future__ import annotations
 
 import polars as pl
-from thresher.pipeline.method import Context, Method
+from thresher.pipeline.method import Inputs, Method, NoParams
 from thresher.selectors.random_sample import RandomSelector
 
 
 class RandomMethod(Method):
     name = "random"
-    needs = "nothing"
-    cost = "O(N), instant"
     summary = "uniform random sample under the budget (the baseline)"
+    cost = "O(N), instant"
 
-    def select(self, ctx: Context) -> pl.DataFrame:
-        return RandomSelector().select(ctx.candidates, ctx.budget, ctx.seed)
+    def score(self, p: NoParams, inputs: Inputs) -> pl.DataFrame:
+        return inputs.candidates.select("id")
+
+    def selector(self, p: NoParams, inputs: Inputs, scores: pl.DataFrame) -> RandomSelector:
+        return RandomSelector()

@@ -24,36 +24,21 @@ template is used (`pipeline/chat.encode`), so pool and targets match whatever mo
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.artifacts import file_fingerprint
-from thresher.pipeline.forward import forward_for, parse_flag
-from thresher.pipeline.method import Context, Method
-from thresher.pipeline.pool import Pool, ingest
+from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
+from thresher.pipeline.forward import Forward
+from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.stage import Stage
+from thresher.pipeline.targets import TargetPool
 from thresher.selectors.round_robin import RoundRobin
 
 log = logging.getLogger(__name__)
 ADD_CHUNK = 65536
-
-
-def target_pool(ctx: Context, path: Path) -> Pool:
-    """A target file ingested once into the work directory (keyed by its content)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"target file {path} does not exist")
-    out = ctx.store.root / "targets" / f"{path.stem}-{file_fingerprint(path)[:16]}"
-    if not (out / "pool.json").exists():
-        ingest([path], out)
-    pool = Pool(out)
-    info = pool.info
-    if info["quarantined"]:
-        log.warning("target %s: %d of %d rows could not be read (see %s)", path,
-                    info["quarantined"], info["read"], out / "quarantine.jsonl")
-    if pool.n_rows == 0:
-        raise ValueError(f"target file {path} has no usable rows (see {out / 'quarantine.jsonl'})")
-    return pool
 
 
 class FaissRanking:
@@ -125,30 +110,69 @@ def rds_lists(index, tasks: list[np.ndarray], names: list[str], n_budget: int):
     return lists, names, "task"
 
 
+@dataclass(frozen=True)
+class RdsParams:
+    model: str = field(default=DEFAULT_LM, metadata={"help": "causal LM whose hidden states represent rows"})
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"help": "truncate rows to this many tokens"})
+    retry_duplicates: bool = field(default=False, metadata={
+        "help": "a list whose best row is taken walks down instead of losing its turn"})
+
+
 class RdsMethod(Method):
     name = "rds"
-    needs = "a causal LM forward pass (hidden states) over the pool and --target file(s)"
-    cost = "one forward pass over pool + targets (cached), FAISS top-k search"
     summary = "RDS+: round-robin over target examples (or tasks) by cosine of weighted-mean hidden states"
+    cost = "one forward pass over pool + targets (cached), FAISS top-k search"
+    Params = RdsParams
+    score_column = "rds_sim"
+    needs_targets = True
 
-    def select(self, ctx: Context) -> pl.DataFrame:
-        import faiss  # noqa: F401  (fail early with a clear ModuleNotFoundError)
-
-        targets = ctx.option("target", None)
-        if not targets:
+    def needs(self, p: RdsParams, req: Request) -> dict[str, Stage]:
+        if not req.targets:
             raise ValueError("--method rds needs --target FILE (repeat --target for several tasks)")
-        targets = [targets] if isinstance(targets, str | Path) else list(targets)
-        retry = parse_flag(ctx.option("retry_duplicates", False))
-        pool_vecs = forward_for(ctx, {"rds"}).rds()
-        tasks, names = [], []
-        for t in targets:
-            tp = target_pool(ctx, Path(t))
-            tasks.append(np.asarray(forward_for(ctx, {"rds"}, pool=tp).rds(), dtype=np.float32))
-            names.append(Path(t).stem)
-        ctx.config["target_rows"] = {n: len(q) for n, q in zip(names, tasks)}
-        cand = ctx.candidates
-        with ctx.timed("faiss"):
-            index = build_index(pool_vecs, cand["row"].to_numpy().astype(np.int64))
-            lists, list_names, what = rds_lists(index, tasks, names, ctx.budget.rows(cand))
-            return RoundRobin(lists, list_names, retry_duplicates=retry, what=what).select(
-                cand, ctx.budget, ctx.seed)
+        fwd = {"fwd": Forward(model=p.model, stats=False, rds=True, max_tokens=p.max_tokens)}
+        for i, t in enumerate(req.targets):
+            fwd[f"target{i}"] = Forward(model=p.model, stats=False, rds=True,
+                                        max_tokens=p.max_tokens, source=TargetPool(path=str(t)))
+        return fwd
+
+    def _tasks(self, inputs: Inputs) -> tuple[list[np.ndarray], list[str]]:
+        tasks = [np.asarray(inputs[f"target{i}"].rds(), dtype=np.float32)
+                 for i in range(len(inputs.targets))]
+        return tasks, [Path(t).stem for t in inputs.targets]
+
+    def score(self, p: RdsParams, inputs: Inputs) -> pl.DataFrame:
+        """Each row's best cosine to any target example, and that example's task."""
+        import faiss
+
+        tasks, names = self._tasks(inputs)
+        inputs.note("target_rows", {n: len(q) for n, q in zip(names, tasks)})
+        queries = np.concatenate(tasks)
+        owner = np.concatenate([np.full(len(q), i) for i, q in enumerate(tasks)])
+        faiss.normalize_L2(queries)
+        index = faiss.IndexFlatIP(queries.shape[1])
+        index.add(queries)
+        rows = inputs.candidates["row"].to_numpy().astype(np.int64)
+        sims, best = build_scores(index, inputs["fwd"].rds(), rows)
+        return inputs.candidates.select("id").with_columns(
+            rds_sim=pl.Series(sims, dtype=pl.Float64),
+            best_task=pl.Series([names[owner[b]] for b in best], dtype=pl.String))
+
+    def selector(self, p: RdsParams, inputs: Inputs, scored: pl.DataFrame) -> RoundRobin:
+        tasks, names = self._tasks(inputs)
+        index = build_index(inputs["fwd"].rds(), scored["row"].to_numpy().astype(np.int64))
+        lists, list_names, what = rds_lists(index, tasks, names, 64)
+        return RoundRobin(lists, list_names, retry_duplicates=p.retry_duplicates, what=what)
+
+
+def build_scores(index, vectors: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest target example (by inner product) of each pool row, in chunks."""
+    import faiss
+
+    sims = np.empty(len(rows), dtype=np.float32)
+    best = np.empty(len(rows), dtype=np.int64)
+    for s in range(0, len(rows), ADD_CHUNK):
+        block = np.ascontiguousarray(vectors[rows[s:s + ADD_CHUNK]], dtype=np.float32)
+        faiss.normalize_L2(block)
+        D, I = index.search(block, 1)
+        sims[s:s + len(block)], best[s:s + len(block)] = D[:, 0], I[:, 0]
+    return sims, best

@@ -1,6 +1,6 @@
 """Semantic deduplication (SemDeDup, Abbas et al. 2023) with NeMo Curator's semantics.
 
-    thresher select POOL --method semdedup --budget 100% --param eps=0.05 --keep hard
+    thresher select POOL --method semdedup --budget 100% --param eps=0.05 --param keep=hard
 
 1. Exact pass: rows whose whole conversation (or text), lower-cased with whitespace collapsed,
    hashes the same as an earlier row (pool order) are duplicates of that first row.
@@ -17,10 +17,11 @@
    max similarity is computed exactly, the eps that keeps that fraction is a quantile (the paper
    interpolates between two trial eps values on a 10% sample; exact is cheap at our scale).
 
-The method keeps every non-duplicate. If the budget is smaller than the survivors, a seeded
-random sample of the survivors fills it (the reason says so). Per-row decisions (id, cluster,
-cos_dist, max_sim, duplicate_of, exact_duplicate_of, kept) are written to `decisions.parquet`
-in the stage directory; the manifest's method config gives the path.
+The score frame (id, cluster, cos_dist, max_sim, most_similar_earlier, exact_duplicate_of, and
+dup_sim = max_sim, or 2 for an exact copy) is saved as the selection's scores artifact (the
+manifest's `decisions`). The cut is the `Threshold` selector on dup_sim < 1 - eps: every
+non-duplicate is kept; if the budget is smaller than the survivors, a seeded random sample of
+them fills it (the reason says so).
 
 Deviation from the spec: default eps is 0.05, not NeMo's 0.01: with MiniLM on chat data,
 scripted near-duplicates differ by more than 0.01 (see README).
@@ -30,14 +31,18 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.artifacts import atomic_path
-from thresher.pipeline.cluster import cluster_for, default_k
-from thresher.pipeline.embed import embed_for
-from thresher.pipeline.method import Context, Method
+from thresher.pipeline.cluster import KMeans, default_k
+from thresher.pipeline.embed import Embed
+from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.models import DEFAULT_EMBEDDER
 from thresher.pipeline.schema import row_text
+from thresher.pipeline.stage import Stage
+from thresher.selectors.threshold import Threshold
 
 KEEPS = ("hard", "easy", "random")
 _WS = re.compile(r"\s+")
@@ -107,81 +112,68 @@ def eps_for_fraction(max_sim: np.ndarray, include: np.ndarray, fraction: float) 
     return float(min(2.0, max(0.0, 1.0 - vals[want])))   # keeps the rows with max_sim < vals[want]
 
 
+@dataclass(frozen=True)
+class SemDeDupParams:
+    eps: float = field(default=0.05, metadata={"help": "duplicate when cos sim >= 1 - eps"})
+    keep_fraction: float | None = field(default=None, metadata={
+        "help": "choose eps to keep about this fraction instead"})
+    keep: Literal["hard", "easy", "random"] = field(default="hard", metadata={
+        "help": "order within a cluster: which row of a duplicate group survives"})
+    embedder: str = field(default=DEFAULT_EMBEDDER, metadata={"help": "sentence-transformers model"})
+    part: Literal["first_user", "conversation", "response"] = field(
+        default="conversation", metadata={"help": "text embedded"})
+    k: int | None = field(default=None, metadata={"help": "clusters (default n/100, at most 1000)"})
+    spherical: bool = field(default=False, metadata={"help": "spherical k-means (SemDeDup)"})
+    niter: int = field(default=100, metadata={"help": "k-means iterations"})
+    batch: int = field(default=1024, metadata={"help": "rows per similarity block"})
+
+    def __post_init__(self):
+        if not 0 <= self.eps < 2:
+            raise ValueError(f"eps must be in [0, 2), got {self.eps}")
+
+
 class SemDeDupMethod(Method):
     name = "semdedup"
-    needs = "an embedding model (default all-MiniLM-L6-v2)"
-    cost = "embeddings O(N) + k-means O(N*k*d) + O(N^2/k) similarities"
     summary = "semantic dedup (SemDeDup / NeMo Curator): drop near-duplicates, keep one of each"
+    cost = "embeddings O(N) + k-means O(N*k*d) + O(N^2/k) similarities"
+    Params = SemDeDupParams
+    score_column = "dup_sim"
 
-    def select(self, ctx: Context) -> pl.DataFrame:
-        keep = ctx.option("keep", "hard")
-        if keep not in KEEPS:
-            raise ValueError(f"--keep must be one of {', '.join(KEEPS)} for semdedup, got {keep!r}")
-        target = ctx.option("keep_fraction", None)
-        eps = float(ctx.option("eps", 0.05))
-        if not 0 <= eps < 2:
-            raise ValueError(f"eps must be in [0, 2), got {eps}")
-        batch = int(ctx.option("batch", 1024))
-        cands = ctx.candidates
-        n = cands.height
+    def needs(self, p: SemDeDupParams, req: Request) -> dict[str, Stage]:
+        emb = Embed(model=p.embedder, part=p.part)
+        return {"emb": emb, "km": KMeans(of=emb, k=p.k or default_k(req.n_rows),
+                                         spherical=p.spherical, niter=p.niter)}
 
-        with ctx.timed("exact_dedup"):
-            texts = [row_text(r, "conversation")
-                     for r in ctx.pool.iter_rows(["kind", "messages", "text"])]
-            exact = exact_duplicates(texts)
-            del texts
+    def score(self, p: SemDeDupParams, inputs: Inputs) -> pl.DataFrame:
+        texts = [row_text(r, "conversation")
+                 for r in inputs.pool.iter_rows(["kind", "messages", "text"])]
+        exact = exact_duplicates(texts)
+        del texts
         include = exact < 0
-        emb = embed_for(ctx)
-        k = int(ctx.option("k", default_k(n)))
-        cl = cluster_for(ctx, emb, k, spherical=bool(ctx.option("spherical", False)),
-                         niter=int(ctx.option("niter", 100)))
+        cl, ids = inputs["km"], inputs.candidates["id"].to_numpy()
         labels, cos_dist = cl.labels, cl.cos_dist
-        ids = cands["id"].to_numpy()
-        with ctx.timed("semdedup"):
-            max_sim, dup_of = semantic_matches(emb.matrix(), labels, cos_dist, ids, keep,
-                                               ctx.seed, batch, include)
-        if target is not None:
-            eps = eps_for_fraction(max_sim, include, float(target))
-            ctx.config["eps_chosen"] = round(eps, 6)
-        semantic_dup = include & (max_sim >= 1.0 - eps)     # NaN compares False: kept
-        kept = include & ~semantic_dup
+        max_sim, dup_of = semantic_matches(inputs["emb"].matrix(), labels, cos_dist, ids, p.keep,
+                                           inputs.seed, p.batch, include)
 
         def id_of(idx: np.ndarray) -> pl.Series:
             return pl.Series([ids[i] if i >= 0 else None for i in idx.tolist()], dtype=pl.String)
 
-        n_exact_copies = np.bincount(exact[~include], minlength=n)
-        decisions = pl.DataFrame({
-            "id": ids, "row": np.arange(n), "cluster": labels, "cos_dist": cos_dist,
-            "max_sim": max_sim, "duplicate_of": id_of(np.where(semantic_dup, dup_of, -1)),
+        inputs.note("exact_duplicates", int((~include).sum()))
+        return pl.DataFrame({
+            "id": ids, "cluster": labels, "cos_dist": cos_dist, "max_sim": max_sim,
             "most_similar_earlier": id_of(dup_of), "exact_duplicate_of": id_of(exact),
-            "kept": kept,
-        }, strict=False).with_columns(pl.col("max_sim").fill_nan(None))
-        stage = ctx.store.stage("semdedup", [emb.fingerprint, cl.stage.key],
-                                {"keep": keep, "eps": eps, "seed": ctx.seed if keep == "random" else None})
-        with atomic_path(stage.path("decisions.parquet")) as tmp:
-            decisions.write_parquet(tmp)
-        ctx.config.update({"decisions": str(stage.path("decisions.parquet")),
-                           "exact_duplicates": int((~include).sum()),
-                           "semantic_duplicates": int(semantic_dup.sum()),
-                           "survivors": int(kept.sum())})
+            "dup_sim": np.where(include, max_sim, 2.0),
+        }, strict=False).with_columns(pl.col("max_sim").fill_nan(None), pl.col("dup_sim").fill_nan(None))
 
-        thr = 1.0 - eps
-        sim_txt = pl.when(pl.col("max_sim").is_null()).then(
-            pl.format("first in cluster {} order ({})", "cluster", pl.lit(keep))
-        ).otherwise(pl.format("max cos sim to an earlier row {} < {}",
-                              pl.col("max_sim").round(4), pl.lit(round(thr, 4))))
-        surv = decisions.filter("kept").with_columns(
-            n_copies=pl.Series(n_exact_copies[kept]))
-        surv = surv.with_columns(reason=pl.format(
-            "not a near-duplicate: {}{} (cluster {}, eps {})", sim_txt,
-            pl.when(pl.col("n_copies") > 0).then(pl.format("; {} exact copies removed", "n_copies"))
-            .otherwise(pl.lit("")), "cluster", pl.lit(round(eps, 4))))
-        surv = surv.join(cands.select("id", *[c for c in ("n_tokens",) if c in cands.columns]),
-                         on="id", how="left", maintain_order="left")
-        chosen = ctx.budget.cut(surv, cands)
-        if chosen.height < surv.height:     # budget smaller than the survivors: seeded sample
-            perm = np.random.default_rng(ctx.seed).permutation(surv.height)
-            chosen = ctx.budget.cut(surv[perm], cands).with_columns(
-                reason=pl.format("{}; sampled at random (seed {}) to fit the budget from {} survivors",
-                                 "reason", pl.lit(ctx.seed), pl.lit(surv.height)))
-        return chosen.select("id", "reason", "cluster", "max_sim")
+    def selector(self, p: SemDeDupParams, inputs: Inputs, scored: pl.DataFrame) -> Threshold:
+        eps = p.eps
+        if p.keep_fraction is not None:
+            include = scored["exact_duplicate_of"].is_null().to_numpy()
+            eps = eps_for_fraction(scored["max_sim"].fill_null(np.nan).to_numpy(), include,
+                                   p.keep_fraction)
+            inputs.note("eps_chosen", round(eps, 6))
+        sim = scored["dup_sim"].fill_nan(None)
+        dup = sim.is_not_null() & (sim >= 1.0 - eps)
+        inputs.note("semantic_duplicates", int((dup & scored["exact_duplicate_of"].is_null()).sum()))
+        inputs.note("survivors", int((~dup).sum()))
+        return Threshold("dup_sim", below=1.0 - eps)

@@ -16,6 +16,8 @@ The default 0 sets nothing aside.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import polars as pl
 from thresher.pipeline.budget import Budget
@@ -66,11 +68,15 @@ def sample_groups(candidates: pl.DataFrame, group: pl.Series, n: int, seed: int,
     return ranked
 
 
+@dataclass(frozen=True)
 class Balanced:
-    def __init__(self, column: str, set_aside: int = 0):
-        if set_aside < 0:
-            raise ValueError(f"set_aside must be >= 0, got {set_aside}")
-        self.column, self.set_aside = column, set_aside
+    column: str = field(default="source", metadata={"help": "group column (source, cluster, ...)"})
+    set_aside: int = field(default=0, metadata={
+        "help": "groups of at most this many rows share only the leftover budget (S2L: 2)"})
+
+    def __post_init__(self):
+        if self.set_aside < 0:
+            raise ValueError(f"set_aside must be >= 0, got {self.set_aside}")
 
     def select(self, candidates: pl.DataFrame, budget: Budget, seed: int = 0) -> pl.DataFrame:
         if self.column not in candidates.columns:

@@ -7,6 +7,9 @@ group columns it reads) and a `Budget` into the chosen rows, in order, with a re
     chosen.columns  ->  ["id", "reason", ...]
 
 Every random choice takes the seed; the same candidates, budget and seed give the same result.
+Selectors are dataclasses whose fields are their parameters (`--selector NAME --param k=v`); one
+that finds something worth recording (a threshold it searched for) leaves it in `notes`, which
+the manifest carries.
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 from thresher.pipeline.budget import Budget
 
 
+@dataclass(frozen=True)
 class RandomSelector:
     def select(self, candidates: pl.DataFrame, budget: Budget, seed: int) -> pl.DataFrame:
         order = np.random.default_rng(seed).permutation(candidates.height)

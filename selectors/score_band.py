@@ -8,17 +8,24 @@ Ties break by id so the result never depends on input order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import polars as pl
 from thresher.pipeline.budget import Budget
 
 KEEPS = ("top", "bottom", "middle")
 
 
+@dataclass(frozen=True)
 class ScoreBand:
-    def __init__(self, column: str, keep: str = "top"):
-        if keep not in KEEPS:
-            raise ValueError(f"keep must be one of {', '.join(KEEPS)}, got {keep!r}")
-        self.column, self.keep = column, keep
+    column: str = field(default="score", metadata={"help": "score column to rank by"})
+    keep: Literal["top", "bottom", "middle"] = field(
+        default="top", metadata={"help": "which end of the ranking to keep"})
+
+    def __post_init__(self):
+        if self.keep not in KEEPS:
+            raise ValueError(f"keep must be one of {', '.join(KEEPS)}, got {self.keep!r}")
 
     def select(self, candidates: pl.DataFrame, budget: Budget, seed: int = 0) -> pl.DataFrame:
         if self.column not in candidates.columns:

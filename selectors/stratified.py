@@ -16,6 +16,7 @@ token budget (a prefix cut) still covers every bin.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -23,13 +24,17 @@ from thresher.pipeline.budget import Budget
 from thresher.selectors.balanced import sample_groups
 
 
+@dataclass(frozen=True)
 class Stratified:
-    def __init__(self, column: str, bins: int = 50, hard_prune: float = 0.0):
-        if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
-        if not 0 <= hard_prune < 1:
-            raise ValueError(f"hard_prune must be in [0, 1), got {hard_prune}")
-        self.column, self.bins, self.hard_prune = column, bins, hard_prune
+    column: str = field(default="score", metadata={"help": "score column to stratify"})
+    bins: int = field(default=50, metadata={"help": "equal-width score bins"})
+    hard_prune: float = field(default=0.0, metadata={"help": "drop this top fraction first"})
+
+    def __post_init__(self):
+        if self.bins < 1:
+            raise ValueError(f"bins must be >= 1, got {self.bins}")
+        if not 0 <= self.hard_prune < 1:
+            raise ValueError(f"hard_prune must be in [0, 1), got {self.hard_prune}")
 
     def select(self, candidates: pl.DataFrame, budget: Budget, seed: int = 0) -> pl.DataFrame:
         col = self.column

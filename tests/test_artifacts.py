@@ -5,15 +5,15 @@ from thresher.pipeline.artifacts import ArtifactStore, atomic_path
 
 def test_stage_key_depends_on_inputs_and_config(tmp_path):
     store = ArtifactStore(tmp_path)
-    a = store.stage("embed", ["fp1"], {"model": "m", "part": "first_user"})
-    assert store.stage("embed", ["fp1"], {"part": "first_user", "model": "m"}).dir == a.dir
-    assert store.stage("embed", ["fp2"], {"model": "m", "part": "first_user"}).dir != a.dir
-    assert store.stage("embed", ["fp1"], {"model": "m", "part": "response"}).dir != a.dir
-    assert store.stage("cluster", ["fp1"], {"model": "m", "part": "first_user"}).dir != a.dir
+    a = store.dir("embed", ["fp1"], {"model": "m", "part": "first_user"})
+    assert store.dir("embed", ["fp1"], {"part": "first_user", "model": "m"}).dir == a.dir
+    assert store.dir("embed", ["fp2"], {"model": "m", "part": "first_user"}).dir != a.dir
+    assert store.dir("embed", ["fp1"], {"model": "m", "part": "response"}).dir != a.dir
+    assert store.dir("cluster", ["fp1"], {"model": "m", "part": "first_user"}).dir != a.dir
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    stage = ArtifactStore(tmp_path).stage("s", ["x"], {})
+    stage = ArtifactStore(tmp_path).dir("s", ["x"], {})
     with pytest.raises(RuntimeError):
         with stage.writing("part-0.npy") as tmp:
             tmp.write_text("half")
@@ -47,9 +47,20 @@ def test_token_counts_stage_resumes_from_finished_shards(tmp_path, sample_pool_d
     model = resolve(DEFAULT_LM)
     first = tokens.token_counts(pool, store, model)
     assert first.height == 775 and first["id"].to_list() == pool.frame(["id"])["id"].to_list()
+    # against a direct count with the tokenizer and chat template
+    from thresher.pipeline.chat import encode
+    from thresher.pipeline.models import load_tokenizer
 
-    stage = store.stage("tokens", [pool.fingerprint], {"tokenizer": model.identity})
-    stage.path("part-00001.parquet").unlink()  # as if killed while writing shard 1
+    tok = load_tokenizer(model)
+    rows = pool.frame(["id", "kind", "messages", "text"]).to_dicts()
+    direct = [len(encode(tok, r, tokens.NO_LIMIT).input_ids) for r in rows]
+    assert first["n_tokens"].to_list() == direct
+
+    from thresher.pipeline.stage import StageRun, shard_file
+
+    run = StageRun(tokens.TokenCounts(tokenizer=DEFAULT_LM), pool, store)
+    shard_file(run, pool.shards[1], "done.json").unlink()   # as if killed while writing shard 1
+    run.dir.path("_COMPLETE.json").unlink()
     import pyarrow.parquet as pq
 
     missing_rows = pq.read_metadata(pool.shards[1]).num_rows   # shards follow input files

@@ -218,7 +218,7 @@ def test_interrupted_stage_resumes_without_redoing_shards(tmp_path, small_pool, 
     monkeypatch.setattr(forward, "run_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     res = forward_signals(small_pool, store, str(tiny_lm_dir), {"loss"})
     assert len(calls) == n_shards - 2                  # two shards were finished before the kill
-    assert res.stage.done and res.scores().height == small_pool.n_rows
+    assert res.dir.done and res.scores().height == small_pool.n_rows
     calls.clear()
     again = forward_signals(small_pool, store, str(tiny_lm_dir), {"loss", "entropy"})
     assert calls == [] and again.scores().equals(res.scores())   # one cache for every logit signal

@@ -35,7 +35,8 @@ def work(tmp_path_factory):
 
 
 def select(pool, method, budget, out, work, **opts):
-    m = run_select(pool.path, method, budget, out, workdir=work, options=opts)
+    m = run_select(pool.path, method, budget, out, workdir=work,
+                   params={k: v for k, v in opts.items() if v is not None})
     return pl.read_parquet(str(out) + ".selection.parquet"), m
 
 
@@ -84,7 +85,7 @@ def test_whole_sequence_switch_is_a_separate_recorded_setting(lm_pool, work, tin
     resp = scores(lm_pool, work, str(tiny_lm_dir))
     assert (full["n_loss_tokens"] >= resp["n_loss_tokens"].clip(upper_bound=255)).all()
     assert (full["n_loss_tokens"] > resp["n_loss_tokens"]).any()
-    with pytest.raises(ValueError, match="true or false"):
+    with pytest.raises(ValueError, match="response_only=.maybe.: Input should be a valid boolean"):
         select(lm_pool, "perplexity", "5", tmp_path / "x.jsonl", work, model=str(tiny_lm_dir),
                response_only="maybe")
 

@@ -147,23 +147,26 @@ def test_rds_method_end_to_end_on_tiny_model(tmp_path, sample_pool, tiny_lm_dir)
     ingest([tmp_path / "rows.jsonl"], tmp_path / "pool", rows_per_shard=10)
     _head(ROOT_TARGETS / "gsm8k_test.jsonl", tmp_path / "gsm.jsonl", 6)
     _head(ROOT_TARGETS / "mbpp_test.jsonl", tmp_path / "mbpp.jsonl", 4)
-    opts = {"model": str(tiny_lm_dir), "target": [str(tmp_path / "gsm.jsonl"), str(tmp_path / "mbpp.jsonl")]}
-    m = run_select(tmp_path / "pool", "rds", "9", tmp_path / "out.jsonl", workdir=tmp_path / "w", options=opts)
+    opts = {"model": str(tiny_lm_dir)}
+    tgts = [str(tmp_path / "gsm.jsonl"), str(tmp_path / "mbpp.jsonl")]
+    m = run_select(tmp_path / "pool", "rds", "9", tmp_path / "out.jsonl", workdir=tmp_path / "w", params=opts,
+                   targets=tgts)
     sel = pl.read_parquet(tmp_path / "out.jsonl.selection.parquet")
     assert sel.height == 9 and sel["id"].n_unique() == 9
     assert sel["picked_by"].to_list()[:2] == ["gsm", "mbpp"]     # round-robin over tasks
     assert set(sel["picked_by"]) == {"gsm", "mbpp"}
     assert m["models"]["lm"].startswith(tiny_lm_dir.name)
     assert m["config"]["method"]["target_rows"] == {"gsm": 6, "mbpp": 4}
-    again = run_select(tmp_path / "pool", "rds", "9", tmp_path / "out2.jsonl", workdir=tmp_path / "w", options=opts)
+    again = run_select(tmp_path / "pool", "rds", "9", tmp_path / "out2.jsonl", workdir=tmp_path / "w", params=opts,
+                       targets=tgts)
     assert pl.read_parquet(tmp_path / "out2.jsonl.selection.parquet")["id"].equals(sel["id"])
     assert again["timings"]["forward"] < m["timings"]["forward"] + 60   # cached: no recompute crash
     with pytest.raises(ValueError, match="needs --target"):
         run_select(tmp_path / "pool", "rds", "9", tmp_path / "o3.jsonl", workdir=tmp_path / "w",
-                   options={"model": str(tiny_lm_dir)})
+                   params={"model": str(tiny_lm_dir)})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_select(tmp_path / "pool", "rds", "9", tmp_path / "o3.jsonl", workdir=tmp_path / "w",
-                   options={"model": str(tiny_lm_dir), "target": [str(tmp_path / "nope.jsonl")]})
+                   params={"model": str(tiny_lm_dir)}, targets=[str(tmp_path / "nope.jsonl")])
 
 
 @pytest.mark.slow
@@ -178,7 +181,7 @@ def test_rds_with_smollm2_picks_rows_like_the_target(tmp_path, sample_pool):
     for name, want in (("gsm8k_test", "gsm8k"), ("mbpp_test", "mbpp")):
         _head(ROOT_TARGETS / f"{name}.jsonl", tmp_path / f"{name}.jsonl", 6)
         run_select(tmp_path / "pool", "rds", "6", tmp_path / f"{name}.out.jsonl", workdir=tmp_path / "w",
-                   options={"target": [str(tmp_path / f"{name}.jsonl")], "max_tokens": 512, "threads": 1})
+                   params={"max_tokens": 512}, targets=[str(tmp_path / f"{name}.jsonl")])
         sel = pl.read_parquet(tmp_path / f"{name}.out.jsonl.selection.parquet")
         picked = [src[i] for i in sel["id"]]
         assert picked.count(want) >= 5, (name, picked)    # 6 of the ~30 rows are `want`

@@ -47,7 +47,9 @@ def test_manifest_accounts_for_everything(sample_pool, tmp_path):
     assert m["inputs"]["pool_fingerprint"] == sample_pool.fingerprint
     assert len(m["inputs"]["files"]) == 5 and all(len(f["sha256"]) == 64 for f in m["inputs"]["files"])
     assert m["tokens"]["selected"] > m["tokens"]["selected_loss"] > 0
-    assert "smollm2-135m-instruct@" in m["models"]["tokenizer"]
+    assert "smollm2-135m-instruct@" in m["tokens"]["tokenizer"]
+    assert m["models"] == {} and m["plan"] == []          # random loads no model at all
+    assert [s["stage"] for s in m["stages"]] == ["score", "select", "write"]
     assert {"python", "polars", "torch"} <= set(m["versions"])
     sel = pl.read_parquet(m["selection"])
     assert sel["id"].to_list() == [json.loads(l)["id"] for l in out.read_text().splitlines()]
@@ -104,7 +106,13 @@ def test_cli_help_and_methods():
         assert r.returncode == 0 and "Usage" in r.stdout
     r = _cli("methods", "--json")
     assert r.returncode == 0
-    assert "random" in {m["method"] for m in json.loads(r.stdout)}
+    listing = json.loads(r.stdout)
+    assert "random" in {m["method"] for m in listing["methods"]}
+    semdedup = next(m for m in listing["methods"] if m["method"] == "semdedup")
+    assert {p["name"]: p["default"] for p in semdedup["params"]}["eps"] == 0.05
+    assert [n["stage"] for n in semdedup["needs"]] == ["embed", "kmeans"]
+    r = _cli("methods", "perplexity", "--json")
+    assert json.loads(r.stdout)["needs"][0]["config"]["model"] == "smollm2-135m-instruct"
 
 
 def test_cli_ingest_summary(tmp_path, sample_pool_dir):

@@ -1,0 +1,107 @@
+"""Executors fill a per-shard stage's missing shards; the plan (`pipeline/plan.py`) does the rest.
+
+    LocalExecutor()                      in this process: the stage's model loaded once
+    RayExecutor(address=None)            Ray actors sized by the stage's `resources()`, each
+                                         holding the model once; a local cluster unless an
+                                         address (or RAY_ADDRESS) names one
+
+Both write through the same artifact store with the same per-shard code (`Stage.run_shard` then
+`write_shard`), so their artifacts and the subsets built on them are the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from thresher.pipeline.artifacts import ArtifactStore
+from thresher.pipeline.stage import Stage, StageRun, write_shard
+
+EXECUTORS = ("local", "ray")
+
+
+def read_shard(shard: Path, columns: list[str]) -> list[dict]:
+    schema = pq.read_schema(shard)
+    return pq.read_table(shard, columns=[c for c in columns if c in schema.names]).to_pylist()
+
+
+class LocalExecutor:
+    name = "local"
+
+    def fill(self, run: StageRun, missing: list[Path], update: Callable[[int], object]) -> None:
+        worker = None
+        for shard in missing:
+            rows = read_shard(shard, run.stage.columns())
+            if worker is None:               # loaded only when some shard is missing
+                worker = run.stage.open_worker(run.device)
+            write_shard(run, shard, run.stage.run_shard(worker, rows))
+            update(len(rows))
+
+
+class ShardActor:
+    """One Ray actor: the stage's worker (model) loaded once, then one shard per call."""
+
+    def __init__(self, stage: Stage, pool_path: str, store_root: str, device: str):
+        from thresher.pipeline.pool import Pool
+
+        self.stage, self.device = stage, device
+        self.pool, self.store = Pool(pool_path), ArtifactStore(store_root)
+        self.worker = stage.open_worker(device)
+
+    def run(self, shard: str) -> int:
+        run = StageRun(self.stage, self.pool, self.store, self.device)
+        rows = read_shard(Path(shard), self.stage.columns())
+        write_shard(run, Path(shard), self.stage.run_shard(self.worker, rows))
+        return len(rows)
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, address: str | None = None):
+        self.address = address or os.environ.get("RAY_ADDRESS")
+
+    def _init(self):
+        try:
+            import ray
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError("--executor ray needs Ray: pip install 'ray[data]' "
+                                      "(or `make setup`)") from None
+        if not ray.is_initialized():
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        return ray
+
+    def fill(self, run: StageRun, missing: list[Path], update: Callable[[int], object]) -> None:
+        if not missing:
+            return
+        ray = self._init()
+        from ray.util import ActorPool
+
+        res = run.stage.resources()
+        cluster = ray.cluster_resources()
+        gpus = res.gpus if cluster.get("GPU", 0) > 0 else 0
+        device = run.device if gpus else "cpu"
+        n = max(1, min(len(missing), int(cluster.get("CPU", 1) // max(res.cpus, 1e-9))))
+        actor = ray.remote(num_cpus=res.cpus, num_gpus=gpus,
+                           memory=int(res.memory_gb * 2**30))(ShardActor)
+        actors = [actor.remote(run.stage, str(run.pool.path), str(run.store.root), device)
+                  for _ in range(n)]
+        try:
+            for rows in ActorPool(actors).map_unordered(lambda a, s: a.run.remote(str(s)), missing):
+                update(rows)
+        finally:
+            for a in actors:
+                ray.kill(a)
+
+
+def make_executor(name: str = "local", address: str | None = None):
+    if name == "local":
+        if address:
+            raise ValueError("--ray-address goes with --executor ray")
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address)
+    raise ValueError(f"unknown executor {name!r}; expected one of {', '.join(EXECUTORS)}")

@@ -1,0 +1,94 @@
+"""Typed parameters for methods and selectors: one parser for `--param`, recipes and Python.
+
+    @dataclass(frozen=True)
+    class SemDeDupParams:
+        eps: float = field(default=0.05, metadata={"help": "duplicate when cos sim >= 1 - eps"})
+        keep: Literal["hard", "easy", "random"] = "hard"
+
+    parse_params(SemDeDupParams, {"eps": "0.1"})      # SemDeDupParams(eps=0.1, keep='hard')
+    parse_params(SemDeDupParams, {"epz": "0.1"})      # ValueError: unknown parameter 'epz' ...
+
+Validation is pydantic's (lax mode: "0.1" -> 0.1, "true"/"false"/"1"/"0"/"yes"/"no" -> bool,
+Literal values checked), the same whether values come from the command line (strings), a YAML
+recipe or Python. An unknown key is an error naming the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+import pydantic
+
+
+def _type_text(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_text(a) for a in typing.get_args(tp) if a is not type(None)) + " (optional)"
+    if origin in (tuple, list):
+        return f"list of {_type_text(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _split_lists(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """Comma-separated strings become lists for tuple/list fields (`--param seeds=0,1,2`)."""
+    hints = typing.get_type_hints(cls)
+    out = dict(raw)
+    for k, v in raw.items():
+        origin = typing.get_origin(hints.get(k))
+        if origin in (tuple, list) and isinstance(v, str):
+            out[k] = [x.strip() for x in v.split(",") if x.strip()]
+        elif origin in (tuple, list) and isinstance(v, int | float):
+            out[k] = [v]
+    return out
+
+
+def parse_params(cls: type, raw: dict[str, Any] | None, what: str = "parameter") -> Any:
+    """An instance of the dataclass `cls` from loosely typed values; one-line errors."""
+    raw = {k.replace("-", "_"): v for k, v in (raw or {}).items()}
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        valid = ", ".join(names) if names else "(none)"
+        raise ValueError(f"unknown {what} {unknown[0]!r}; valid: {valid}")
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(_split_lists(cls, raw))
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "?"
+        raise ValueError(f"{what} {key}={err.get('input')!r}: {err['msg']}") from None
+
+
+def describe_params(cls: type) -> list[dict]:
+    """Name, type, default and help of every parameter (for `thresher methods`)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        tp = hints[f.name]
+        entry = {"name": f.name, "type": _type_text(tp), "default": default,
+                 "help": f.metadata.get("help", "")}
+        if typing.get_origin(tp) is Literal:
+            entry["choices"] = list(typing.get_args(tp))
+        out.append(entry)
+    return out
+
+
+def split_params(raw: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
+    """Route each key to the first class that declares it; unknown keys are an error naming
+    every class's keys."""
+    raw = {k.replace("-", "_"): v for k, v in (raw or {}).items()}
+    parts: list[dict[str, Any]] = [{} for _ in classes]
+    for k, v in raw.items():
+        for i, cls in enumerate(classes):
+            if k in {f.name for f in dataclasses.fields(cls)}:
+                parts[i][k] = v
+                break
+        else:
+            valid = sorted({f.name for c in classes for f in dataclasses.fields(c)})
+            raise ValueError(f"unknown parameter {k!r}; valid: {', '.join(valid) or '(none)'}")
+    return parts

@@ -1,0 +1,146 @@
+"""A plan: the stages a request needs, deduplicated and ordered, then run by an executor.
+
+    plan = make_plan(needs.values(), device="cpu")
+    print(plan.show(pool, store))                   # one line per stage, with what is cached
+    outputs, stats = plan.run(pool, store, LocalExecutor())
+
+Several methods (or several selections of one recipe) that need the same stage share it: stages
+are frozen configs, so equal configs are one step. `run` hands each per-shard stage's missing
+shards to the executor, assembles the pool-level output, and records the same statistics for
+every stage (rows, tokens, seconds, device, FLOPs, what was cached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+from thresher.pipeline.artifacts import ArtifactStore
+from thresher.pipeline.pool import Pool
+from thresher.pipeline.progress import stage_bar
+from thresher.pipeline.stage import Stage, StageRun, StageStats, shard_done
+
+
+def _bind(stage: Stage, device: str) -> Stage:
+    """Resolve device-dependent fields ("auto" dtypes) so the cache key is concrete."""
+    changes = {f.name: _bind(getattr(stage, f.name), device) for f in dataclasses.fields(stage)
+               if isinstance(getattr(stage, f.name), Stage)}
+    stage = dataclasses.replace(stage, **changes) if changes else stage
+    bind = getattr(stage, "bind", None)
+    return bind(device) if bind else stage
+
+
+@dataclass
+class Plan:
+    stages: list[Stage]            # every stage to run, dependencies first, each once
+    roots: list[Stage]             # the needs as bound (device-resolved), in the order given
+    device: str = "cpu"
+
+    def _run_for(self, stage: Stage, pool: Pool, store: ArtifactStore, outputs: dict) -> StageRun:
+        stage_pool = outputs[stage.source] if stage.source is not None else pool
+        return StageRun(stage, stage_pool, store, self.device,
+                        deps={d: outputs[d] for d in stage.deps()})
+
+    def show(self, pool: Pool, store: ArtifactStore) -> list[str]:
+        """One line per stage: cached, partly cached (k of n shards), or to run. Nothing is
+        computed or loaded except the outputs of earlier cached stages that later keys need."""
+        lines, outputs = [], {}
+        for i, stage in enumerate(self.stages, 1):
+            try:
+                run = self._run_for(stage, pool, store, outputs)
+            except KeyError:          # an upstream stage is not computed yet: key unknown
+                lines.append(f"{i}. {stage.describe()}: to run (after its inputs)")
+                continue
+            if stage.done(run):
+                outputs[stage] = stage.load(run)
+                lines.append(f"{i}. {stage.describe()}: cached ({run.dir.dir})")
+            elif stage.per_shard:
+                have = sum(shard_done(run, s) is not None for s in run.pool.shards)
+                lines.append(f"{i}. {stage.describe()}: to run ({have} of "
+                             f"{len(run.pool.shards)} shards cached)")
+            else:
+                lines.append(f"{i}. {stage.describe()}: to run")
+        return lines
+
+    def run(self, pool: Pool, store: ArtifactStore, executor) -> tuple[dict[Stage, Any], list[StageStats]]:
+        outputs: dict[Stage, Any] = {}
+        stats: list[StageStats] = []
+        for stage in self.stages:
+            run = self._run_for(stage, pool, store, outputs)
+            st = _run_stage(run, executor)
+            outputs[stage] = stage.load(run)
+            stats.append(st)
+        return outputs, stats
+
+
+def make_plan(needs: Iterable[Stage], device: str = "cpu") -> Plan:
+    """Every stage the needs depend on, each once, dependencies first."""
+    order: list[Stage] = []
+    seen: set[Stage] = set()
+    roots = [_bind(stage, device) for stage in needs]
+
+    def visit(stage: Stage) -> None:
+        if stage in seen:
+            return
+        for dep in stage.deps():
+            visit(dep)
+        seen.add(stage)
+        order.append(stage)
+
+    for stage in roots:
+        visit(stage)
+    return Plan(order, roots, device)
+
+
+def _run_stage(run: StageRun, executor) -> StageStats:
+    stage = run.stage
+    st = StageStats(stage=stage.kind, config=stage.key_config(), device=run.device,
+                    rows_in=run.pool.n_rows)
+    t0 = time.perf_counter()
+    if stage.done(run):
+        info = run.dir.info()
+        st.cached, st.rows_out = True, int(info.get("rows", 0))
+        st.tokens = int(info.get("tokens", 0))
+        st.shards_cached = len(run.pool.shards) if stage.per_shard else 0
+        st.seconds = time.perf_counter() - t0
+        return st
+    if stage.per_shard:
+        _fill_shards(run, executor, st)
+        extra = stage.assemble(run)
+    else:
+        total = run.pool.n_rows if stage.uses_pool else 1
+        with stage_bar(stage.kind, total, stage.unit) as bar:
+            extra = stage.run_whole(run) or {}
+            bar.update(total)
+        st.tokens, st.flops = int(extra.pop("tokens", 0)), float(extra.pop("flops", 0.0))
+    st.rows_out = int(extra.get("rows", run.pool.n_rows))
+    run.dir.complete({"rows": st.rows_out, "tokens": st.tokens, **run.notes, **extra})
+    st.seconds = time.perf_counter() - t0
+    return st
+
+
+def _fill_shards(run: StageRun, executor, st: StageStats) -> None:
+    missing = [s for s in run.pool.shards if shard_done(run, s) is None]
+    st.shards_cached = len(run.pool.shards) - len(missing)
+    st.shards_computed = len(missing)
+    total = sum(pq.ParquetFile(s).metadata.num_rows for s in missing)
+    with stage_bar(run.stage.kind, total, "rows") as bar:
+        executor.fill(run, missing, bar.update)
+    for s in run.pool.shards:
+        info = shard_done(run, s)
+        st.tokens += info["tokens"]
+        if s in missing:
+            st.flops += info["flops"]
+
+
+def run_stage(stage: Stage, pool: Pool, store: ArtifactStore, device: str = "cpu", executor=None):
+    """Run one stage (and what it depends on) in this process; returns its output."""
+    from thresher.pipeline.executors import LocalExecutor
+
+    plan = make_plan([stage], device)
+    outputs, _ = plan.run(pool, store, executor or LocalExecutor())
+    return outputs[plan.roots[0]]
