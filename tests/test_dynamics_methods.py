@@ -121,7 +121,7 @@ def test_dealrec_combines_normalised_scores_and_prunes_the_top(dyn_pool, tiny_lm
     assert sel.height == 8 and sel["reason"].str.contains("stratum").all()
     cand = pl.read_parquet(cfg["decisions"]).select("id", "influence", "effort", "dealrec")
     # dealrec = minmax(influence) + 1.0 * minmax(effort)
-    mm = lambda c: (cand[c] - cand[c].min()) / (cand[c].max() - cand[c].min())   # noqa: E731
+    mm = lambda c: (cand[c] - cand[c].min()) / (cand[c].max() - cand[c].min())
     assert ((mm("influence") + mm("effort")) - cand["dealrec"]).abs().max() < 1e-9
     assert cand["dealrec"].min() >= 0 and cand["dealrec"].max() <= 2
     assert cand["influence"].n_unique() > 1 and cand["effort"].n_unique() > 1
