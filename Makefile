@@ -5,9 +5,14 @@ STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup demo test bench clean sample
+.PHONY: setup browser demo test bench clean sample
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The report's browser test drives Debian's chromium (headless, through Playwright); no browser is
+# ever downloaded by Playwright itself.
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 
 # Upgrade pip first: pip 23.2 spends >10 minutes resolving this dependency set, pip 26 resolves it at once.
 # torch is installed before the project so pip never picks an unpinned (multi-GB CUDA) build on a CPU box;
@@ -36,9 +41,10 @@ demo: $(STAMP)
 		--out out/demo/semdedup.jsonl --format messages
 	.venv/bin/thresher select out/demo/pool --method random --budget 50% --seed 0 \
 		--out out/demo/random.jsonl --format messages
-	@echo "demo: wrote out/demo/{semdedup,random}.jsonl with .manifest.json and .selection.parquet beside each"
+	.venv/bin/thresher report out/demo/semdedup.jsonl out/demo/random.jsonl --out out/demo/report.html
+	@echo "demo: wrote out/demo/{semdedup,random}.jsonl with .manifest.json and .selection.parquet beside each, and out/demo/report.html"
 
-test: $(STAMP)
+test: $(STAMP) browser
 	.venv/bin/python -m pytest -q
 
 sample: $(STAMP)

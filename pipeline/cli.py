@@ -251,7 +251,26 @@ def verify(
     except USER_ERRORS as e:
         _fail(e)
     typer.echo(r["markdown"])
-    typer.echo(f"verify took {r['seconds']:.0f}s -> {out / 'verify.json'}, {out / 'verify.md'}")
+    typer.echo(f"verify took {r['seconds']:.0f}s -> {out / 'verify.json'}, {out / 'verify.md'}, "
+               f"{r['report']}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Selection outputs (X.jsonl), verify directories, or a directory of selections.")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default: X.jsonl.report.html, or DIR/report.html).")] = None,
+    embedder: Annotated[str | None, typer.Option(help="Embedder for the map when no embeddings are cached (default all-minilm-l6-v2).")] = None,
+    max_points: Annotated[int, typer.Option(help="Most pool rows drawn on the map (a seeded sample beyond).")] = 5000,
+):
+    """Write one self-contained HTML report (offline): funnel, map, scores, examples, verify."""
+    from thresher.pipeline.report import default_out, write_report
+
+    try:
+        path = write_report(runs, out or default_out(runs), embedder=embedder,
+                            max_points=max_points)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(f"report -> {path}")
 
 
 @app.command("qtuning-masks")

@@ -14,7 +14,8 @@ Both use the first `max_eval` rows of each eval set; generation stops at `max_ne
 (0 = no generation). The pool comes from `<subset>.manifest.json` (inputs.pool) or `pool=`.
 
 Writes OUT/verify.json, OUT/verify.md (the comparison table, also returned) and OUT/verify.png
-when matplotlib is installed (it is not a dependency; the table says when the plot is skipped).
+when matplotlib is installed (it is not a dependency; the table says when the plot is skipped),
+and OUT/report.html (`pipeline/report.py`: the table, loss curves and the subsets' report).
 Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones.
 
 `seeds=K` (> 1) trains every subset K times (training seeds seed..seed+K-1) and draws the random
@@ -284,6 +285,10 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
     with atomic_path(out / "verify.md") as tmp:
         tmp.write_text(table)
     report["markdown"] = table
+    from thresher.pipeline.report import write_report
+
+    # the HTML report; its map uses cached embeddings only (verify never embeds for a picture)
+    report["report"] = str(write_report([out], out / "report.html", compute_embeddings=False))
     return report
 
 

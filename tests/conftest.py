@@ -62,6 +62,33 @@ def tiny_lm_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory):
+    """A 1-layer, 32-wide random BERT with MiniLM's tokenizer, saved as a sentence-transformer."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:   # sentence-transformers < 6
+        from sentence_transformers import models
+    from thresher.pipeline.models import DEFAULT_EMBEDDER, resolve
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-st")
+    tok = AutoTokenizer.from_pretrained(resolve(DEFAULT_EMBEDDER).path)
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=256))
+    (out / "bert").mkdir()
+    bert.save_pretrained(out / "bert")
+    tok.save_pretrained(out / "bert")
+    body = models.Transformer(str(out / "bert"), max_seq_length=128)
+    st = SentenceTransformer(modules=[body, models.Pooling(32, "mean")], device="cpu")
+    st.save(str(out / "st"))
+    return str(out / "st")
+
+
+@pytest.fixture(scope="session")
 def dyn_pool(tmp_path_factory, sample_pool):
     """A small mixed pool (5 short rows per sample source, shards of 8) for the training-dynamics
     stages and methods."""

@@ -12,35 +12,8 @@ from thresher.pipeline import embed as embed_mod
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.cluster import cluster_matrix, kmeans
 from thresher.pipeline.embed import ShardEmbedder, embed_pool
-from thresher.pipeline.models import DEFAULT_EMBEDDER, resolve
 from thresher.pipeline.pool import Pool, ingest
 from thresher.pipeline.schema import row_text
-
-
-@pytest.fixture(scope="module")
-def tiny_embedder(tmp_path_factory):
-    """A 1-layer, 32-wide random BERT with MiniLM's tokenizer, saved as a sentence-transformer."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    try:
-        from sentence_transformers.sentence_transformer import modules as models
-    except ImportError:   # sentence-transformers < 6
-        from sentence_transformers import models
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tiny-st")
-    tok = AutoTokenizer.from_pretrained(resolve(DEFAULT_EMBEDDER).path)
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=64,
-                                max_position_embeddings=256))
-    (out / "bert").mkdir()
-    bert.save_pretrained(out / "bert")
-    tok.save_pretrained(out / "bert")
-    body = models.Transformer(str(out / "bert"), max_seq_length=128)
-    st = SentenceTransformer(modules=[body, models.Pooling(32, "mean")], device="cpu")
-    st.save(str(out / "st"))
-    return str(out / "st")
 
 
 @pytest.fixture(scope="module")

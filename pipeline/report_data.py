@@ -1,0 +1,213 @@
+"""What the report reads: selections, their pool, verify outputs. No plotting here.
+
+A RUN given to `thresher report` (or `write_report`) is any of:
+  - a selection's output `X.jsonl` (or its `X.jsonl.manifest.json` / `X.jsonl.selection.parquet`):
+    the manifest and the per-row sidecar beside it;
+  - a verify output directory (or its `verify.json`): the verify results, plus every subset it
+    names (each a selection, when its manifest is beside it);
+  - a directory holding several selections (a recipe's output): every `*.manifest.json` in it,
+    and `verify.json` in it or in a direct subdirectory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+MANIFEST = ".manifest.json"
+SIDECAR = ".selection.parquet"
+
+
+@dataclass
+class Selection:
+    """One selection: its manifest, the chosen rows (sidecar) and, when the method saved them,
+    every candidate's scores and decisions (`decisions`: id + columns, kept or not)."""
+
+    name: str
+    path: Path
+    manifest: dict
+    chosen: pl.DataFrame
+    decisions: pl.DataFrame | None = None
+
+    @property
+    def method(self) -> str:
+        return self.manifest.get("method", "?")
+
+    @property
+    def method_config(self) -> dict:
+        return self.manifest.get("config", {}).get("method", {}) or {}
+
+    def lookup(self, key: str):
+        """A method statistic wherever the manifest keeps it: top level, `counts`, `notes`,
+        `stats`, or the method's config (first found)."""
+        for where in (self.manifest, self.manifest.get("counts", {}),
+                      self.manifest.get("notes", {}), self.manifest.get("stats", {}),
+                      self.method_config):
+            if isinstance(where, dict) and key in where:
+                return where[key]
+        return None
+
+
+@dataclass
+class VerifyRun:
+    path: Path                     # the verify output directory
+    data: dict                     # verify.json
+    train_logs: dict[str, list[dict]] = field(default_factory=dict)   # run name -> steps
+
+
+def _recorded_path(recorded: str, manifest_path: Path, output: str | None) -> Path:
+    """A path the manifest recorded relative to the directory `select` ran in: that directory
+    is the manifest's folder with the recorded output's parent folders stripped off."""
+    p = Path(recorded)
+    if p.is_absolute() or p.exists():
+        return p
+    if output and not Path(output).is_absolute():
+        base = manifest_path.resolve().parent
+        for _ in Path(output).parent.parts:
+            base = base.parent
+        if (base / p).exists():
+            return base / p
+    return p
+
+
+def load_selection(path: Path, name: str) -> Selection:
+    path = Path(path)
+    manifest_path = Path(f"{path}{MANIFEST}")
+    manifest = json.loads(manifest_path.read_text())
+    sidecar = Path(f"{path}{SIDECAR}")
+    if not sidecar.exists():
+        raise FileNotFoundError(f"{sidecar}: missing (the per-row reasons of {path.name})")
+    chosen = pl.read_parquet(sidecar)
+    if "rank" not in chosen.columns:
+        chosen = chosen.with_row_index("rank")
+    decisions = None
+    for key in ("scores", "decisions"):
+        recorded = manifest.get(key) or manifest.get("config", {}).get("method", {}).get(key)
+        if isinstance(recorded, str):
+            p = _recorded_path(recorded, manifest_path, manifest.get("output"))
+            if p.exists():
+                decisions = pl.read_parquet(p)
+                break
+            log.warning("%s: recorded %s %s not found; scores of unselected rows unknown",
+                        manifest_path, key, recorded)
+    return Selection(name, path, manifest, chosen, decisions)
+
+
+def selection_base(path: Path) -> Path | None:
+    """X for X.jsonl / X.jsonl.manifest.json / X.jsonl.selection.parquet, when X has a manifest."""
+    s = str(path)
+    for suffix in (MANIFEST, SIDECAR):
+        s = s.removesuffix(suffix)
+    return Path(s) if Path(f"{s}{MANIFEST}").exists() else None
+
+
+def load_verify(path: Path) -> VerifyRun:
+    data = json.loads((path / "verify.json").read_text())
+    logs = {}
+    for name in data.get("runs", {}):
+        log_file = path / "runs" / name / "train_log.jsonl"
+        if log_file.exists():
+            logs[name] = [json.loads(line) for line in log_file.read_text().splitlines() if line]
+    return VerifyRun(path, data, logs)
+
+
+def _expand(run: Path) -> tuple[list[Path], list[Path]]:
+    """(selection bases, verify dirs) named by one RUN argument."""
+    if run.name == "verify.json" and run.is_file():
+        run = run.parent
+    if run.is_dir():
+        if (run / "verify.json").exists():
+            return [], [run]
+        bases = sorted(selection_base(m) for m in run.glob(f"*{MANIFEST}"))
+        verifies = sorted(d.parent for d in run.glob("*/verify.json"))
+        if not bases and not verifies:
+            raise FileNotFoundError(f"{run}: no selection manifests (*{MANIFEST}) and no "
+                                    "verify.json here")
+        return [b for b in bases if b is not None], verifies
+    base = selection_base(run)
+    if base is None:
+        raise FileNotFoundError(f"{run}: not a selection output (no {run.name}{MANIFEST} beside "
+                                "it), a verify directory or a directory of selections")
+    return [base], []
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names, seen = [], Counter()
+    for p in paths:
+        base = p.name.split(".")[0]
+        seen[base] += 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+def load_runs(runs: list[Path]) -> tuple[list[Selection], list[VerifyRun]]:
+    """Every selection and verify output the RUN arguments name (a verify's subsets included)."""
+    if not runs:
+        raise ValueError("report needs at least one RUN (a selection output, a verify directory "
+                         "or a directory of selections)")
+    bases: list[Path] = []
+    verifies: list[VerifyRun] = []
+    for run in runs:
+        b, v = _expand(Path(run))
+        bases += b
+        verifies += [load_verify(d) for d in v]
+    for v in verifies:
+        for subset in v.data.get("subsets", {}).values():
+            p = _recorded_path(subset, v.path / "verify.json", None)
+            base = selection_base(p)
+            if base is not None:
+                bases.append(base)
+    unique = list(dict.fromkeys(b.resolve() for b in bases))
+    selections = [load_selection(b, n) for b, n in zip(unique, _unique_names(unique))]
+    return selections, verifies
+
+
+def pool_path(sel: Selection) -> Path | None:
+    recorded = sel.manifest.get("inputs", {}).get("pool")
+    if not recorded:
+        return None
+    p = _recorded_path(recorded, Path(f"{sel.path}{MANIFEST}"), sel.manifest.get("output"))
+    return p if (p / "pool.json").exists() else None
+
+
+def workdir(sel: Selection) -> Path | None:
+    w = sel.manifest.get("workdir")
+    return Path(w) if w else None
+
+
+def quarantine_reasons(pool_dir: Path, top: int = 10) -> list[tuple[str, int]]:
+    """The most frequent quarantine reasons (the text before the first ':' of detail)."""
+    f = pool_dir / "quarantine.jsonl"
+    if not f.exists():
+        return []
+    counts: Counter = Counter()
+    with open(f, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                reason = str(json.loads(line).get("reason", "?"))
+                counts[reason[:90]] += 1
+    return counts.most_common(top)
+
+
+def count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def first_user_turn(row: dict, limit: int = 240) -> str:
+    """The row's first user message (or its text), whitespace collapsed, cut to `limit`."""
+    if row.get("kind") == "text" or not row.get("messages"):
+        s = row.get("text") or ""
+    else:
+        s = next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
+    s = " ".join(str(s).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
