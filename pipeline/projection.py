@@ -8,7 +8,7 @@ UMAP (`umap-learn`, McInnes et al.) with the cosine metric over the L2-normalise
 Pools larger than `max_points` are subsampled uniformly with a seed before fitting, so the map
 stays readable (an SVG scatter with hover text per point) and the fit stays in seconds; the
 subsample does not depend on any selection, so one projection serves every selection of the
-pool. Cached like every stage: `store.stage("umap", [embeddings fingerprint], config)` holds
+pool. Cached like every stage: `store.dir("umap", [embeddings fingerprint], config)` holds
 `rows.npy` and `coords.npy`; the same embeddings and settings reuse them.
 
 Cost: umap-learn compiles its numba kernels on the first fit in a process (tens of seconds on a
@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from thresher.pipeline.artifacts import ArtifactStore, Stage
+from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ MAX_POINTS = 5000
 
 @dataclass
 class Projection:
-    stage: Stage
+    stage: ArtifactDir
 
     @property
     def rows(self) -> np.ndarray:
@@ -79,7 +79,7 @@ def project_umap(store: ArtifactStore, x: np.ndarray, fingerprint: str,
         raise ValueError(f"cannot project a matrix of shape {x.shape}")
     config = {"algorithm": "umap-learn", "metric": "cosine", "max_points": max_points,
               "n_neighbors": n_neighbors, "min_dist": min_dist, "seed": seed}
-    stage = store.stage("umap", [fingerprint], config)
+    stage = store.dir("umap", [fingerprint], config)
     if not stage.done:
         rows = sample_rows(x.shape[0], max_points, seed)
         coords = fit_umap(x[rows], n_neighbors, min_dist, seed)

@@ -16,7 +16,8 @@ Both use the first `max_eval` rows of each eval set; generation stops at `max_ne
 Writes OUT/verify.json, OUT/verify.md (the comparison table, also returned) and OUT/verify.png
 when matplotlib is installed (it is not a dependency; the table says when the plot is skipped),
 and OUT/report.html (`pipeline/report.py`: the table, loss curves and the subsets' report).
-Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones.
+Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones and their evaluations
+(RUN/evals.json, keyed by the run, the eval rows and the settings).
 
 `seeds=K` (> 1) trains every subset K times (training seeds seed..seed+K-1) and draws the random
 twin afresh for each seed; runs live in OUT/runs/<name>/seed-<s>/, each run's evals are the mean
@@ -262,16 +263,14 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
             run_dir = out / "runs" / name if seeds == 1 else out / "runs" / name / f"seed-{s}"
             summary = train(run_rows, run_dir, replace(cfg, seed=s) if seeds > 1 else cfg,
                             progress=progress)
-            model, tok = load_trained(run_dir, device, merge=True)
             t0 = time.perf_counter()
+            evals = _cached_evals(run_dir, summary, eval_sets, cfg.max_tokens, max_new_tokens, device)
             per_seed.append({
                 "rows": len(run_rows), "trained_rows": summary["trained_rows"],
                 "steps": summary["steps"], "train_tokens": summary["train_tokens"],
                 "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
-                "train_seconds": summary["seconds"],
-                "evals": evaluate(model, tok, eval_sets, cfg.max_tokens, max_new_tokens),
+                "train_seconds": summary["seconds"], "evals": evals,
                 "eval_seconds": round(time.perf_counter() - t0, 2)})
-            del model
         report["runs"][name] = per_seed[0] if seeds == 1 else _over_seeds(per_seed, report["seeds"])
         write_json_atomic(out / "verify.json", report)   # partial results survive a kill
     report["comparisons"] = compare_to_random(report)
@@ -290,6 +289,26 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
     # the HTML report; its map uses cached embeddings only (verify never embeds for a picture)
     report["report"] = str(write_report([out], out / "report.html", compute_embeddings=False))
     return report
+
+
+def _cached_evals(run_dir: Path, summary: dict, eval_sets: dict, max_tokens: int,
+                  max_new_tokens: int, device: str) -> dict:
+    """A trained run's evals, reused from RUN/evals.json when the run, the eval rows and the
+    settings are unchanged (a rerun adding one subset re-evaluates only the new runs)."""
+    from thresher.pipeline.artifacts import config_key
+
+    key = config_key(summary["run_key"], {n: [r["id"] for r in rows] for n, rows in eval_sets.items()},
+                     eval_sets, max_tokens, max_new_tokens)
+    cache = run_dir / "evals.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["evals"]
+    model, tok = load_trained(run_dir, device, merge=True)
+    evals = evaluate(model, tok, eval_sets, max_tokens, max_new_tokens)
+    del model
+    write_json_atomic(cache, {"key": key, "evals": evals})
+    return evals
 
 
 def _over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:

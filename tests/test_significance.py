@@ -70,5 +70,12 @@ def test_verify_with_seeds(tmp_path, tiny_lm_dir, sample_pool):
     assert comp["verdict"] in ("better", "worse", "no clear difference")
     assert "Subset minus random" in rep["markdown"] and f"| pick | gsm8k_test | {comp['diff']:+.4f}" in rep["markdown"]
     assert " ± " in rep["markdown"]
+    # a rerun reuses the trained runs and their evaluations
+    cached = tmp_path / "v" / "runs" / "pick" / "seed-1" / "evals.json"
+    mtime = cached.stat().st_mtime_ns
+    again = run_verify([pick], [GSM8K_TEST], tmp_path / "v", cfg=cfg, max_eval=4, max_new_tokens=0,
+                       progress=False, seeds=2)
+    assert cached.stat().st_mtime_ns == mtime
+    assert again["comparisons"] == json.loads((tmp_path / "v" / "verify.json").read_text())["comparisons"]
     with pytest.raises(ValueError, match="--seeds"):
         run_verify([pick], [GSM8K_TEST], tmp_path / "v2", cfg=cfg, seeds=0)
