@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,ray]'
 ifeq ($(HAS_GPU),1)
 	# faiss-cpu and faiss-gpu ship the same `faiss` module: swap one for the other.
 	$(PIP) uninstall -y -q faiss-cpu

@@ -149,6 +149,7 @@ class KMeans(Stage):
 
     kind: ClassVar[str] = "kmeans"
     per_shard: ClassVar[bool] = False
+    requires = (("faiss", "faiss-cpu>=1.8"),)
     of: Stage = None
     k: int = 100
     niter: int = 20

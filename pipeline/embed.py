@@ -123,6 +123,7 @@ class Embed(Stage):
 
     kind: ClassVar[str] = "embed"
     loads_model: ClassVar[bool] = True
+    requires = (("sentence_transformers", "sentence-transformers>=3.0"),)
     model: str = DEFAULT_EMBEDDER
     part: Literal["first_user", "conversation", "response"] = "conversation"
     max_seq_length: int | None = None

@@ -115,15 +115,15 @@ def _logit_stats(logits, y, want: frozenset[str]) -> dict:
     return out
 
 
-def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
-    """Signals of one padded batch. ids/am/lm: [B, T] (lm = loss mask)."""
+def _forward_batch(model, parts, ids, am, loss_mask, want: frozenset[str]) -> dict:
+    """Signals of one padded batch; ids, am (attention mask) and loss_mask are [B, T]."""
     import torch
     import torch.nn.functional as F
 
     need_stats = bool(want & LOGIT_SIGNALS)
-    sel = torch.zeros_like(lm)
-    sel[:, :-1] = lm[:, 1:]                 # hidden state at t-1 predicts loss token t
-    y = ids[:, 1:][lm[:, 1:]]
+    sel = torch.zeros_like(loss_mask)
+    sel[:, :-1] = loss_mask[:, 1:]                 # hidden state at t-1 predicts loss token t
+    y = ids[:, 1:][loss_mask[:, 1:]]
     logits_all = None
     if parts is not None:
         body, head = parts
@@ -147,7 +147,7 @@ def _forward_batch(model, parts, ids, am, lm, want: frozenset[str]) -> dict:
             del block
         out["token"] = {k: np.concatenate(v) if v else np.zeros(0, np.float32)
                         for k, v in pieces.items()}
-        out["counts"] = lm[:, 1:].sum(1).cpu().numpy()
+        out["counts"] = loss_mask[:, 1:].sum(1).cpu().numpy()
     if "rds" in want:
         lengths = am.sum(1, keepdim=True).float()                             # L per row
         pos = torch.arange(1, am.shape[1] + 1, device=am.device).float()[None, :] * am
@@ -200,13 +200,13 @@ def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = D
                 T = int(lengths[batch].max())
                 ids = np.full((len(batch), T), pad, dtype=np.int64)
                 am = np.zeros((len(batch), T), dtype=np.int64)
-                lm = np.zeros((len(batch), T), dtype=bool)
+                loss_mask = np.zeros((len(batch), T), dtype=bool)
                 for j, i in enumerate(batch):
                     L = lengths[i]
-                    ids[j, :L], am[j, :L], lm[j, :L] = encoded[i].input_ids, 1, encoded[i].loss_mask
+                    ids[j, :L], am[j, :L], loss_mask[j, :L] = encoded[i].input_ids, 1, encoded[i].loss_mask
                 res = _forward_batch(model, parts, torch.from_numpy(ids).to(device),
                                      torch.from_numpy(am).to(device),
-                                     torch.from_numpy(lm).to(device), want)
+                                     torch.from_numpy(loss_mask).to(device), want)
                 if stats:
                     counts = res["counts"]
                     bounds = np.concatenate([[0], np.cumsum(counts)])

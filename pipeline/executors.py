@@ -6,7 +6,9 @@
                                          address (or RAY_ADDRESS) names one
 
 Both write through the same artifact store with the same per-shard code (`Stage.run_shard` then
-`write_shard`), so their artifacts and the subsets built on them are the same bytes.
+`write_shard`), so their artifacts and the subsets built on them are the same bytes. (Float
+reductions depend on the CPU thread count, so actors run torch with the driver's thread count:
+Ray would otherwise give each actor one thread per CPU it holds, and the last bits would differ.)
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ class LocalExecutor:
 class ShardActor:
     """One Ray actor: the stage's worker (model) loaded once, then one shard per call."""
 
-    def __init__(self, stage: Stage, pool_path: str, store_root: str, device: str):
+    def __init__(self, stage: Stage, pool_path: str, store_root: str, device: str, threads: int):
+        import torch
         from thresher.pipeline.pool import Pool
 
+        torch.set_num_threads(threads)
         self.stage, self.device = stage, device
         self.pool, self.store = Pool(pool_path), ArtifactStore(store_root)
         self.worker = stage.open_worker(device)
@@ -87,8 +91,10 @@ class RayExecutor:
         n = max(1, min(len(missing), int(cluster.get("CPU", 1) // max(res.cpus, 1e-9))))
         actor = ray.remote(num_cpus=res.cpus, num_gpus=gpus,
                            memory=int(res.memory_gb * 2**30))(ShardActor)
-        actors = [actor.remote(run.stage, str(run.pool.path), str(run.store.root), device)
-                  for _ in range(n)]
+        import torch
+
+        actors = [actor.remote(run.stage, str(run.pool.path), str(run.store.root), device,
+                               torch.get_num_threads()) for _ in range(n)]
         try:
             for rows in ActorPool(actors).map_unordered(lambda a, s: a.run.remote(str(s)), missing):
                 update(rows)

@@ -105,6 +105,7 @@ class Forward(Stage):
 
     kind: ClassVar[str] = "forward"
     loads_model: ClassVar[bool] = True
+    requires = (("transformers", "transformers>=4.46"),)
     model: str = DEFAULT_LM
     stats: bool = True           # loss, ppl, entropy, EL2N, per-token loss and entropy
     rds: bool = False            # RDS+ position-weighted mean-pooled final hidden states

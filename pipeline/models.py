@@ -147,7 +147,7 @@ def pick_dtype(device: str, requested: str | None = None):
     return torch.float32
 
 
-def _weights_path(model: ResolvedModel) -> str:
+def local_weights(model: ResolvedModel) -> str:
     """The model directory, converting a GGUF file the first time its weights are needed."""
     if model.gguf and not (Path(model.path) / "config.json").exists():
         convert_gguf(Path(model.gguf))
@@ -174,7 +174,7 @@ def load_causal_lm(model: ResolvedModel, device: str = "cpu", dtype=None,
                    trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(_weights_path(model), local_files_only=not model.remote,
+    lm = AutoModelForCausalLM.from_pretrained(local_weights(model), local_files_only=not model.remote,
                                               dtype=dtype or pick_dtype(device),
                                               trust_remote_code=trust_remote_code)
     return lm.to(device).eval()

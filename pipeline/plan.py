@@ -93,6 +93,8 @@ def make_plan(needs: Iterable[Stage], device: str = "cpu") -> Plan:
 
     for stage in roots:
         visit(stage)
+    for stage in order:
+        stage.check_requirements()
     return Plan(order, roots, device)
 
 

@@ -121,6 +121,7 @@ class Stage:
     loads_model: ClassVar[bool] = False      # False: planning it never loads model weights
     unit: ClassVar[str] = "rows"              # what its progress bar counts
     uses_pool: ClassVar[bool] = True          # False: the output does not depend on the pool
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()   # (module, pip requirement) it imports
 
     source: Any = field(default=None, kw_only=True)   # a TargetPool stage, or None: the main pool
 
@@ -130,6 +131,15 @@ class Stage:
 
     def resources(self) -> Resources:
         return Resources()
+
+    def check_requirements(self) -> None:
+        """A missing optional dependency is an error that names the install command."""
+        import importlib.util
+
+        for module, requirement in self.requires:
+            if importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(f"the {self.kind} stage needs {module}: "
+                                          f"pip install '{requirement}' (or `make setup`)")
 
     def key_config(self) -> dict:
         """The cache key: every field, stages by their own key, plus `key_extra()`."""

@@ -162,14 +162,14 @@ def masked_loss(model, parts, ids, att, mask):
     positions never reach the vocabulary projection (less compute, no [B, T, V] logits)."""
     import torch.nn.functional as F
 
-    lm = mask[:, 1:]
+    loss_mask = mask[:, 1:]
     if parts is not None:
         body, head = parts
         hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][lm])
+        logits = head(hidden[:, :-1][loss_mask])
     else:
-        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1][lm]
-    return F.cross_entropy(logits.float(), ids[:, 1:][lm])
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1][loss_mask]
+    return F.cross_entropy(logits.float(), ids[:, 1:][loss_mask])
 
 
 # ---------------------------------------------------------------- state
@@ -397,8 +397,8 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
 def _qtuning_step(model, tok, batch: list[Example], qcfg, device, reports, step, out):
     """Score the micro-batch with a no-grad eval-mode pass (the forward engine), keep Q2/Q4 and
     prune Q2 tokens; returns the kept examples with their new loss masks."""
-    nll, ent, lm, att = score_tokens(model, tok, batch, qcfg.entropy_over)
-    res = prune_batch(nll, ent, lm, att, qcfg)
+    nll, ent, loss_mask, att = score_tokens(model, tok, batch, qcfg.entropy_over)
+    res = prune_batch(nll, ent, loss_mask, att, qcfg)
     rec = {"step": step + 1, "micro": len(reports), **res.report}
     reports.append(rec)
     with open(out / "qtuning.jsonl", "a") as f:

@@ -68,16 +68,16 @@ class QTuningConfig:
 def sample_scores(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray,
                   attention: np.ndarray, entropy_over: str = "response") -> tuple[np.ndarray, np.ndarray]:
     """Per-sample PPL (exp of the mean label-token NLL) and mean entropy, from [B, T] arrays."""
-    lm = loss_mask.astype(bool)
-    n = lm.sum(1)
+    mask = loss_mask.astype(bool)
+    n = mask.sum(1)
     if (n == 0).any():
         raise ValueError("Q-Tuning: a sample has no loss tokens; it cannot be placed on the EU plane")
-    ppl = np.exp((np.where(lm, nll, 0.0).sum(1) / n).astype(np.float64))
+    ppl = np.exp((np.where(mask, nll, 0.0).sum(1) / n).astype(np.float64))
     if entropy_over == "all":
         pos = attention.astype(bool).copy()
         pos[:, 0] = False  # the first token has no prediction
     else:
-        pos = lm
+        pos = mask
     ent = np.where(pos, ent, 0.0).sum(1) / np.maximum(pos.sum(1), 1)
     return ppl, ent.astype(np.float64)
 
@@ -118,21 +118,21 @@ class BatchPrune:
 def prune_batch(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray, attention: np.ndarray,
                 cfg: QTuningConfig) -> BatchPrune:
     """Apply Q-Tuning to one batch of [B, T] per-token NLL / entropy arrays (position-aligned)."""
-    lm = loss_mask.astype(bool)
+    mask = loss_mask.astype(bool)
     attention = attention.astype(bool)
-    B = lm.shape[0]
-    ppl, ent_s = sample_scores(nll, ent, lm, attention, cfg.entropy_over)
+    B = mask.shape[0]
+    ppl, ent_s = sample_scores(nll, ent, mask, attention, cfg.entropy_over)
     plane = eu_keep(ppl, ent_s, cfg.sample_ratio)    # bisection + fill-up, §2.3
     labels, alpha, filled = plane["labels"], plane["alpha"], int(plane["fill"].sum())
     q2 = plane["q2_like"]                             # Q2 and Q2-like fill-ups: token-pruned
     keep = plane["kept"] | plane["fill"]
     q4 = keep & ~q2
 
-    new = lm & keep[:, None]
-    scores = smoothed_token_scores(nll, lm, cfg.lam)
+    new = mask & keep[:, None]
+    scores = smoothed_token_scores(nll, mask, cfg.lam)
     if cfg.token_budget == "sample":
         for i in np.flatnonzero(q2):
-            n = int(lm[i].sum())
+            n = int(mask[i].sum())
             n_keep = max(1, round(n * cfg.token_ratio))
             new[i, _drop_highest(scores[i], n - n_keep)] = False
     else:  # batch-global budget of the released code (§2.4)
@@ -140,16 +140,16 @@ def prune_batch(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray, attenti
         keep_tok = round(t_total * cfg.sample_ratio * cfg.token_ratio)
         removed = int(attention[~keep, 1:].sum())
         drop_need = t_total - keep_tok - removed
-        cand = np.where(q2[:, None] & lm, scores, -np.inf)
+        cand = np.where(q2[:, None] & mask, scores, -np.inf)
         flat = _drop_highest(cand, drop_need)
         new.reshape(-1)[flat] = False
 
-    q2_tokens = int(lm[q2].sum())
+    q2_tokens = int(mask[q2].sum())
     report = {
         "samples": B, "kept_samples": int(keep.sum()), "q2": int((labels == "Q2").sum()),
         "q4": int((labels == "Q4").sum()),
         "filled": filled, "alpha": round(float(alpha), 6),
-        "label_tokens": int(lm.sum()), "kept_sample_tokens": int(lm[keep].sum()),
+        "label_tokens": int(mask.sum()), "kept_sample_tokens": int(mask[keep].sum()),
         "kept_tokens": int(new.sum()), "q2_tokens": q2_tokens,
         "q2_kept_tokens": int(new[q2].sum()),
     }
@@ -188,12 +188,12 @@ def score_tokens(model, tok, encoded: list, entropy_over: str = "response"):
 
     B = len(encoded)
     T = max(len(e.input_ids) for e in encoded)
-    lm = np.zeros((B, T), dtype=bool)
+    mask = np.zeros((B, T), dtype=bool)
     att = np.zeros((B, T), dtype=bool)
     for i, e in enumerate(encoded):
-        lm[i, :len(e.input_ids)] = e.loss_mask
+        mask[i, :len(e.input_ids)] = e.loss_mask
         att[i, :len(e.input_ids)] = True
-    scored = lm if entropy_over == "response" else att.copy()
+    scored = mask if entropy_over == "response" else att.copy()
     scored[:, 0] = False
     encs = [Encoded(e.input_ids, scored[i, :len(e.input_ids)].copy(), False)
             for i, e in enumerate(encoded)]
@@ -203,7 +203,7 @@ def score_tokens(model, tok, encoded: list, entropy_over: str = "response"):
     for i in range(B):
         nll[i, scored[i]] = res["token_loss"][i]
         ent[i, scored[i]] = res["token_entropy"][i]
-    return nll, ent, lm, att
+    return nll, ent, mask, att
 
 
 # ---------------------------------------------------------------- offline mode
@@ -227,9 +227,9 @@ def write_masks(rows: list[dict], out: Path, model_name: str, cfg: QTuningConfig
     if empty:
         raise ValueError(f"{len(empty)} rows have no response tokens within {max_tokens} tokens "
                          f"(e.g. {empty[:3]}); raise --max-tokens or drop them")
-    nll, ent, lm, att = score_tokens(model, tok, encs, cfg.entropy_over)
-    ppl, ent_s = sample_scores(nll, ent, lm, att, cfg.entropy_over)
-    res = prune_batch(nll, ent, lm, att, cfg)
+    nll, ent, mask, att = score_tokens(model, tok, encs, cfg.entropy_over)
+    ppl, ent_s = sample_scores(nll, ent, mask, att, cfg.entropy_over)
+    res = prune_batch(nll, ent, mask, att, cfg)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -17,6 +17,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# as the CLI does (pipeline/cli.py main): spinning OpenMP threads ran 3-5x slower on shared CPUs
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +38,9 @@ def sample_pool(tmp_path_factory, sample_pool_dir):
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir() -> Path:
-    from thresher.pipeline.models import DEFAULT_LM, resolve
+    from thresher.pipeline.models import DEFAULT_LM, local_weights, resolve
 
-    return Path(resolve(DEFAULT_LM).path)
+    return Path(local_weights(resolve(DEFAULT_LM)))
 
 
 @pytest.fixture(scope="session")

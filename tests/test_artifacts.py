@@ -1,5 +1,4 @@
 import pytest
-
 from thresher.pipeline.artifacts import ArtifactStore, atomic_path
 
 
@@ -14,10 +13,9 @@ def test_stage_key_depends_on_inputs_and_config(tmp_path):
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     stage = ArtifactStore(tmp_path).dir("s", ["x"], {})
-    with pytest.raises(RuntimeError):
-        with stage.writing("part-0.npy") as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), stage.writing("part-0.npy") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert not stage.has("part-0.npy")
     assert [p.name for p in stage.dir.iterdir()] == ["_SPEC.json"]
     with stage.writing("part-0.npy") as tmp:

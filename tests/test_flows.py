@@ -9,7 +9,6 @@ import pytest
 def test_curate_flow_runs_ingest_and_select(tmp_path, sample_pool_dir, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     from prefect.testing.utilities import prefect_test_harness
-
     from thresher.flows.curate import curate
 
     with prefect_test_harness(server_startup_timeout=120):

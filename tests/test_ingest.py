@@ -4,7 +4,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from thresher.pipeline.pool import Pool, ingest
 from thresher.pipeline.schema import RowError, to_canonical
 

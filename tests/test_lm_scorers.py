@@ -106,7 +106,8 @@ def test_eu_keep_bisects_and_fills():
     rng = np.random.default_rng(0)
     ppl, ent = rng.lognormal(size=400), rng.normal(size=400)
     res = eu_keep(ppl, ent, 0.25)
-    assert abs(res["kept"].mean() - 0.25) < 0.05 or res["fill"].any()
+    # bisection lands within its tolerance (0.01) of the ratio, so nothing needs filling
+    assert abs(res["kept"].mean() - 0.25) < 0.01 and not res["fill"].any()
     assert res["kept"].sum() + res["fill"].sum() >= 100
     assert set(res["labels"][res["kept"]]) <= {"Q2", "Q4"}
     alpha = search_alpha(ppl, ent, 0.25)

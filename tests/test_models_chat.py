@@ -1,5 +1,4 @@
 import pytest
-
 from thresher.pipeline.chat import encode, prompt_text
 from thresher.pipeline.models import DEFAULT_EMBEDDER, DEFAULT_LM, load_tokenizer, resolve
 

@@ -4,7 +4,6 @@ import sys
 
 import polars as pl
 import pytest
-
 from thresher.pipeline.budget import Budget
 from thresher.pipeline.select import run_select
 from thresher.pipeline.writers import to_record, write_rows
