@@ -88,7 +88,7 @@ def sample_run(tmp_path_factory, sample_pool, tiny_embedder, tiny_lm_dir):
     out = tmp_path_factory.mktemp("run")
     work = out / "work"
     run_select(sample_pool.path, "semdedup", "16", out / "semdedup.jsonl", workdir=work,
-               options={"embedder": tiny_embedder, "k": 7, "eps": 0.002})
+               params={"embedder": tiny_embedder, "k": 7, "eps": 0.002})
     run_select(sample_pool.path, "random", "16", out / "rand.jsonl", seed=1, workdir=work)
     cfg = TrainConfig(model=str(tiny_lm_dir), batch_size=8, max_tokens=128, lr=1e-2)
     run_verify([out / "semdedup.jsonl", out / "rand.jsonl"],
