@@ -151,8 +151,8 @@ def test_readme_worked_example_is_a_working_method(tmp_path, small_sample, tiny_
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     code = re.search(r"```python\n# scoring/hard_tokens.py\n(.*?)```", readme, re.DOTALL).group(1)
     module = types.ModuleType("hard_tokens_example")
+    monkeypatch.setitem(sys.modules, "hard_tokens_example", module)   # dataclasses look it up
     exec(compile(code, "README.md", "exec"), module.__dict__)  # noqa: S102 (our own README)
-    monkeypatch.setitem(sys.modules, "hard_tokens_example", module)
     monkeypatch.setitem(registry.METHODS, "hard-tokens", "hard_tokens_example:HardTokensMethod")
     m = run_select(small_sample.path, "hard-tokens", "5", tmp_path / "h.jsonl", workdir=tmp_path / "w",
                    params={"model": str(tiny_lm_dir), "keep": "top"})
