@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -14,12 +15,39 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Select and curate LLM training data.")
 
-# Errors a user can cause with bad input: one line on stderr, exit code 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ModuleNotFoundError)
+# Errors a user or the environment causes: one line on stderr, exit code 2. Anything else is a
+# bug and keeps its traceback (KeyError, TypeError, AssertionError... are never caught here).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,
+               NotADirectoryError, PermissionError)
+# OSErrors that are the machine's state, not a bug: disk full, quota, read-only file system,
+# permissions, a name too long, too many open files, a missing device.
+ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+              errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.ENODEV, errno.ENXIO}
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message for a user or environment error, or None for a programming error."""
+    from thresher.pipeline.models import MissingPackage
+
+    if isinstance(e, OSError) and (isinstance(e, USER_ERRORS) or e.errno in ENV_ERRNOS):
+        if e.filename is not None and e.strerror:
+            return f"{e.filename}: {e.strerror}"
+        return str(e) or type(e).__name__
+    if isinstance(e, USER_ERRORS + (MissingPackage,)):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _check_device(device: str | None) -> None:
+    from thresher.pipeline.models import check_device
+
+    check_device(device)
 
 
 def _fail(e: Exception) -> None:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = user_error_message(e)
+    if msg is None:
+        raise e
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
 
@@ -30,6 +58,7 @@ def ingest(
     out: Annotated[Path, typer.Option("--out", help="Pool directory to write (replaced if it exists).")],
     format: Annotated[str | None, typer.Option("--format", help="messages|sharegpt|alpaca|text; default: detect per file.")] = None,
     rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 10_000,
+    encoding: Annotated[str | None, typer.Option(help="Text encoding of files without a byte-order mark (default UTF-8).")] = None,
 ):
     """Read instruction or text data into a pool of canonical Parquet shards."""
     from thresher.pipeline.pool import ingest as run_ingest
@@ -38,8 +67,8 @@ def ingest(
     try:
         with tqdm(unit=" rows", desc="ingest", disable=None) as bar:
             rep = run_ingest(sources, out, shape=format, rows_per_shard=rows_per_shard,
-                             progress=bar.update)
-    except USER_ERRORS as e:
+                             progress=bar.update, encoding=encoding)
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     for i in rep.inputs:
         if i.quarantined:
@@ -72,13 +101,14 @@ def select(
     from thresher.pipeline.select import run_select
 
     try:
+        _check_device(device)
         params = parse_param_options(param)
         if out is None and not dry_run:
             raise ValueError("--out is required (the subset file to write)")
         m = run_select(pool, method, budget, out or Path("-"), fmt=format, seed=seed,
                        workdir=workdir, params=params, selector=selector, targets=target or (),
                        device=device, executor=executor, ray_address=ray_address, dry_run=dry_run)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     if dry_run:
         typer.echo(f"plan for {method} ({len(m['plan'])} stages):")
@@ -117,10 +147,11 @@ def embed(
     from thresher.pipeline.select import default_workdir
 
     try:
+        _check_device(device)
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
         e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(err)
     typer.echo(f"embeddings {e.rows} x {e.dim} float16 ({e.model}, {e.part}) -> {e.path}")
 
@@ -145,12 +176,13 @@ def cluster(
     from thresher.pipeline.select import default_workdir
 
     try:
+        _check_device(device)
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
         e = embed_pool(p, store, model, part=part, device=device)
         c = cluster_matrix(store, e.matrix(), k, fingerprint=e.fingerprint, niter=niter,
                            seed=seed, spherical=spherical)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(err)
     typer.echo(f"embeddings -> {e.path}")
     for name, path in c.paths().items():
@@ -162,9 +194,11 @@ def cluster(
 def _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, save_steps=None,
                   every=0, device=None, merge=False, qtuning=False, sample_ratio=0.25,
                   token_ratio=0.5, token_budget="sample"):
+    from thresher.pipeline.models import check_device
     from thresher.pipeline.train import TrainConfig
     from thresher.scoring.qtuning import QTuningConfig
 
+    check_device(device)
     steps = [int(s) for s in (save_steps or "").replace(" ", "").split(",") if s]
     q = QTuningConfig(sample_ratio=sample_ratio, token_ratio=token_ratio,
                       token_budget=token_budget) if qtuning else None
@@ -204,7 +238,7 @@ def train(
                             save_steps, every, device, merge, qtuning, sample_ratio, token_ratio,
                             token_budget)
         s = train_file(subset, out, cfg, resume=not fresh, token_masks=token_masks)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     if s.get("quarantined"):
         typer.echo(f"  {subset}: {s['quarantined']} rows quarantined (see {out / 'quarantine.jsonl'})", err=True)
@@ -248,7 +282,7 @@ def verify(
         cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, device=device)
         r = run_verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
                        max_eval=max_eval, max_new_tokens=max_new_tokens, seeds=seeds)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(r["markdown"])
     typer.echo(f"verify took {r['seconds']:.0f}s -> {out / 'verify.json'}, {out / 'verify.md'}, "
@@ -268,7 +302,7 @@ def report(
     try:
         path = write_report(runs, out or default_out(runs), embedder=embedder,
                             max_points=max_points)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(f"report -> {path}")
 
@@ -289,13 +323,14 @@ def qtuning_masks(
     from thresher.scoring.qtuning import QTuningConfig, write_masks
 
     try:
+        _check_device(device)
         rows, bad = load_rows(source)
         if bad:
             typer.echo(f"  {source}: {len(bad)} rows quarantined, e.g. {bad[0]['location']}: {bad[0]['reason']}", err=True)
         info = write_masks(rows, out, model or "smollm2-135m-instruct",
                            QTuningConfig(sample_ratio=sample_ratio, token_ratio=token_ratio,
                                          token_budget=token_budget), max_tokens=max_tokens, device=device)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(f"kept {info['kept_samples']} of {info['samples']} rows, {info['kept_tokens']} of "
                f"{info['label_tokens']} label tokens -> {out}")
@@ -311,7 +346,7 @@ def methods(
 
     try:
         rows = describe(name)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     if as_json:
         out = rows[0] if name else {"methods": rows, "selectors": describe_selectors()}
@@ -324,7 +359,8 @@ def methods(
         typer.echo(f"  cost: {r['cost']}; targets: {r['targets']}; score column: {r['score_column']}")
         typer.echo("  needs: " + ("; ".join(n["describe"] for n in r["needs"]) or "nothing"))
         for prm in r["params"]:
-            typer.echo(f"  --param {prm['name']}={prm['default']!s:<22} {prm['type']:<28} {prm['help']}")
+            flag = f"--param {prm['name']}={prm['default']}"
+            typer.echo(f"  {flag:<40} {prm['type']:<34} {prm['help']}")
     if not name:
         typer.echo("\n`thresher methods NAME` shows a method's parameters and needs; --json for programs.")
 
@@ -337,10 +373,28 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("THRESHER_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted; completed shards are kept and a rerun resumes", err=True)
-        sys.exit(130)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently
+            code = _interrupted()
+    except (typer.Abort, KeyboardInterrupt):
+        code = _interrupted()
+    except typer.TyperException as e:  # misuse: unknown option, missing argument, bad value
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {msg.splitlines()[0]} (see thresher --help)", err=True)
+        code = 2
+    except Exception as e:  # user errors raised outside a command's own handler
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        typer.echo(f"error: {msg}", err=True)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted() -> int:
+    typer.echo("interrupted: no output was written (outputs are renamed into place only when "
+               "complete); finished cache shards are kept and a rerun resumes from them", err=True)
+    return 130
 
 
 if __name__ == "__main__":

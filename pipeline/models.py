@@ -12,12 +12,16 @@ Remote code is never trusted unless `trust_remote_code=True` is passed explicitl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import inspect
 import logging
 import os
+import re
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +52,15 @@ def converted_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{_gguf_identity(gguf)}"
 
 
+class MissingPackage(RuntimeError):
+    """A built-in model's package is not installed (an environment problem, not a bug)."""
+
+
 def _package_dir(module: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"built-in model needs the package {module!r}: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+        raise MissingPackage(f"built-in model needs the package {module!r}: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _gguf_identity(path: Path) -> str:
@@ -121,14 +129,72 @@ def resolve(name: str) -> ResolvedModel:
         "a local directory, a .gguf file, or an org/name hub id")
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(requested: str | None) -> None:
+    """Raise ValueError unless `requested` names a device kind thresher knows (no torch import)."""
+    if requested is not None and not DEVICE_PATTERN.fullmatch(requested):
+        raise ValueError(f"--device {requested!r}: unknown device; expected auto, cpu, cuda, "
+                         "cuda:N or mps")
+
+
 def pick_device(requested: str | None = None) -> str:
+    """The device to run on: `auto` (or None) picks CUDA when present; a named device must exist."""
     import torch
 
-    if requested and requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    check_device(requested)
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: no CUDA device is available here; use "
+                             "--device cpu or auto")
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple's MPS backend is not available here")
+    return requested
+
+
+def _hub_cached(model: ResolvedModel) -> bool:
+    """Whether a hub model's config is already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(model.path, f), str)
+               for f in ("config.json", "modules.json"))
+
+
+def check_hub_reachable(model: ResolvedModel, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when a hub model must be downloaded and the hub cannot be reached
+    (the hub client would otherwise retry with back-off for about a minute)."""
+    if not model.remote or _hub_cached(model):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ValueError(f"model {model.name!r}: a hub name, not in the local cache, and "
+                         "HF_HUB_OFFLINE is set; use a local model directory or unset it")
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"model {model.name!r}: a hub name, and {host} cannot be reached ({e}); "
+                         "check the network, or pass a local model directory or .gguf file") from None
+
+
+@contextlib.contextmanager
+def _loading(model: ResolvedModel, what: str):
+    """Loading errors become one clear user error naming the model and where it came from."""
+    check_hub_reachable(model)
+    try:
+        yield
+    except OSError as e:
+        where = "the Hugging Face hub" if model.remote else model.path
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"model {model.name!r}: cannot load its {what} from {where}: {first}") from e
 
 
 def pick_dtype(device: str, requested: str | None = None):
@@ -159,12 +225,13 @@ def load_tokenizer(model: ResolvedModel, trust_remote_code: bool = False):
     token counts never load model weights."""
     from transformers import AutoTokenizer
 
-    if model.gguf and not (Path(model.path) / "config.json").exists():
-        g = Path(model.gguf)
-        tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
-    else:
-        tok = AutoTokenizer.from_pretrained(model.path, local_files_only=not model.remote,
-                                            trust_remote_code=trust_remote_code)
+    with _loading(model, "tokenizer"):
+        if model.gguf and not (Path(model.path) / "config.json").exists():
+            g = Path(model.gguf)
+            tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(model.path, local_files_only=not model.remote,
+                                                trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -174,9 +241,10 @@ def load_causal_lm(model: ResolvedModel, device: str = "cpu", dtype=None,
                    trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(local_weights(model), local_files_only=not model.remote,
-                                              dtype=dtype or pick_dtype(device),
-                                              trust_remote_code=trust_remote_code)
+    with _loading(model, "weights"):
+        lm = AutoModelForCausalLM.from_pretrained(local_weights(model), local_files_only=not model.remote,
+                                                  dtype=dtype or pick_dtype(device),
+                                                  trust_remote_code=trust_remote_code)
     return lm.to(device).eval()
 
 
@@ -187,8 +255,9 @@ def load_embedder(model: ResolvedModel, device: str = "cpu", trust_remote_code: 
     # sentence-transformers 6 renamed tokenizer_kwargs to processor_kwargs
     tk = "processor_kwargs" if "processor_kwargs" in inspect.signature(SentenceTransformer).parameters \
         else "tokenizer_kwargs"
-    return SentenceTransformer(model.path, device=device, trust_remote_code=trust_remote_code,
-                               model_kwargs=kwargs, **{tk: kwargs})
+    with _loading(model, "embedding model"):
+        return SentenceTransformer(model.path, device=device, trust_remote_code=trust_remote_code,
+                                   model_kwargs=kwargs, **{tk: kwargs})
 
 
 @functools.lru_cache(maxsize=64)

@@ -18,6 +18,7 @@ path and sha256 are unchanged instead of reading it again, and reports the input
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -30,42 +31,94 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import file_fingerprint, write_json_atomic
+from thresher.pipeline.outputs import check_outputs, clean_stale, replace_dir, temp_name
 from thresher.pipeline.readers import expand_inputs, read_records
 from thresher.pipeline.schema import POOL_SCHEMA, SHAPES, RowError, detect_shape, to_canonical
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard entries {"name", "rows", "bytes", "sha256"} in pool.json
+READABLE_VERSIONS = (1, 2)
 SNIPPET = 300
 
 
+def _empty_frame() -> pl.DataFrame:
+    return pl.from_arrow(POOL_SCHEMA.empty_table())
+
+
 class Pool:
-    """Read side of a pool directory."""
+    """Read side of a pool directory. Opening checks pool.json's format version and every
+    shard's size and row count against pool.json (cheap: file sizes and Parquet footers); the
+    content hashes are checked once per Pool object, when its rows are first read."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         manifest = self.path / "pool.json"
-        if not manifest.exists():
-            raise FileNotFoundError(f"{self.path}: not a pool (no pool.json); run `thresher ingest` first")
-        self.info = json.loads(manifest.read_text())
-        self.shards = [self.path / "shards" / s for s in self.info["shards"]]
-        self._hashed: dict[Path, str] = {}
+        if not manifest.is_file():
+            what = "no such directory" if not self.path.exists() else "no pool.json"
+            raise FileNotFoundError(f"{self.path}: not a pool ({what}); run `thresher ingest` first")
+        try:
+            self.info = json.loads(manifest.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{manifest}: unreadable ({e}); re-run `thresher ingest`") from None
+        version = self.info.get("format_version") if isinstance(self.info, dict) else None
+        if version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"{manifest}: pool format version {version!r} is not one this thresher reads "
+                f"({', '.join(map(str, READABLE_VERSIONS))}); re-run `thresher ingest` with this "
+                "version (or upgrade thresher)")
+        # version 1 listed shard names only
+        self.entries = [{"name": e} if isinstance(e, str) else e for e in self.info["shards"]]
+        self.shards = [self.path / "shards" / e["name"] for e in self.entries]
+        self._by_path = {str(p): e for p, e in zip(self.shards, self.entries)}
+        self._hashes_checked = False
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        for shard, entry in zip(self.shards, self.entries):
+            if not shard.is_file():
+                raise ValueError(f"{shard}: shard listed in pool.json is missing; re-run ingest")
+            size = shard.stat().st_size
+            if "bytes" in entry and size != entry["bytes"]:
+                raise ValueError(f"{shard}: {size} bytes, pool.json records {entry['bytes']}: the "
+                                 "shard was changed or truncated after ingest; re-run ingest")
+            try:
+                rows = pq.read_metadata(shard).num_rows
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"{shard}: unreadable shard ({e}); re-run ingest") from None
+            if "rows" in entry and rows != entry["rows"]:
+                raise ValueError(f"{shard}: {rows} rows, pool.json records {entry['rows']}; "
+                                 "re-run ingest")
+
+    def verify_contents(self) -> None:
+        """Check every shard's sha256 against pool.json (once per Pool object)."""
+        if self._hashes_checked:
+            return
+        for shard, entry in zip(self.shards, self.entries):
+            if "sha256" in entry and file_fingerprint(shard) != entry["sha256"]:
+                raise ValueError(f"{shard}: content differs from pool.json's sha256: the shard "
+                                 "was changed after ingest; re-run ingest")
+        self._hashes_checked = True
+
+    def shard_fingerprint(self, shard: Path | str) -> str:
+        """The shard's sha256 (from pool.json; hashed from the file for version-1 pools)."""
+        entry = self._by_path.get(str(shard)) or self._by_path.get(str(self.path / "shards" / Path(shard).name))
+        if entry is None:
+            raise ValueError(f"{shard}: not a shard of pool {self.path}")
+        if "sha256" not in entry:
+            entry["sha256"] = file_fingerprint(self.path / "shards" / entry["name"])
+        return entry["sha256"]
 
     @property
     def fingerprint(self) -> str:
         return self.info["fingerprint"]
-
-    def shard_fingerprint(self, shard: Path) -> str:
-        """The sha256 of one shard's content (from pool.json when recorded, else hashed once)."""
-        recorded = {e["name"]: e.get("sha256") for e in self.info.get("shard_info", [])}
-        fp = recorded.get(Path(shard).name) or self._hashed.get(shard)
-        if fp is None:
-            fp = self._hashed[shard] = file_fingerprint(Path(shard))
-        return fp
 
     @property
     def n_rows(self) -> int:
         return self.info["kept"]
 
     def scan(self) -> pl.LazyFrame:
+        self.verify_contents()
+        if not self.shards:
+            return _empty_frame().lazy()
         return pl.scan_parquet([str(s) for s in self.shards])
 
     def frame(self, columns: list[str] | None = None) -> pl.DataFrame:
@@ -78,12 +131,14 @@ class Pool:
         return self.frame(["meta"])["meta"].str.json_path_match(f"$.{name}").alias(name)
 
     def iter_rows(self, columns: list[str] | None = None, batch_rows: int = 1024) -> Iterator[dict]:
+        self.verify_contents()
         for shard in self.shards:
             for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=columns):
                 yield from batch.to_pylist()
 
     def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[str, list[dict]]]:
         """(shard name, rows) per shard: the unit at which stages cache and resume."""
+        self.verify_contents()
         for shard in self.shards:
             yield shard.stem, pq.read_table(shard, columns=columns).to_pylist()
 
@@ -91,7 +146,11 @@ class Pool:
         """Full canonical rows for `ids`, in the order given."""
         wanted = pl.Series("id", ids, dtype=pl.String)
         found = self.scan().filter(pl.col("id").is_in(wanted.implode())).collect()
-        by_id = {r["id"]: r for r in found.to_dicts()}
+        by_id: dict[str, dict] = {}
+        for r in found.to_dicts():
+            if r["id"] in by_id:  # only pools from before ids were made unique can have this
+                raise ValueError(f"pool {self.path} holds id {r['id']!r} twice; re-run ingest")
+            by_id[r["id"]] = r
         missing = [i for i in ids if i not in by_id]
         if missing:
             raise KeyError(f"{len(missing)} ids not in pool {self.path}, e.g. {missing[:3]}")
@@ -141,12 +200,17 @@ def _snippet(rec) -> str | None:
     if rec is None:
         return None
     if isinstance(rec, str):  # the raw text of a row that could not be decoded
-        return rec[:SNIPPET]
+        return _clean(rec[:SNIPPET])
     try:
         s = json.dumps(rec, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        s = repr(rec)
-    return s.encode("utf-8", "replace").decode("utf-8")[:SNIPPET]
+    except (TypeError, ValueError, RecursionError):
+        s = repr(rec)[:SNIPPET * 4]
+    return _clean(s[:SNIPPET])
+
+
+def _clean(s: str) -> str:
+    """Text safe to write as UTF-8 (undecodable bytes and lone surrogates become U+FFFD)."""
+    return s.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _row_shape(rec, declared: str | None, file_shape: str | None) -> tuple[str | None, str | None]:
@@ -160,13 +224,19 @@ def _row_shape(rec, declared: str | None, file_shape: str | None) -> tuple[str |
 
 
 def _convert(rec, row_shape: str | None, path: Path) -> dict:
+    if not isinstance(rec, dict):
+        raise RowError(f"record is {type(rec).__name__}, expected a JSON object")
     if row_shape is None:
         raise RowError("cannot tell the format (no messages/conversations/instruction/output/"
                        "text field); pass --format" if rec else "empty object")
-    return to_canonical(rec, row_shape, default_source=path.stem)
+    try:
+        return to_canonical(rec, row_shape, default_source=path.stem)
+    except RecursionError:
+        raise RowError("nested too deeply") from None
 
 
-def load_rows(path: Path | str, shape: str | None = None) -> tuple[list[dict], list[dict]]:
+def load_rows(path: Path | str, shape: str | None = None, encoding: str | None = None
+              ) -> tuple[list[dict], list[dict]]:
     """Canonical rows of a pool directory or of one small file (a subset, an eval set) held in
     memory, and the rows that could not be used (file, location, reason), which callers report."""
     path = Path(path)
@@ -175,7 +245,7 @@ def load_rows(path: Path | str, shape: str | None = None) -> tuple[list[dict], l
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     rows, bad, file_shape = [], [], shape
-    for where, rec, err in read_records(path):
+    for where, rec, err in read_records(path, encoding):
         if err is None:
             row_shape, file_shape = _row_shape(rec, shape, file_shape)
             try:
@@ -190,13 +260,87 @@ def load_rows(path: Path | str, shape: str | None = None) -> tuple[list[dict], l
     return rows, bad
 
 
+def _id_key(rid: str) -> bytes:
+    return hashlib.blake2b(rid.encode(), digest_size=12).digest()
+
+
+class _Ids:
+    """Unique ids: a repeated id is kept as `<id>#dup<k>`, k the smallest suffix not yet taken
+    (so `a#dup1`, `a`, `a` gives `a#dup1`, `a`, `a#dup2`), and logged."""
+
+    def __init__(self, log):
+        self.log, self.seen, self.next_k, self.renamed = log, set(), {}, 0
+
+    def claim(self, row: dict, path: Path, where: str) -> bool:
+        """Make row["id"] unique; True when it had to be renamed."""
+        rid, key = row["id"], _id_key(row["id"])
+        renamed = key in self.seen
+        if renamed:
+            k = self.next_k.get(rid, 0)
+            while True:
+                k += 1
+                new_id = f"{rid}#dup{k}"
+                key = _id_key(new_id)
+                if key not in self.seen:
+                    break
+            self.next_k[rid] = k
+            self.log.write(json.dumps({"id": rid, "kept_as": new_id, "file": str(path),
+                                       "location": where}, ensure_ascii=False) + "\n")
+            row["id"] = new_id
+            self.renamed += 1
+        self.seen.add(key)
+        return renamed
+
+
+class _ShardWriter:
+    """Buffers canonical rows and writes numbered Parquet shards, recording name, rows, bytes
+    and sha256 of each for pool.json. A shard never spans two input files (`end_file`)."""
+
+    def __init__(self, directory: Path, rows_per_shard: int):
+        self.dir, self.rows_per_shard = directory, rows_per_shard
+        self.buffer: list[dict] = []
+        self.entries: list[dict] = []
+
+    def _next(self) -> Path:
+        return self.dir / f"part-{len(self.entries):05d}.parquet"
+
+    def _record(self, path: Path, rows: int) -> str:
+        self.entries.append({"name": path.name, "rows": rows, "bytes": path.stat().st_size,
+                             "sha256": file_fingerprint(path)})
+        return path.name
+
+    def add(self, row: dict) -> str | None:
+        """Buffer a row; the name of the shard it completed, if any."""
+        self.buffer.append(row)
+        return self.flush() if len(self.buffer) >= self.rows_per_shard else None
+
+    def flush(self) -> str | None:
+        if not self.buffer:
+            return None
+        path = self._next()
+        pq.write_table(pa.Table.from_pylist(self.buffer, schema=POOL_SCHEMA), path)
+        rows = len(self.buffer)
+        self.buffer.clear()
+        return self._record(path, rows)
+
+    def copy(self, src: Path) -> str:
+        """Take an existing shard (an unchanged input's, from the previous pool) as the next one."""
+        self.flush()
+        path = self._next()
+        shutil.copyfile(src, path)
+        return self._record(path, pq.read_metadata(path).num_rows)
+
+
 def _previous(out: Path, shape: str | None, rows_per_shard: int) -> tuple[dict, dict]:
     """Inputs of the pool at `out` that can be reused (path -> entry), and its quarantine lines
     by file; nothing when ingest options changed or the pool predates per-file shards."""
     info_path = out / "pool.json"
     if not info_path.exists():
         return {}, {}
-    info = json.loads(info_path.read_text())
+    try:
+        info = Pool(out).info  # also checks its format version and its shards' sizes and rows
+    except ValueError:
+        return {}, {}  # a damaged previous pool is simply not reused
     if info.get("declared_format") != shape or info.get("rows_per_shard") != rows_per_shard:
         return {}, {}
     inputs = {i["path"]: i for i in info["inputs"] if "shards" in i and "rows_sha256" in i}
@@ -216,123 +360,155 @@ def _reuse_input(prev: dict | None, sha256: str, src: Path, seen: set[bytes]) ->
         return None
     ids = [i for s in prev["shards"]
            for i in pq.read_table(src / "shards" / s, columns=["id"])["id"].to_pylist()]
-    if any(hashlib.blake2b(i.encode(), digest_size=12).digest() in seen for i in ids):
+    if any(_id_key(i) in seen for i in ids):
         return None
     return ids
 
 
+class _Run:
+    """The state of one ingest: the open quarantine and duplicate logs, ids, shards, and what an
+    earlier pool at the output path offers for reuse."""
+
+    def __init__(self, tmp: Path, out: Path, shape, encoding, rows_per_shard, progress, reuse):
+        self.out, self.shape, self.encoding, self.progress = out, shape, encoding, progress
+        self.qf = open(tmp / "quarantine.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.df = open(tmp / "duplicate_ids.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.ids = _Ids(self.df)
+        self.shards = _ShardWriter(tmp / "shards", rows_per_shard)
+        self.prev_inputs, self.prev_quarantine = (_previous(out, shape, rows_per_shard)
+                                                  if reuse else ({}, {}))
+
+    def close(self) -> None:
+        self.qf.close()
+        self.df.close()
+
+    def reuse(self, rep: InputReport) -> bool:
+        prev = self.prev_inputs.get(rep.path)
+        ids = _reuse_input(prev, rep.sha256, self.out, self.ids.seen)
+        if ids is None:
+            return False
+        for s in prev["shards"]:
+            rep.shards.append(self.shards.copy(self.out / "shards" / s))
+        self.ids.seen.update(_id_key(i) for i in ids)
+        self.qf.writelines(self.prev_quarantine.get(rep.path, []))
+        for k in ("shape", "read", "kept", "quarantined", "rows_sha256"):
+            setattr(rep, k, prev[k])
+        rep.reused = True
+        return True
+
+    def read(self, path: Path) -> InputReport:
+        rep = InputReport(path=str(path), sha256=file_fingerprint(path), shape=self.shape)
+        if self.reuse(rep):
+            return rep
+        file_content = hashlib.sha256()
+        file_shape, shapes_seen = self.shape, set()
+        for where, rec, err in read_records(path, self.encoding):
+            rep.read += 1
+            if self.progress is not None:
+                self.progress(1)
+            if err is None:
+                row_shape, file_shape = _row_shape(rec, self.shape, file_shape)
+                if row_shape:
+                    shapes_seen.add(row_shape)
+                try:
+                    row = _convert(rec, row_shape, path)
+                except RowError as e:
+                    err = str(e)
+            if err is not None:
+                rep.quarantined += 1
+                self.qf.write(json.dumps({"file": str(path), "location": _clean(where),
+                                          "reason": _clean(err), "snippet": _snippet(rec)},
+                                         ensure_ascii=False) + "\n")
+                continue
+            rep.duplicate_ids += self.ids.claim(row, path, where)
+            file_content.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode())
+            rep.kept += 1
+            if name := self.shards.add(row):
+                rep.shards.append(name)
+        rep.shape = "+".join(sorted(shapes_seen)) or self.shape
+        if name := self.shards.flush():  # a shard never spans two input files
+            rep.shards.append(name)
+        rep.rows_sha256 = file_content.hexdigest()
+        return rep
+
+
 def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_shard: int = 10_000,
-           progress=None, reuse: bool = False) -> IngestReport:
-    """Read every source file into a new pool at `out` (replacing any pool already there).
+           progress=None, reuse: bool = False, encoding: str | None = None) -> IngestReport:
+    """Read every source file into a new pool at `out` (replacing a pool already there, never
+    anything else, and never a directory this ingest reads from).
 
     reuse: copy what an unchanged input gave the pool already at `out` instead of reading it."""
     if shape is not None and shape not in SHAPES:
         raise ValueError(f"unknown format {shape!r}; expected one of {', '.join(SHAPES)}")
-    files = expand_inputs([Path(s) for s in sources])
+    if rows_per_shard < 1:
+        raise ValueError(f"--rows-per-shard {rows_per_shard}: must be at least 1")
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"--encoding {encoding!r}: unknown encoding") from None
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.ingest{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "shards").mkdir(parents=True)
+    files = _inputs_outside(expand_inputs([Path(s) for s in sources]), sources, out)
+    if out.exists() and not (out.is_dir() and (out / "pool.json").exists()):
+        raise FileExistsError(f"{out} exists and is not a pool; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = temp_name(out)
+    try:
+        (tmp / "shards").mkdir(parents=True)
+        run = _Run(tmp, out, shape, encoding, rows_per_shard, progress, reuse)
+        try:
+            report = _ingest_into(files, run, tmp, out, shape, rows_per_shard)
+        finally:
+            run.close()
+        replace_dir(tmp, out, lambda d: (d / "pool.json").exists())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # Ctrl-C included: no temporary left behind
+        raise
+    return report
 
-    content = hashlib.sha256()
-    seen: set[bytes] = set()
-    dup_counts: dict[str, int] = {}
-    buffer: list[dict] = []
-    shards: list[str] = []
+
+def _inputs_outside(files: list[Path], sources: list[Path], out: Path) -> list[Path]:
+    """The input files minus an earlier version of the output pool found inside an input
+    directory (so `ingest data --out data/pool` can be rerun); refuses an output that would
+    replace an input or land inside an input pool."""
+    real_out = Path(os.path.realpath(out))
+    named = [Path(s) for s in sources if Path(s).exists()]
+    for src in named:
+        real = Path(os.path.realpath(src))
+        if real.is_relative_to(real_out):
+            raise ValueError(f"--out {out} would replace the input {src}; write the pool elsewhere")
+        if real.is_dir() and (real / "pool.json").exists() and real_out.is_relative_to(real):
+            raise ValueError(f"--out {out} lies inside the input pool {src}; write it elsewhere")
+    kept = [f for f in files if not Path(os.path.realpath(f)).is_relative_to(real_out)]
+    if not kept:
+        raise ValueError(f"no input files outside --out {out}")
+    check_outputs([], inputs=kept, dir_outputs=[out])
+    return kept
+
+
+def _ingest_into(files: list[Path], run: _Run, tmp: Path, out: Path, shape, rows_per_shard
+                 ) -> IngestReport:
     report = IngestReport(pool=str(out), fingerprint="")
-    prev_inputs, prev_quarantine = _previous(out, shape, rows_per_shard) if reuse else ({}, {})
-
-    def flush() -> str:
-        name = f"part-{len(shards):05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(buffer, schema=POOL_SCHEMA), tmp / "shards" / name)
-        shards.append(name)
-        buffer.clear()
-        return name
-
-    with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as qf, \
-            open(tmp / "duplicate_ids.jsonl", "w", encoding="utf-8") as df:
-        for path in files:
-            rep = InputReport(path=str(path), sha256=file_fingerprint(path), shape=shape)
-            report.inputs.append(rep)
-            prev = prev_inputs.get(str(path))
-            ids = _reuse_input(prev, rep.sha256, out, seen)
-            if ids is not None:
-                for s in prev["shards"]:
-                    name = f"part-{len(shards):05d}.parquet"
-                    shutil.copyfile(out / "shards" / s, tmp / "shards" / name)
-                    shards.append(name)
-                    rep.shards.append(name)
-                seen.update(hashlib.blake2b(i.encode(), digest_size=12).digest() for i in ids)
-                qf.writelines(prev_quarantine.get(str(path), []))
-                for k in ("shape", "read", "kept", "quarantined", "rows_sha256"):
-                    setattr(rep, k, prev[k])
-                rep.reused = True
-                continue
-            file_content = hashlib.sha256()
-            file_shape, shapes_seen = shape, set()
-            for where, rec, err in read_records(path):
-                rep.read += 1
-                if progress is not None:
-                    progress(1)
-                if err is None:
-                    row_shape, file_shape = _row_shape(rec, shape, file_shape)
-                    if row_shape:
-                        shapes_seen.add(row_shape)
-                    try:
-                        row = _convert(rec, row_shape, path)
-                    except RowError as e:
-                        err = str(e)
-                if err is not None:
-                    rep.quarantined += 1
-                    qf.write(json.dumps({"file": str(path), "location": where, "reason": err,
-                                         "snippet": _snippet(rec)},
-                                        ensure_ascii=False) + "\n")
-                    continue
-                key = hashlib.blake2b(row["id"].encode(), digest_size=12).digest()
-                if key in seen:
-                    k = dup_counts[row["id"]] = dup_counts.get(row["id"], 0) + 1
-                    new_id = f"{row['id']}#dup{k}"
-                    df.write(json.dumps({"id": row["id"], "kept_as": new_id, "file": str(path),
-                                         "location": where}, ensure_ascii=False) + "\n")
-                    row["id"] = new_id
-                    report.duplicate_ids += 1
-                    rep.duplicate_ids += 1
-                    key = hashlib.blake2b(new_id.encode(), digest_size=12).digest()
-                seen.add(key)
-                file_content.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode())
-                buffer.append(row)
-                rep.kept += 1
-                if len(buffer) >= rows_per_shard:
-                    rep.shards.append(flush())
-            rep.shape = "+".join(sorted(shapes_seen)) or shape
-            if buffer:   # a shard never spans two input files
-                rep.shards.append(flush())
-            rep.rows_sha256 = file_content.hexdigest()
-
+    for path in files:
+        report.inputs.append(run.read(path))
+    report.duplicate_ids = run.ids.renamed
+    content = hashlib.sha256()
     for rep in report.inputs:
         content.update(rep.rows_sha256.encode())
     report.fingerprint = content.hexdigest()[:32]
     now = {i.path for i in report.inputs}
-    report.removed = [{"path": p, "kept": i["kept"]} for p, i in prev_inputs.items() if p not in now]
+    report.removed = [{"path": p, "kept": i["kept"]} for p, i in run.prev_inputs.items()
+                      if p not in now]
     write_json_atomic(tmp / "pool.json", {
         "format_version": FORMAT_VERSION,
         "fingerprint": report.fingerprint,
         "read": report.read, "kept": report.kept, "quarantined": report.quarantined,
         "duplicate_ids": report.duplicate_ids,
         "declared_format": shape, "rows_per_shard": rows_per_shard,
-        "shards": shards,
+        "shards": run.shards.entries,
         "inputs": [vars(i) for i in report.inputs],
     })
-    assert report.read == report.kept + report.quarantined
-    if out.exists():
-        if not (out / "pool.json").exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{out} exists and is not a pool; refusing to replace it")
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+    if report.read != report.kept + report.quarantined:  # an invariant: a bug if it fails
+        raise AssertionError(f"read {report.read} != kept {report.kept} + quarantined {report.quarantined}")
     return report

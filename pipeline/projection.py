@@ -31,19 +31,19 @@ MAX_POINTS = 5000
 
 @dataclass
 class Projection:
-    stage: ArtifactDir
+    dir: ArtifactDir
 
     @property
     def rows(self) -> np.ndarray:
-        return np.load(self.stage.path("rows.npy"))
+        return np.load(self.dir.path("rows.npy"))
 
     @property
     def coords(self) -> np.ndarray:
-        return np.load(self.stage.path("coords.npy"))
+        return np.load(self.dir.path("coords.npy"))
 
     @property
     def config(self) -> dict:
-        return self.stage.info()
+        return self.dir.info()
 
 
 def sample_rows(n: int, max_points: int, seed: int) -> np.ndarray:

@@ -6,7 +6,9 @@ A canonical row is a dict with
     kind      str   "chat" (has ``messages``) or "text" (plain pretraining text)
     messages  list[{"role", "content"}] or None
     text      str or None
-    meta      str   JSON object of every original field not consumed above (nothing is lost)
+    meta      str   JSON object of every original field not consumed above (nothing is lost);
+                    fields of a turn beyond role and content (OpenAI content parts, tool calls,
+                    `name`, `weight`...) under "_turn_fields": {turn index: {field: value}}
 
 `to_canonical` raises `RowError` with a human-readable reason for anything it cannot accept;
 readers turn that into a quarantine entry.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import pyarrow as pa
@@ -48,14 +51,18 @@ class RowError(ValueError):
 
 
 def detect_shape(record: dict) -> str | None:
-    """Which input shape a record has, or None when no known key is present."""
-    if "messages" in record:
+    """Which input shape a record has, or None when no known key holds a value (a null column
+    of a table format, e.g. Parquet with both `instruction` and `text`, is not a key)."""
+    def has(key: str) -> bool:
+        return record.get(key) is not None
+
+    if has("messages"):
         return "messages"
-    if "conversations" in record:
+    if has("conversations"):
         return "sharegpt"
-    if "instruction" in record or "output" in record:
+    if has("instruction") or has("output"):
         return "alpaca"
-    if "text" in record:
+    if has("text"):
         return "text"
     return None
 
@@ -66,26 +73,84 @@ def _require_str(value: Any, what: str) -> str:
     return value
 
 
-def _messages_from(turns: Any, role_key: str, content_key: str, field: str) -> list[dict]:
+TURN_FIELDS = "_turn_fields"  # meta key: per-turn fields beyond role and content, by turn index
+
+
+def _part_text(part: Any, where: str) -> str | None:
+    """Text of one OpenAI content part; None for a non-text part (image, audio...)."""
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        raise RowError(f"{where} is {type(part).__name__}, expected a content part object")
+    if part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    return None
+
+
+def _render_tool_call(call: Any) -> str:
+    """A tool call as the text a chat template shows (Hermes/SmolLM style), for scoring."""
+    fn = call.get("function", call) if isinstance(call, dict) else call
+    if isinstance(fn, dict):
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass
+        fn = {"name": fn.get("name"), "arguments": args}
+    return "<tool_call>\n" + json.dumps(fn, ensure_ascii=False, default=str) + "\n</tool_call>"
+
+
+def _turn_content(turn: dict, content_key: str, where: str) -> tuple[str, bool]:
+    """(text of a turn, whether the original content was not a plain string). Content parts are
+    joined (text parts only); tool calls are rendered after the text."""
+    content = turn.get(content_key)
+    structured = not isinstance(content, str)
+    if isinstance(content, list):
+        texts = [_part_text(p, f"{where}.{content_key}[{j}]") for j, p in enumerate(content)]
+        content = "\n".join(t for t in texts if t is not None)
+    elif content is None:
+        content = ""
+    elif not isinstance(content, str):
+        raise RowError(f"{where}.{content_key} is {type(content).__name__}, expected a string "
+                       "or a list of content parts")
+    calls = turn.get("tool_calls") or ([turn["function_call"]] if turn.get("function_call") else [])
+    if calls:
+        if not isinstance(calls, list):
+            raise RowError(f"{where}.tool_calls is {type(calls).__name__}, expected a list")
+        content = "\n".join([c for c in [content] if c.strip()] + [_render_tool_call(c) for c in calls])
+    return content, structured
+
+
+def _messages_from(turns: Any, role_key: str, content_key: str, field: str) -> tuple[list[dict], dict]:
+    """(turns as {role, content}, {turn index: the turn's other fields}) - nothing is dropped."""
     if isinstance(turns, str):  # CSV and some Parquet files carry the list as a JSON string
         try:
             turns = json.loads(turns)
-        except json.JSONDecodeError as e:
-            raise RowError(f"'{field}' is a string that is not JSON: {e.msg}") from None
+        except (ValueError, RecursionError) as e:
+            raise RowError(f"'{field}' is a string that is not JSON: {e}") from None
     if not isinstance(turns, list):
         raise RowError(f"'{field}' is {type(turns).__name__}, expected a list")
-    out = []
+    out, extras = [], {}
     for i, turn in enumerate(turns):
+        where = f"'{field}[{i}]'"
         if not isinstance(turn, dict):
-            raise RowError(f"'{field}[{i}]' is {type(turn).__name__}, expected an object")
-        if role_key not in turn or content_key not in turn:
-            raise RowError(f"'{field}[{i}]' lacks '{role_key}' or '{content_key}'")
+            raise RowError(f"{where} is {type(turn).__name__}, expected an object")
+        if role_key not in turn:
+            raise RowError(f"{where} lacks '{role_key}'")
+        if content_key not in turn and not turn.get("tool_calls") and not turn.get("function_call"):
+            raise RowError(f"{where} lacks '{content_key}'")
         role = ROLES.get(str(turn[role_key]).lower())
         if role is None:
-            raise RowError(f"'{field}[{i}]' has unknown role {turn[role_key]!r}")
-        content = _require_str(turn[content_key], f"'{field}[{i}].{content_key}'")
+            raise RowError(f"{where} has unknown role {turn[role_key]!r}")
+        content, structured = _turn_content(turn, content_key, where)
         out.append({"role": role, "content": content})
-    return out
+        extra = {k: v for k, v in turn.items() if k not in (role_key, content_key)}
+        if structured and content_key in turn:
+            extra[content_key] = turn[content_key]  # the original parts (or null), verbatim
+        if extra:
+            extras[str(i)] = extra
+    return out, extras
 
 
 def _alpaca_messages(rec: dict) -> list[dict]:
@@ -135,6 +200,56 @@ def content_hash(kind: str, messages: list[dict] | None, text: str | None) -> st
     return "h-" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+def _check_text(value: str, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(f"{what} holds invalid Unicode (lone surrogate or undecodable byte at "
+                       f"character {e.start})") from None
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/Infinity: such floats are kept as the strings "NaN", "Infinity"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj).replace("inf", "Infinity").replace("nan", "NaN")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _meta_json(meta: dict) -> str:
+    try:
+        try:
+            out = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str, allow_nan=False)
+        except ValueError:
+            out = json.dumps(_finite(meta), ensure_ascii=False, sort_keys=True, default=str)
+    except RecursionError:
+        raise RowError("a field is nested too deeply") from None
+    except TypeError as e:  # e.g. keys of mixed types from a Parquet map column
+        raise RowError(f"a field cannot be stored as JSON: {e}") from None
+    _check_text(out, "a field")
+    return out
+
+
+def _chat(record: dict, shape: str) -> tuple[list[dict], dict]:
+    if shape == "messages":
+        if "messages" not in record:
+            raise RowError("row is missing 'messages'")
+        messages, extras = _messages_from(record["messages"], "role", "content", "messages")
+    elif shape == "sharegpt":
+        if "conversations" not in record:
+            raise RowError("row is missing 'conversations'")
+        messages, extras = _messages_from(record["conversations"], "from", "value", "conversations")
+    else:
+        messages, extras = _alpaca_messages(record), {}
+    validate_messages(messages)
+    for i, m in enumerate(messages):
+        _check_text(m["content"], f"turn {i}")
+    return messages, extras
+
+
 def to_canonical(record: Any, shape: str, default_source: str) -> dict:
     """Convert one decoded record of the given shape into a canonical row, or raise RowError."""
     if not isinstance(record, dict):
@@ -143,25 +258,17 @@ def to_canonical(record: Any, shape: str, default_source: str) -> dict:
         raise RowError("empty object")
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    extras: dict = {}
     if shape == "text":
         if "text" not in record or record["text"] is None:
             raise RowError("text row is missing 'text'")
         text = _require_str(record["text"], "'text'")
         if not text.strip():
             raise RowError("empty text")
+        _check_text(text, "'text'")
         kind, messages = "text", None
     else:
-        if shape == "messages":
-            if "messages" not in record:
-                raise RowError("row is missing 'messages'")
-            messages = _messages_from(record["messages"], "role", "content", "messages")
-        elif shape == "sharegpt":
-            if "conversations" not in record:
-                raise RowError("row is missing 'conversations'")
-            messages = _messages_from(record["conversations"], "from", "value", "conversations")
-        else:
-            messages = _alpaca_messages(record)
-        validate_messages(messages)
+        messages, extras = _chat(record, shape)
         kind, text = "chat", None
 
     rid = record.get("id")
@@ -169,24 +276,29 @@ def to_canonical(record: Any, shape: str, default_source: str) -> dict:
         rid = content_hash(kind, messages, text)
     elif isinstance(rid, bool) or not isinstance(rid, str | int):
         raise RowError(f"'id' is {type(rid).__name__}, expected a string or integer")
+    rid = str(rid)
+    _check_text(rid, "'id'")
     source = record.get("source")
-    if not isinstance(source, str) or not source:
+    consumed = set(CONSUMED[shape])
+    if isinstance(source, str) and source.strip():
+        _check_text(source, "'source'")
+    else:  # not a usable source: keep whatever it was in meta
+        consumed.discard("source")
         source = default_source
-    meta = {k: v for k, v in record.items() if k not in CONSUMED[shape]}
-    try:
-        meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str)
-        meta_json.encode("utf-8")  # lone surrogates (from undecodable bytes) fail here
-    except UnicodeEncodeError:
-        raise RowError("invalid UTF-8 in a field") from None
+    meta = {k: v for k, v in record.items() if k not in consumed}
+    if extras:
+        if TURN_FIELDS in meta:
+            raise RowError(f"field {TURN_FIELDS!r} is reserved for per-turn fields")
+        meta[TURN_FIELDS] = extras
     n_chars = len(text) if kind == "text" else sum(len(m["content"]) for m in messages)
     return {
-        "id": str(rid),
+        "id": rid,
         "source": source,
         "kind": kind,
         "messages": messages,
         "text": text,
         "n_chars": n_chars,
-        "meta": meta_json,
+        "meta": _meta_json(meta),
     }
 
 

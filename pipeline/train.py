@@ -10,8 +10,9 @@ epoch) -> AdamW + cosine schedule with warmup, gradient accumulation, gradient c
 bf16/fp16 autocast on GPU (fp32 on CPU unless `dtype="bf16"`), per-token loss masks that
 Q-Tuning (`scoring/qtuning.py`, `qtuning=QTuningConfig(...)`) or an offline mask file may zero.
 
-Checkpoints: `OUT/checkpoint-<step>/` holds the adapter plus `state.pt` (optimizer, scheduler,
-grad scaler, python/numpy/torch RNG states, epoch and batch position, the log so far). They are
+Checkpoints: `OUT/checkpoint-<step>/` holds the adapter plus `state.json` + `state.safetensors`
+(`pipeline/safestate.py`: no pickle; optimizer, scheduler, grad scaler, python/numpy/torch RNG
+states, epoch and batch position, the log so far). They are
 written atomically at `save_steps` and every `every` steps; a rerun with `resume=True` continues
 from the newest one and reaches the same weights as an uninterrupted run. S2L trajectories and
 EL2N's early-checkpoint scores load them with `load_trained(OUT / "checkpoint-<step>")`.
@@ -38,11 +39,13 @@ from thresher.pipeline.chat import encode
 from thresher.pipeline.engine import _body_and_head
 from thresher.pipeline.models import DEFAULT_LM
 from thresher.pipeline.pool import load_rows
+from thresher.pipeline.safestate import load_state, save_state
 from thresher.scoring.qtuning import QTuningConfig, prune_batch, read_masks, score_tokens, summarize
 
 log = logging.getLogger(__name__)
 
-STATE = "state.pt"
+STATE = "state.json"   # + state.safetensors (pipeline/safestate.py)
+OLD_STATE = "state.pt"  # pickled by thresher before safestate; never loaded
 MEGABATCH = 50
 
 
@@ -204,6 +207,10 @@ def set_rng_state(s: dict) -> None:
 def checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints under `out`, oldest first."""
     found = [p for p in Path(out).glob("checkpoint-*") if (p / STATE).exists()]
+    old = [p for p in Path(out).glob("checkpoint-*") if (p / OLD_STATE).exists() and p not in found]
+    if old:
+        raise ValueError(f"{old[0]}: a checkpoint from an older thresher (pickled {OLD_STATE}, "
+                         "which is never loaded); resume with --fresh or use another --out")
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -286,10 +293,10 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     step, epoch, pos, history, qt_reports = 0, 0, 0, [], []
     ckpts = checkpoints(out) if resume else []
     if not resume:
-        for p in checkpoints(out):
+        for p in Path(out).glob("checkpoint-*"):
             shutil.rmtree(p)
     if ckpts:
-        state = torch.load(ckpts[-1] / STATE, weights_only=False)
+        state = load_state(ckpts[-1], Path(STATE).stem)
         if state["run_key"] != run_key:
             raise ValueError(f"{out} holds checkpoints of a different run (other data, model or "
                              "settings); use another --out or resume=False")
@@ -308,11 +315,11 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     def save_checkpoint() -> None:
         with atomic_path(out / f"checkpoint-{step}") as tmp:
             model.save_pretrained(tmp)
-            torch.save({"run_key": run_key, "step": step, "epoch": epoch, "pos": pos,
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "scaler": scaler.state_dict(), "rng": rng_state(), "history": history,
-                        "qtuning": qt_reports, "config": asdict(cfg), "model": resolved.identity},
-                       tmp / STATE)
+            save_state(tmp, Path(STATE).stem, {
+                "run_key": run_key, "step": step, "epoch": epoch, "pos": pos,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "history": history,
+                "qtuning": qt_reports, "config": asdict(cfg), "model": resolved.identity})
             (tmp / "checkpoint.json").write_text(json.dumps(
                 {"step": step, "model": cfg.model, "model_identity": resolved.identity}) + "\n")
 

@@ -2,6 +2,8 @@
 
 Formats
     messages  JSONL {"id", "messages": [{"role", "content"}]}        TRL, axolotl, torchtune
+              (each turn also carries the fields it had on input: tool_calls, name, content
+              parts, ...)
     alpaca    JSONL {"id", "instruction", "input", "output", "system", "history"}  LLaMA-Factory
     sharegpt  JSONL {"id", "conversations": [{"from", "value"}]}      LLaMA-Factory, FastChat
     parquet   the canonical rows (id, source, kind, messages, text, n_chars, meta)
@@ -22,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
-from thresher.pipeline.schema import POOL_SCHEMA
+from thresher.pipeline.schema import POOL_SCHEMA, TURN_FIELDS
 
 FORMATS = ("messages", "alpaca", "sharegpt", "parquet", "hf")
 HF_DATA = "data/train-00000-of-00001.parquet"   # the Hub's file naming for one train shard
@@ -45,12 +47,22 @@ def to_alpaca(row: dict) -> dict:
             "system": system, "history": history}
 
 
+def _turn_fields(row: dict) -> dict:
+    """Per-turn fields ingest kept beside role and content (content parts, tool calls, name...)."""
+    meta = row.get("meta")
+    if not meta or TURN_FIELDS not in meta:
+        return {}
+    return json.loads(meta).get(TURN_FIELDS) or {}
+
+
 def to_record(row: dict, fmt: str) -> dict:
     if row["kind"] == "text":
         return {"id": row["id"], "text": row["text"]}
     if fmt == "messages":
-        return {"id": row["id"], "messages": [{"role": m["role"], "content": m["content"]}
-                                              for m in row["messages"]]}
+        extras = _turn_fields(row)
+        return {"id": row["id"], "messages": [{"role": m["role"], "content": m["content"],
+                                               **extras.get(str(i), {})}
+                                              for i, m in enumerate(row["messages"])]}
     if fmt == "sharegpt":
         return {"id": row["id"], "conversations": [
             {"from": SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in row["messages"]]}

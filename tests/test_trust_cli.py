@@ -1,0 +1,156 @@
+"""CLI misuse, table-driven: every user mistake, bad file or environment problem is exit 2 with a
+one-line `error: ...` naming the file or option; a programming error keeps its traceback;
+Ctrl-C leaves no temporary behind."""
+
+import errno
+import json
+import sys
+
+import pytest
+from thresher.pipeline import cli
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace: a small input file, a pool, an empty pool, a pool with a truncated shard."""
+    from thresher.pipeline.pool import ingest
+
+    d = tmp_path_factory.mktemp("cli")
+    rows = [{"id": f"r{i}", **CHAT, "messages": [{"role": "user", "content": f"q{i}"},
+                                                {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(12)]
+    (d / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest([d / "in.jsonl"], d / "pool", rows_per_shard=5)
+    (d / "empty.jsonl").write_text("{}\n")
+    ingest([d / "empty.jsonl"], d / "empty")
+    ingest([d / "in.jsonl"], d / "broken", rows_per_shard=5)
+    shard = d / "broken" / "shards" / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    (d / "afile.txt").write_text("not a pool")
+    (d / "adir").mkdir()
+    return d
+
+
+def run_cli(monkeypatch, capsys, args):
+    monkeypatch.setattr(sys, "argv", ["thresher", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+SEL = ["select", "{d}/pool", "--method", "random", "--budget", "3", "--out", "{d}/o.jsonl"]
+
+
+def sel(**change):
+    args = list(SEL)
+    for k, v in change.items():
+        flag = "--" + k
+        if flag in args:
+            i = args.index(flag)
+            args[i + 1:i + 2] = [v] if v is not None else []
+            if v is None:
+                del args[i]
+        else:
+            args += [flag, v]
+    return args
+
+
+MISUSE = [
+    (["nosuch"], "No such command"),
+    (["select", "{d}/pool"], "Missing option"),
+    (sel(budget="lots"), "bad budget"),
+    (sel(budget="0"), "bad budget"),
+    (sel(budget="150%"), "bad budget"),
+    (sel(method="bogus"), "unknown method 'bogus'"),
+    (sel(format="xml"), "unknown format 'xml'"),
+    (sel(seed="abc"), "--seed"),
+    (sel(param="noequals"), "expected KEY=VALUE"),
+    (sel(device="tpu"), "--device 'tpu'"),
+    (sel(device="cuda:x"), "--device 'cuda:x'"),
+    (["select", "{d}/nopool"] + SEL[2:], "not a pool"),
+    (["select", "{d}/afile.txt"] + SEL[2:], "not a pool"),
+    (["select", "{d}/broken"] + SEL[2:], "part-00001.parquet"),
+    (["ingest", "{d}/missing.jsonl", "--out", "{d}/p2"], "no such file"),
+    (["ingest", "{d}/in.jsonl", "--out", "{d}/p2", "--format", "bogus"], "unknown format"),
+    (["ingest", "{d}/in.jsonl", "--out", "{d}/p2", "--encoding", "klingon"], "--encoding"),
+    (["ingest", "{d}/in.jsonl", "--out", "{d}/p2", "--rows-per-shard", "0"], "--rows-per-shard"),
+    (["ingest", "{d}/in.jsonl", "--out", "{d}/afile.txt"], "is not a pool"),
+    (["ingest", "{d}/in.jsonl", "--out", "{d}/adir"], "is not a pool"),
+    (["ingest", "{d}/pool", "--out", "{d}/pool"], "would replace the input"),
+    (["ingest", "{d}/pool", "--out", "{d}/pool/inner"], "inside the input pool"),
+    (["ingest", "{d}/in.jsonl", "--out", "{d}/in.jsonl"], "would replace the input"),
+    (["ingest", "{d}/afile.txt", "--out", "{d}/p3"], "unsupported file type"),
+    (["ingest", "{d}/adir", "--out", "{d}/p3"], "holds no"),
+    (["ingest", "{d}/*.nothing", "--out", "{d}/p3"], "matches no supported file"),
+    (["train", "{d}/in.jsonl", "--out", "{d}/run", "--device", "tpu"], "--device 'tpu'"),
+    (["train", "{d}/missing.jsonl", "--out", "{d}/run"], "no such file"),
+]
+
+
+def listing(d):
+    """Every path under d, except the artifact cache (a cache, not an output)."""
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if ".thresher-work" not in p.parts)
+
+
+@pytest.mark.parametrize("args, message", MISUSE, ids=[" ".join(a[:1] + a[-2:]) for a, _ in MISUSE])
+def test_misuse_is_one_line_exit_2(ws, monkeypatch, capsys, args, message):
+    before = listing(ws)
+    code, _, err = run_cli(monkeypatch, capsys, [a.format(d=ws) for a in args])
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0]
+    assert listing(ws) == before  # nothing written, nothing left over
+
+
+def test_disk_full_is_one_line(ws, monkeypatch, capsys, tmp_path):
+    from thresher.pipeline import pool
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "p" / "x"))
+
+    monkeypatch.setattr(pool._ShardWriter, "flush", full)
+    code, _, err = run_cli(monkeypatch, capsys, ["ingest", str(ws / "in.jsonl"), "--out",
+                                                 str(tmp_path / "p")])
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'p' / 'x'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []  # the temporary pool is gone
+
+
+def test_programming_errors_keep_their_traceback(ws, monkeypatch, tmp_path):
+    from thresher.pipeline import pool
+
+    def bug(*a, **k):
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setattr(pool, "ingest", bug)
+    monkeypatch.setattr(sys, "argv", ["thresher", "ingest", str(ws / "in.jsonl"), "--out",
+                                      str(tmp_path / "p")])
+    with pytest.raises(KeyError):
+        cli.main()
+
+
+def test_ctrl_c_during_ingest_leaves_no_temporary(ws, monkeypatch, capsys, tmp_path):
+    from thresher.pipeline import pool
+
+    real = pool._ShardWriter.flush
+
+    def interrupted(self):
+        real(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool._ShardWriter, "flush", interrupted)
+    code, _, err = run_cli(monkeypatch, capsys, ["ingest", str(ws / "in.jsonl"), "--out",
+                                                 str(tmp_path / "p"), "--rows-per-shard", "2"])
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_name_without_network_is_one_line(ws, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(monkeypatch, capsys, sel(param="model=nobody-x/no-such-model", method="perplexity")[:1] + [
+        a.format(d=ws) for a in sel(param="model=nobody-x/no-such-model", method="perplexity")[1:]])
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and "nobody-x/no-such-model" in err
