@@ -274,6 +274,7 @@ def verify(
     pool: Annotated[Path | None, typer.Option(help="Pool for the random subset (default: from the subset's manifest).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Also train on the whole pool.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the random subset and training.")] = 0,
+    seeds: Annotated[int, typer.Option("--seeds", help="Train every subset and its random twin with K seeds; report mean, spread and paired bootstrap intervals vs random.")] = 1,
     model: Annotated[str | None, typer.Option(help="Causal LM (default smollm2-135m-instruct).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
@@ -299,7 +300,8 @@ def verify(
         cfg = _train_config(base_model or model, epochs, lr, batch_size, grad_accum, max_tokens,
                             seed, device=device)
         r = run_verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
-                       max_eval=max_eval, max_new_tokens=max_new_tokens, reference=reference)
+                       max_eval=max_eval, max_new_tokens=max_new_tokens, reference=reference,
+                       seeds=seeds)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(r["markdown"])

@@ -18,7 +18,15 @@ Both use the first `max_eval` rows of each eval set; generation stops at `max_ne
 Writes OUT/verify.json, OUT/verify.md (the comparison table, also returned) and OUT/verify.png
 when matplotlib is installed (it is not a dependency; the table says when the plot is skipped),
 and OUT/report.html (`pipeline/report.py`: the table, loss curves and the subsets' report).
-Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones.
+Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones and their evaluations
+(RUN/evals.json, keyed by the run, the eval rows and the settings).
+
+`seeds=K` (> 1) trains every subset K times (training seeds seed..seed+K-1) and draws the random
+twin afresh for each seed; runs live in OUT/runs/<name>/seed-<s>/, each run's evals are the mean
+over seeds with the spread (`loss_sd`, `exact_match_sd`), and `comparisons` holds, per subset and
+eval set, the paired bootstrap interval over eval rows of (subset - random)
+(`pipeline/significance.py`); the table calls a subset better or worse than random only when
+that interval excludes zero.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +100,9 @@ def heldout_loss(model, tok, rows: list[dict], max_tokens: int) -> dict:
         raise ValueError(f"no eval row has a response token within {max_tokens} tokens")
     loss = float((out["loss"][ok] * n[ok]).sum() / n[ok].sum())
     return {"loss": loss, "ppl": math.exp(loss), "rows": int(ok.sum()), "tokens": int(n.sum()),
-            "rows_without_response_tokens": int((~ok).sum())}
+            "rows_without_response_tokens": int((~ok).sum()),
+            "row_loss": [float(v) if k else None for v, k in zip(out["loss"], ok)],
+            "row_tokens": n.astype(int).tolist()}
 
 
 def exact_match(model, tok, rows: list[dict], max_new_tokens: int, batch_size: int = 8) -> dict | None:
@@ -108,7 +118,7 @@ def exact_match(model, tok, rows: list[dict], max_new_tokens: int, batch_size: i
             if isinstance(t, int) and t != tok.unk_token_id]
     side = tok.padding_side
     tok.padding_side = "left"
-    correct, samples = 0, []
+    correct, samples, row_correct = 0, [], []
     try:
         for s in range(0, len(items), batch_size):
             chunk = items[s:s + batch_size]
@@ -121,13 +131,14 @@ def exact_match(model, tok, rows: list[dict], max_new_tokens: int, batch_size: i
             for (r, ref), text in zip(chunk, texts):
                 pred = predicted_answer(text)
                 correct += pred == ref
+                row_correct.append(int(pred == ref))
                 if len(samples) < 3:
                     samples.append({"id": r["id"], "reference": ref, "predicted": pred,
                                     "generation": text[-300:]})
     finally:
         tok.padding_side = side
     return {"exact_match": correct / len(items), "correct": correct, "n": len(items),
-            "max_new_tokens": max_new_tokens, "samples": samples}
+            "max_new_tokens": max_new_tokens, "samples": samples, "row_correct": row_correct}
 
 
 def evaluate(model, tok, evals: dict[str, list[dict]], max_tokens: int,
@@ -183,11 +194,13 @@ def _names(subsets: list[Path]) -> list[str]:
 def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | str,
                pool: Path | str | None = None, full: bool = False, seed: int = 0,
                cfg: TrainConfig | None = None, max_eval: int = 100, max_new_tokens: int = 256,
-               progress: bool = True, reference: str | None = None) -> dict:
+               progress: bool = True, reference: str | None = None, seeds: int = 1) -> dict:
     from thresher.pipeline.pool import Pool
 
     t_start = time.perf_counter()
     cfg = cfg or TrainConfig(seed=seed)
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
     subsets = [Path(s) for s in subsets]
     if not subsets or not evals:
         raise ValueError("verify needs at least one --subset and one --eval")
@@ -230,6 +243,7 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
 
     report: dict = {"config": asdict(cfg), "seed": seed, "pool": str(the_pool.path),
                     "subset_rows": n, "max_eval": max_eval, "max_new_tokens": max_new_tokens,
+                    "seeds": [seed + k for k in range(seeds)],
                     "subsets": {nm: str(s) for nm, s in zip(names, subsets)},
                     "quarantined": quarantine, "runs": {}}
 
@@ -253,18 +267,23 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
                                       "eval_seconds": round(time.perf_counter() - t0, 2)}
         del ref
     for name, rows in train_sets.items():
-        run_dir = out / "runs" / name
-        summary = train(rows, run_dir, cfg, progress=progress)
-        model, tok = load_trained(run_dir, device, merge=True)
-        t0 = time.perf_counter()
-        report["runs"][name] = {
-            "rows": len(rows), "trained_rows": summary["trained_rows"], "steps": summary["steps"],
-            "train_tokens": summary["train_tokens"], "first_loss": summary["first_loss"],
-            "final_loss": summary["final_loss"], "train_seconds": summary["seconds"],
-            "evals": evaluate(model, tok, eval_sets, cfg.max_tokens, max_new_tokens),
-            "eval_seconds": round(time.perf_counter() - t0, 2)}
-        del model
+        per_seed = []
+        for s in report["seeds"]:
+            run_rows = random_subset(the_pool, n, s) if name == "random" and s != seed else rows
+            run_dir = out / "runs" / name if seeds == 1 else out / "runs" / name / f"seed-{s}"
+            summary = train(run_rows, run_dir, replace(cfg, seed=s) if seeds > 1 else cfg,
+                            progress=progress)
+            t0 = time.perf_counter()
+            evals = _cached_evals(run_dir, summary, eval_sets, cfg.max_tokens, max_new_tokens, device)
+            per_seed.append({
+                "rows": len(run_rows), "trained_rows": summary["trained_rows"],
+                "steps": summary["steps"], "train_tokens": summary["train_tokens"],
+                "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
+                "train_seconds": summary["seconds"], "evals": evals,
+                "eval_seconds": round(time.perf_counter() - t0, 2)})
+        report["runs"][name] = per_seed[0] if seeds == 1 else _over_seeds(per_seed, report["seeds"])
         write_json_atomic(out / "verify.json", report)   # partial results survive a kill
+    report["comparisons"] = compare_to_random(report)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     table = comparison_table(report)
     plot = _plot(report, out / "verify.png")
@@ -282,6 +301,98 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
     return report
 
 
+def _cached_evals(run_dir: Path, summary: dict, eval_sets: dict, max_tokens: int,
+                  max_new_tokens: int, device: str) -> dict:
+    """A trained run's evals, reused from RUN/evals.json when the run, the eval rows and the
+    settings are unchanged (a rerun adding one subset re-evaluates only the new runs)."""
+    from thresher.pipeline.artifacts import config_key
+
+    key = config_key(summary["run_key"], {n: [r["id"] for r in rows] for n, rows in eval_sets.items()},
+                     eval_sets, max_tokens, max_new_tokens)
+    cache = run_dir / "evals.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["evals"]
+    model, tok = load_trained(run_dir, device, merge=True)
+    evals = evaluate(model, tok, eval_sets, max_tokens, max_new_tokens)
+    del model
+    write_json_atomic(cache, {"key": key, "evals": evals})
+    return evals
+
+
+def _over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
+    """One run's record over K seeds: the first seed's fields, evals averaged with their spread
+    and per-row values averaged over seeds; every seed's record under `per_seed`."""
+    from thresher.pipeline.significance import seed_mean, spread
+
+    rec = {k: v for k, v in per_seed[0].items() if k != "evals"}
+    rec["train_seconds"] = round(sum(r["train_seconds"] for r in per_seed), 2)
+    rec["eval_seconds"] = round(sum(r["eval_seconds"] for r in per_seed), 2)
+    rec["evals"] = {}
+    for e, first in per_seed[0]["evals"].items():
+        evs = [r["evals"][e] for r in per_seed]
+        ev = {**first, "loss": float(np.mean([x["loss"] for x in evs])),
+              "loss_sd": spread([x["loss"] for x in evs]),
+              "row_loss": [None if not np.isfinite(v) else float(v)
+                           for v in seed_mean([x["row_loss"] for x in evs])]}
+        ev["ppl"] = math.exp(ev["loss"])
+        if "exact_match" in first:
+            ev["exact_match"] = float(np.mean([x["exact_match"] for x in evs]))
+            ev["exact_match_sd"] = spread([x["exact_match"] for x in evs])
+            ev["correct"] = round(float(np.mean([x["correct"] for x in evs])), 2)
+            ev["row_correct"] = seed_mean([x["row_correct"] for x in evs]).tolist()
+        rec["evals"][e] = ev
+    rec["seeds"] = seeds
+    rec["per_seed"] = [{**r, "evals": {e: {k: v for k, v in ev.items() if not k.startswith("row_")}
+                                       for e, ev in r["evals"].items()}} for r in per_seed]
+    return rec
+
+
+def compare_to_random(report: dict) -> dict:
+    """Per subset and eval set: paired bootstrap over eval rows of (subset - random), for the
+    held-out loss (token-weighted; lower is better) and exact match where there is one."""
+    from thresher.pipeline.significance import paired_bootstrap, verdict
+
+    rand = report["runs"]["random"]["evals"]
+    out: dict = {}
+    for name, run in report["runs"].items():
+        if name in ("base", "random", "full"):
+            continue
+        for e, ev in run["evals"].items():
+            a = np.array([np.nan if v is None else v for v in ev["row_loss"]])
+            b = np.array([np.nan if v is None else v for v in rand[e]["row_loss"]])
+            d = paired_bootstrap(a, b, weights=ev["row_tokens"], seed=report["seed"])
+            res = {"loss": {**d, "verdict": verdict(d, lower_is_better=True)}}
+            if "row_correct" in ev and "row_correct" in rand[e]:
+                m = paired_bootstrap(np.array(ev["row_correct"], float),
+                                     np.array(rand[e]["row_correct"], float), seed=report["seed"])
+                res["exact_match"] = {**m, "verdict": verdict(m, lower_is_better=False)}
+            out.setdefault(name, {})[e] = res
+    return out
+
+
+def _significance_table(report: dict) -> str:
+    comps = report.get("comparisons") or {}
+    if not comps:
+        return ""
+    k = len(report.get("seeds", [report["seed"]]))
+    title = (f"Subset minus random (mean over {k} seed(s) per eval row; paired bootstrap, "
+             "95% interval over eval rows; 'better' only when the interval excludes 0):")
+    lines = ["", title, "",
+             "| subset | eval | Δ loss [95% CI] | loss verdict | Δ EM [95% CI] | EM verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, per_eval in comps.items():
+        for e, r in per_eval.items():
+            lo = r["loss"]
+            cells = [name, e, f"{lo['diff']:+.4f} [{lo['lo']:+.4f}, {lo['hi']:+.4f}]", lo["verdict"]]
+            em = r.get("exact_match")
+            cells += ([f"{em['diff']:+.3f} [{em['lo']:+.3f}, {em['hi']:+.3f}]", em["verdict"]]
+                      if em else ["-", "-"])
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def comparison_table(report: dict) -> str:
     evals = list(next(iter(report["runs"].values()))["evals"])
     head = ["run", "rows"]
@@ -294,17 +405,23 @@ def comparison_table(report: dict) -> str:
         cells = [name, str(r["rows"])]
         for e in evals:
             ev = r["evals"][e]
-            cells += [f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}"]
+            sd = f" ± {ev['loss_sd']:.4f}" if "loss_sd" in ev else ""
+            cells += [f"{ev['loss']:.4f}{sd}", f"{ev['ppl']:.2f}"]
             if f"{e} EM" in head:
-                cells.append(f"{ev['exact_match']:.3f} ({ev['correct']}/{ev['n']})"
+                em_sd = f" ± {ev['exact_match_sd']:.3f}" if "exact_match_sd" in ev else ""
+                cells.append(f"{ev['exact_match']:.3f}{em_sd} ({ev['correct']}/{ev['n']})"
                              if "exact_match" in ev else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    seeds = report.get("seeds", [report["seed"]])
+    seed_text = (f"seed {report['seed']}" if len(seeds) == 1 else
+                 f"seeds {seeds[0]}..{seeds[-1]} (mean ± sd over {len(seeds)} runs; a fresh random "
+                 "subset per seed)")
     note = (f"\nTrained with LoRA r={report['config']['lora_r']}, lr={report['config']['lr']}, "
-            f"{report['config']['epochs']} epoch(s), seed {report['seed']}; eval on the first "
+            f"{report['config']['epochs']} epoch(s), {seed_text}; eval on the first "
             f"{report['max_eval']} rows of each set; base = {report['config']['model']} with no "
             "training; original = the untrained model it was pruned from; random = seeded random "
             f"{report['subset_rows']} rows of {report['pool']}.\n")
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + "\n" + note + _significance_table(report)
 
 
 def _plot(report: dict, path: Path) -> Path | None:

@@ -63,4 +63,5 @@ class Stratified:
             edge(pl.col("_bin")).round(4), edge(pl.col("_bin") + 1).round(4),
             "_take", "_size", pl.lit(seed),
             pl.lit(f"; top {self.hard_prune:g} ({pruned} rows) pruned first" if pruned else "")))
-        return budget.cut(picked.drop("_pick", "_take", "_size", "_group", "_bin"), candidates)
+        return budget.cut(picked.drop("_pick", "_take", "_size", "_group", "_bin", "_aside"),
+                          candidates)

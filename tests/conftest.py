@@ -88,3 +88,25 @@ def tiny_embedder(tmp_path_factory):
     st = SentenceTransformer(modules=[body, models.Pooling(32, "mean")], device="cpu")
     st.save(str(out / "st"))
     return str(out / "st")
+
+
+@pytest.fixture(scope="session")
+def dyn_pool(tmp_path_factory, sample_pool):
+    """A small mixed pool (5 short rows per sample source, shards of 8) for the training-dynamics
+    stages and methods."""
+    import json
+
+    import polars as pl
+    from thresher.pipeline.pool import Pool, ingest
+
+    d = tmp_path_factory.mktemp("dynpool")
+    frame = sample_pool.frame(["id", "source", "kind", "messages", "text", "n_chars"])
+    frame = frame.filter(pl.col("n_chars") < 700)
+    with open(d / "rows.jsonl", "w") as f:
+        for src in sorted(set(frame["source"])):
+            for r in frame.filter(pl.col("source") == src).head(5).to_dicts():
+                rec = {"id": r["id"], "source": r["source"]}
+                rec.update({"messages": r["messages"]} if r["kind"] == "chat" else {"text": r["text"]})
+                f.write(json.dumps(rec) + "\n")
+    ingest([d / "rows.jsonl"], d / "pool", rows_per_shard=8)
+    return Pool(d / "pool")

@@ -65,15 +65,15 @@ def test_perplexity_keep(lm_pool, work, tiny_lm_dir, tmp_path, keep):
     assert m["models"]["lm"].startswith(tiny_lm_dir.name)
 
 
-def test_el2n_default_keeps_the_hardest_and_scores_are_stable(lm_pool, work, tiny_lm_dir, tmp_path):
-    sel, m = select(lm_pool, "el2n", "6", tmp_path / "o.jsonl", work, model=str(tiny_lm_dir))
+def test_el2n_single_default_keeps_the_hardest_and_scores_are_stable(lm_pool, work, tiny_lm_dir, tmp_path):
+    sel, m = select(lm_pool, "el2n-single", "6", tmp_path / "o.jsonl", work, model=str(tiny_lm_dir))
     el2n = dict(forward_signals(lm_pool, ArtifactStore(work), str(tiny_lm_dir), {"el2n"}).scores()
                 .select("id", "el2n").iter_rows())
     chosen = [el2n[i] for i in sel["id"]]
     assert min(chosen) >= max(v for k, v in el2n.items() if k not in set(sel["id"]))
     assert all(0 <= v <= np.sqrt(2) for v in el2n.values())
     assert m["config"]["method"]["keep"] == "top"
-    sel2, _ = select(lm_pool, "el2n", "6", tmp_path / "o2.jsonl", work, model=str(tiny_lm_dir))
+    sel2, _ = select(lm_pool, "el2n-single", "6", tmp_path / "o2.jsonl", work, model=str(tiny_lm_dir))
     assert sel2["id"].equals(sel["id"])
 
 

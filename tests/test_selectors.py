@@ -43,6 +43,24 @@ def test_balanced_gives_each_group_min_size_share():
     assert first["group"].to_list() == ["a", "d", "b", "c"]
 
 
+def test_balanced_sets_aside_tiny_groups_as_s2l():
+    """S2L (methods-a §4.3): clusters of <= 2 rows wait; the big ones go smallest first; the
+    leftover budget is drawn from the pooled tiny clusters."""
+    cands = frame({"t1": 1, "t2": 2, "a": 4, "b": 30})
+    chosen = Balanced("group", set_aside=2).select(cands, Budget.parse("10"), seed=0)
+    # big: a: min(4, 10//2)=4, b: min(30, 6)=6 -> nothing left for t1/t2
+    assert counts(chosen, cands) == {"a": 4, "b": 6}
+    chosen = Balanced("group", set_aside=2).select(cands, Budget.parse("36"), seed=0)
+    # a 4, b 30 -> 2 left, drawn from the 3 pooled rows of t1 + t2, placed last
+    got = counts(chosen, cands)
+    assert got["a"] == 4 and got["b"] == 30 and got.get("t1", 0) + got.get("t2", 0) == 2
+    assert chosen.tail(2)["reason"].str.contains("leftover budget").all()
+    plain = Balanced("group").select(cands, Budget.parse("10"), seed=0)
+    assert counts(plain, cands)["t1"] == 1                   # without set-aside t1 is served first
+    with pytest.raises(ValueError, match="set_aside"):
+        Balanced("group", set_aside=-1)
+
+
 def test_balanced_deterministic_and_order_free():
     cands = frame({"a": 30, "b": 70})
     one = Balanced("group").select(cands, Budget.parse("40"), seed=5)
