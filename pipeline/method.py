@@ -74,6 +74,8 @@ class Method:
     Params: ClassVar[type] = NoParams
     score_column: ClassVar[str | None] = None     # what `--selector NAME` cuts on
     needs_targets: ClassVar[bool] = False
+    example: ClassVar[dict] = {}     # parameters `thresher methods` shows the needs with, for a
+                                     # method that has required ones (paser: pruned_model)
 
     def needs(self, p: Any, req: Request) -> dict[str, Stage]:
         return {}

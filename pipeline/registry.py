@@ -69,7 +69,7 @@ def describe(name: str | None = None) -> list[dict]:
     out = []
     for m_name in [name] if name else list(METHODS):
         method = get(m_name)
-        p = method.Params()
+        p = dataclasses.replace(method.Params(), **method.example)
         req = Request(pool=_Sketch(), targets=(Path("TARGET.jsonl"),) if method.needs_targets else ())
         needs = method.needs(p, req)
         out.append({

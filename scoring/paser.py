@@ -303,6 +303,8 @@ class PaserMethod(Method):
     Params = PaserParams
     score_column = "ies"
 
+    example = {"pruned_model": "PRUNED_MODEL_DIR"}
+
     def needs(self, p: PaserParams, req: Request) -> dict[str, Stage]:
         if not p.pruned_model:
             raise ValueError("--method paser needs --pruned-model DIR (make one with `thresher prune`)")
