@@ -228,7 +228,25 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: 
                 C = _full_step(x, C, spherical)
             centroids = C.numpy()
     del train
-    return (centroids, *assign(x, centroids))
+    labels, cos_dist, l2_dist = assign(x, centroids)
+    _fill_empty(x, centroids, labels, cos_dist, l2_dist)
+    return centroids, labels, cos_dist, l2_dist
+
+
+def _fill_empty(x, centroids, labels, cos_dist, l2_dist) -> None:
+    """Every cluster non-empty, as faiss guarantees: an empty cluster takes the row of the largest
+    cluster farthest from its centroid (that row becomes its centroid). Identical rows can leave
+    a cluster empty after the final assignment (e.g. short loss trajectories)."""
+    k = centroids.shape[0]
+    for j in np.flatnonzero(np.bincount(labels, minlength=k) == 0):
+        big = int(np.argmax(np.bincount(labels, minlength=k)))
+        if np.sum(labels == big) < 2:
+            break
+        members = np.flatnonzero(labels == big)
+        far = int(members[np.argmax(l2_dist[members])])
+        row = np.asarray(x[far], dtype=np.float32)
+        centroids[j] = row
+        labels[far], l2_dist[far], cos_dist[far] = j, 0.0, 0.0
 
 
 @dataclass

@@ -303,7 +303,7 @@ class PaserMethod(Method):
     Params = PaserParams
     score_column = "ies"
 
-    example = {"pruned_model": "PRUNED_MODEL_DIR"}
+    example: ClassVar[dict] = {"pruned_model": "PRUNED_MODEL_DIR"}
 
     def needs(self, p: PaserParams, req: Request) -> dict[str, Stage]:
         if not p.pruned_model:
