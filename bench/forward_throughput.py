@@ -2,18 +2,23 @@
 bf16 GEMM roofline, measured in the same run.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/forward_throughput.py [--rows 64] [--rounds 3]
-        [--budget 1024] [--threads N] [--dtype auto|fp32|bf16] [--padded] [--fp32-reference]
+        [--budget 1024] [--threads N] [--dtype auto|fp32|bf16] [--padded] [--serial]
+        [--fp32-reference]
 
 Same model (the real SmolLM2-135M-Instruct) and the same rows (a fixed, seeded mix of math,
 code, general, safety and plain-text rows from /work/shared/data/pool, falling back to the
 bundled sample). Each round runs, back to back:
-  (g) a large bf16 GEMM (2048^3, `torch.mm`), the roofline: the best this CPU does in bf16;
+  (g) large bf16 GEMMs (1024^3 and 2048^3, `torch.mm`, all threads, warmed up; the median
+      time of repeated calls at the faster of the two sizes), the roofline: the best this CPU
+      does in bf16;
   (b) the engine (`pipeline.engine.run_forward`) with every signal on (packed rows on a CPU);
   (c) the engine with the loss alone;
   (a) the reference: the way the RDS+ and LESS code does it, one sample at a time, no batching,
       `model(ids, output_hidden_states=True)`, full-vocabulary log-softmax over every position,
       the same signals (loss, entropy, EL2N, RDS+ vector) read from it, in the engine's dtype;
   (p) with --padded, the engine with padded length-sorted batches (the pre-packing engine);
+  (s) with --serial, the engine with one batch at a time on all threads (`workers=1`, the
+      engine before `_in_workers`);
   (a') with --fp32-reference, the reference in float32 (transformers' CPU default).
 Within a round the rows are split into `--chunks` chunks and every chunk runs through every
 variant back to back (rotating order, a short GEMM timing before each chunk), so a burst of
@@ -103,21 +108,29 @@ def model_flops(cfg, lengths) -> float:
     return per_token * sum(lengths) + attn
 
 
-def gemm_flops_per_s(seconds: float = 2.0, n: int = 2048, device: str = "cpu") -> float:
-    """Median FLOP/s of an n^3 bf16 matmul repeated for about `seconds`."""
-    if device.startswith("cuda"):
-        n = 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    a @ b
-    sync(device)
-    times, t_end = [], time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(times) < 3:
-        t = time.perf_counter()
-        a @ b
+def gemm_flops_per_s(seconds: float = 2.0, device: str = "cpu") -> float:
+    """bf16 matmul FLOP/s: the median over repeated calls for about `seconds`, at the faster of
+    two sizes (1024^3 and 2048^3 on a CPU, 8192^3 on a GPU)."""
+    sizes = (8192,) if device.startswith("cuda") else (1024, 2048)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+        b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+        for _ in range(2):
+            a @ b
         sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / float(np.median(times))
+        times, t_end = [], time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < t_end or len(times) < 3:
+            t = time.perf_counter()
+            a @ b
+            sync(device)
+            times.append(time.perf_counter() - t)
+        best = max(best, 2 * n ** 3 / float(np.median(times)))
+    return best
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -132,6 +145,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
     ap.add_argument("--chunks", type=int, default=8, help="row chunks interleaved within a round")
     ap.add_argument("--padded", action="store_true", help="also run the engine on padded batches")
+    ap.add_argument("--serial", action="store_true",
+                    help="also run the engine one batch at a time on all threads (workers=1)")
     ap.add_argument("--fp32-reference", action="store_true", help="also run the fp32 reference")
     args = ap.parse_args()
 
@@ -151,21 +166,23 @@ def main() -> None:
     gpu = f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
-          f"engine dtype {dname}, token budget {args.budget}")
+          f"engine dtype {dname}, token budget {args.budget}, load average {load_average()}")
     print(f"rows: {len(rows)}, tokens: {n_tok} (min {min(lengths)}, median "
           f"{int(np.median(lengths))}, max {max(lengths)}), loss tokens: "
           f"{sum(int(e.loss_mask.sum()) for e in encs)}, model FLOPs {flops / n_tok / 1e9:.3f} "
           "GFLOP/token")
 
-    def run_engine(idx, signals, pack=None):
+    def run_engine(idx, signals, pack=None, workers=None):
         engine.run_forward(model, tok, [rows[i] for i in idx], signals, token_budget=args.budget,
-                           encoded=[encs[i] for i in idx], pack=pack)
+                           encoded=[encs[i] for i in idx], pack=pack, workers=workers)
         sync(device)
 
     runs = {"all": lambda idx: run_engine(idx, ALL), "loss": lambda idx: run_engine(idx, {"loss"}),
             "ref": lambda idx: reference(model, [encs[i] for i in idx])}
     if args.padded:
         runs["padded"] = lambda idx: run_engine(idx, ALL, pack=False)
+    if args.serial:
+        runs["serial"] = lambda idx: run_engine(idx, ALL, workers=1)
     if args.fp32_reference:
         fp32 = load_causal_lm(m, device, torch.float32)
         runs["ref32"] = lambda idx: reference(fp32, [encs[i] for i in idx])
@@ -184,22 +201,23 @@ def main() -> None:
                 runs[k](idx)
                 t[k] += time.perf_counter() - t0
         rounds.append(t)
-        print(f"round {r + 1}: gemm {t['gemm'] / 1e9:.0f} GFLOP/s, " + ", ".join(
+        print(f"round {r + 1} (load average {load_average()}): gemm {t['gemm'] / 1e9:.0f} GFLOP/s, " + ", ".join(
             f"{k} {n_tok / t[k]:.0f} tok/s" for k in runs), flush=True)
     med = {k: float(np.median([t[k] for t in rounds])) for k in rounds[0]}
     ratio = {k: float(np.median([t[k] / t["all"] for t in rounds])) for k in runs if k != "all"}
     roof = float(np.median([flops / t["all"] / t["gemm"] for t in rounds]))
     names = {"all": "(b) engine, all signals", "loss": "(c) engine, loss only",
              "ref": f"(a) reference 1-at-a-time, {dname}", "padded": "(p) engine, padded batches",
-             "ref32": "(a') reference 1-at-a-time, float32"}
-    print(f"{'(g) bf16 GEMM 2048^3':<40} {med['gemm'] / 1e9:8.0f} GFLOP/s (median)")
+             "ref32": "(a') reference 1-at-a-time, float32",
+             "serial": "(s) engine, one batch at a time"}
+    print(f"{'(g) bf16 GEMM':<40} {med['gemm'] / 1e9:8.0f} GFLOP/s (median)")
     for k in runs:
         print(f"{names[k]:<40} {n_tok / med[k]:8.0f} tok/s  ({med[k]:.2f} s, median)")
     print(f"engine (all signals) vs reference in {dname}: x{ratio['ref']:.2f} (target >= 2)")
     print(f"engine roofline fraction: {roof:.2f} of the bf16 GEMM (target >= 0.70; "
           f"{flops / n_tok / 1e9:.3f} GFLOP/token)")
     print(f"all signals / loss only time: {1 / ratio['loss']:.2f}x")
-    for k in ("padded", "ref32"):
+    for k in ("padded", "serial", "ref32"):
         if k in ratio:
             print(f"engine (all signals) vs {names[k]}: x{ratio[k]:.2f}")
     print(json.dumps({"rows": len(rows), "tokens": n_tok, "dtype": dname, "budget": args.budget,

@@ -26,13 +26,16 @@ is causal within each row only, `_packed_attention`), or, for models whose atten
 through transformers' attention interface and on GPUs, into padded batches (`length_batches`:
 padding only to the longest row of the batch); the transformer body runs once; the LM head runs
 only on the positions that predict a loss token (prompt positions never reach the vocabulary
-projection), in chunks of at most LOGIT_CHUNK elements, so at most one [chunk, V] float32
-tensor of logits and one of probabilities exist at a time; hidden states are pooled
-straight from the body's output (no `output_hidden_states` copy of every layer).
+projection), in chunks of at most HEAD_CHUNK logits, whose statistics are taken in float32
+blocks of STATS_CHUNK (one chunk of logits and two small float32 blocks exist at a time);
+hidden states are pooled straight from the body's output (no `output_hidden_states` copy of
+every layer).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 
@@ -47,10 +50,15 @@ DEFAULT_MAX_TOKENS = 2048        # RDS+ truncates the pool at 2048 tokens (metho
 DEFAULT_TOKEN_BUDGET = 1024      # padded tokens per batch on CPU: 512-1024 ran 1.3-1.8x faster than
                                  # 4096 here (less padding, cache-resident); bench/RESULTS.md
 GPU_TOKEN_BUDGET = 16384         # on a GPU, bigger batches fill the device
-LOGIT_CHUNK = 1 << 21            # elements of one [positions, V] float32 block (8 MiB: stays in
-                                 # cache; 4x larger blocks ran the statistics 2x slower here)
-ENGINE_VERSION = 2               # bump when the numbers an unchanged configuration gives change
-                                 # (2: packed rows on CPU; bf16 sums differ from padded batches)
+HEAD_CHUNK = 1 << 23             # logits one LM-head GEMM computes (170 positions of SmolLM2's
+                                 # 49,152: a faster GEMM than 42 positions; bench/RESULTS.md)
+STATS_CHUNK = 1 << 19            # logits whose statistics are taken at once (a 2 MiB float32
+                                 # block: cache-resident)
+LOGIT_CHUNK = 1 << 21            # float32 logits a caller holds at once (pipeline/jsd.py)
+ENGINE_VERSION = 3               # bump when the numbers an unchanged configuration gives change
+                                 # (2: packed rows on CPU; bf16 sums differ from padded batches;
+                                 # 3: CPU batches on one intra-op thread each, `_in_workers`;
+                                 # lse from softmax's arg max)
 PACKED_ATTENTION = "thresher_packed"   # name under transformers' AttentionInterface
 SCALARS = ("loss", "ppl", "entropy", "el2n")
 
@@ -176,34 +184,36 @@ def _body_and_head(model):
 def _logit_stats(logits, y, want: frozenset[str]) -> dict:
     """Per-position statistics of one [n, V] float32 block of logits z.
 
-    loss = lse - z_y; with p = softmax(z): entropy = lse - p.z, ||p - e_y||^2 = 1 - 2 p_y + p.p.
-    One extra [n, V] block (p) at most; blocks are sized to stay in cache (LOGIT_CHUNK)."""
+    p = softmax(z) (one fused pass); log-sum-exp from the arg max, where p_max = exp(z_max - lse)
+    and p_max >= 1/V, so lse = z_max - log p_max loses nothing; loss = lse - z_y; entropy =
+    lse - p.z; ||p - e_y||^2 = 1 - 2 p_y + p.p. One extra [n, V] block (p), one exp per logit."""
     import torch
 
-    out = {}
-    lse = torch.logsumexp(logits, dim=-1)
-    out["loss"] = lse - logits.gather(1, y[:, None])[:, 0]
-    if want & {"entropy", "token_entropy", "el2n"}:
-        p = torch.softmax(logits, dim=-1)
-        if want & {"entropy", "token_entropy"}:
-            out["entropy"] = lse - torch.linalg.vecdot(p, logits)
-        if "el2n" in want:
-            sq = 1.0 - 2.0 * out["loss"].neg().exp() + torch.linalg.vecdot(p, p)   # ||p - e_y||^2
-            out["el2n"] = sq.clamp_min(0.0).sqrt()
+    p = torch.softmax(logits, dim=-1)
+    lse = logits.amax(dim=-1) - p.amax(dim=-1).log()
+    out = {"loss": lse - logits.gather(1, y[:, None])[:, 0]}
+    if want & {"entropy", "token_entropy"}:
+        out["entropy"] = lse - torch.linalg.vecdot(p, logits)
+    if "el2n" in want:
+        sq = 1.0 - 2.0 * out["loss"].neg().exp() + torch.linalg.vecdot(p, p)   # ||p - e_y||^2
+        out["el2n"] = sq.clamp_min(0.0).sqrt()
     return out
 
 
 def _head_stats(model, head, h_sel, logits_all, y, want: frozenset[str]) -> dict:
-    """Per-position loss / entropy / EL2N of the selected positions, LOGIT_CHUNK rows of logits
-    at a time: head(h_sel) block by block, or slices of already computed `logits_all`."""
+    """Per-position loss / entropy / EL2N of the selected positions: head(h_sel) HEAD_CHUNK
+    logits at a time (or slices of already computed `logits_all`), their statistics in float32
+    blocks of STATS_CHUNK logits."""
     n = int(y.shape[0])
     vocab = getattr(head, "out_features", None) if logits_all is None else logits_all.shape[-1]
-    step = max(1, LOGIT_CHUNK // (vocab or model.config.vocab_size))
+    vocab = vocab or model.config.vocab_size
+    step, sub = max(1, HEAD_CHUNK // vocab), max(1, STATS_CHUNK // vocab)
     pieces: dict[str, list] = {"loss": [], "entropy": [], "el2n": []}
     for s in range(0, n, step):
         block = head(h_sel[s:s + step]) if logits_all is None else logits_all[s:s + step]
-        for k, v in _logit_stats(block.float(), y[s:s + step], want).items():
-            pieces[k].append(v.cpu().numpy().astype(np.float32))
+        for b in range(0, block.shape[0], sub):
+            for k, v in _logit_stats(block[b:b + sub].float(), y[s + b:s + b + sub], want).items():
+                pieces[k].append(v.cpu().numpy().astype(np.float32))
         del block
     return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in pieces.items()}
 
@@ -244,8 +254,9 @@ def _forward_packed(model, parts, ids, loss_mask, lengths, want: frozenset[str])
     """Signals of one packed sequence: ids / loss_mask [T] (rows back to back), lengths [rows].
 
     Position ids restart at every row and attention stays inside each row (`_packed_attention`),
-    so every row sees exactly what it would see alone. A row's first token is never a loss token
-    (`chat.encode`), so no prediction crosses a row boundary."""
+    so every row sees exactly what it would see alone (the caller holds `_PackedAttention`). A
+    row's first token is never a loss token (`chat.encode`), so no prediction crosses a row
+    boundary."""
     import torch
     import torch.nn.functional as F
 
@@ -253,9 +264,8 @@ def _forward_packed(model, parts, ids, loss_mask, lengths, want: frozenset[str])
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     starts = torch.from_numpy(np.repeat(bounds[:-1], lengths)).to(ids.device)
     pos = torch.arange(len(ids), device=ids.device) - starts                # 0.. per row
-    with _PackedAttention(body):
-        hidden = body(input_ids=ids[None], position_ids=pos[None], use_cache=False,
-                      thresher_bounds=bounds.tolist()).last_hidden_state[0]
+    hidden = body(input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                  thresher_bounds=bounds.tolist()).last_hidden_state[0]     # in _PackedAttention
     out: dict = {}
     if want & LOGIT_SIGNALS:
         sel = torch.zeros_like(loss_mask)
@@ -274,6 +284,46 @@ def _forward_packed(model, parts, ids, loss_mask, lengths, want: frozenset[str])
 
 def _model_device(model):
     return next(model.parameters()).device
+
+
+def _in_workers(fn, items: list, workers: int):
+    """(item, fn(item)) for each item, in order: on `workers` Python threads of threads // workers
+    intra-op threads each when workers > 1, else in this thread.
+
+    Why (bench/RESULTS.md): on a CPU, the body of a ~1k-token batch of a small model is hundreds
+    of small ops per layer (norms, rotary, SiLU, per-row attention); with two intra-op threads
+    every one of them ends in a barrier, so a core idles through the serial parts and waits for
+    a preempted partner on a shared machine. Two batches side by side, one thread each, keep both
+    cores busy. Grad mode and autocast are thread-local: the workers run in inference mode with
+    the caller's autocast state. Each batch's numbers do not depend on which worker ran it."""
+    import torch
+
+    if workers <= 1 or len(items) <= 1:
+        with torch.inference_mode():
+            for item in items:
+                yield item, fn(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+                if torch.is_autocast_enabled(d)]
+
+    def start():
+        torch.set_num_threads(max(1, threads // workers))
+
+    def call(item):
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            for d, dtype in autocast:
+                stack.enter_context(torch.autocast(d, dtype=dtype))
+            return fn(item)
+
+    pool = ThreadPoolExecutor(min(workers, len(items)), initializer=start)
+    try:
+        yield from zip(items, pool.map(call, items))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)      # the workers' setting also reaches MKL's global one
 
 
 def _run_padded(model, parts, encoded, batch, lengths, pad, device, want):
@@ -302,13 +352,16 @@ def _run_pack(model, parts, encoded, batch, lengths, pad, device, want):
 
 def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = DEFAULT_MAX_TOKENS,
                 token_budget: int | None = None, response_only: bool = True,
-                encoded: list[Encoded] | None = None, pack: bool | None = None) -> dict:
+                encoded: list[Encoded] | None = None, pack: bool | None = None,
+                workers: int | None = None) -> dict:
     """Signals for `rows` (canonical rows) from an already loaded causal LM, in row order.
 
     Works with any model whose forward takes input_ids + attention_mask (a peft model too); the
     model is put in eval mode for the pass and its previous mode restored. `encoded` skips
     tokenisation when the caller already has `chat.encode` results. `pack` (default: on a CPU,
     when the model supports it) runs rows packed into unpadded sequences, else padded batches.
+    `workers` (default: torch's intra-op thread count on a CPU, 1 on a GPU) runs that many
+    batches at once, each on its own share of the threads (`_in_workers`).
 
     Returns numpy arrays of length len(rows): n_tokens, n_loss_tokens, truncated, plus per
     signal: loss and ppl (NaN where a row has no loss token), entropy, el2n, rds [N, d] float32;
@@ -335,13 +388,16 @@ def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = D
     if pack is None:
         pack = device.type == "cpu"
     pack = bool(pack and parts is not None and packing_supported(parts[0]))
+    batches = (pack_rows if pack else length_batches)(lengths, token_budget)
+    run = functools.partial(_run_pack if pack else _run_padded, model, parts, encoded,
+                            lengths=lengths, pad=pad, device=device, want=want)
+    if workers is None:
+        workers = torch.get_num_threads() if device.type == "cpu" else 1
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for batch in (pack_rows if pack else length_batches)(lengths, token_budget):
-                res = (_run_pack if pack else _run_padded)(model, parts, encoded, batch, lengths,
-                                                           pad, device, want)
+        with _PackedAttention(parts[0]) if pack else contextlib.nullcontext():
+            for batch, res in _in_workers(run, batches, workers):
                 if stats:
                     counts = res["counts"]
                     bounds = np.concatenate([[0], np.cumsum(counts)])
