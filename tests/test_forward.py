@@ -175,6 +175,45 @@ def test_packed_rows_give_the_padded_per_row_signals(tiny, rows):
     np.testing.assert_allclose(packed["rds"], padded["rds"], rtol=1e-4, atol=1e-5)
 
 
+def test_batches_side_by_side_give_the_one_at_a_time_signals(tiny, rows):
+    """Two workers of one intra-op thread each (`_in_workers`) = one batch at a time on all
+    threads; the caller's thread count, grad mode and autocast state come back unchanged."""
+    model, tok = tiny
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        serial = run_forward(model, tok, rows, ALL, token_budget=256, workers=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            side = run_forward(model, tok, rows, ALL, token_budget=256, workers=2)
+        assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(engine.pack_rows(serial["n_tokens"], 256)) > 2              # several batches
+    np.testing.assert_array_equal(side["n_loss_tokens"], serial["n_loss_tokens"])
+    for k in ("loss", "entropy", "el2n"):
+        np.testing.assert_allclose(side[k], serial[k], rtol=1e-5, atol=1e-6)
+    for i in range(len(rows)):
+        np.testing.assert_allclose(side["token_entropy"][i], serial["token_entropy"][i],
+                                   rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(side["rds"], serial["rds"], rtol=1e-4, atol=1e-5)
+
+
+def test_workers_keep_the_callers_autocast_and_a_workers_error_surfaces():
+    calls = []
+
+    def fn(x):
+        calls.append((torch.is_autocast_enabled("cpu"), torch.is_inference_mode_enabled()))
+        if x == 3:
+            raise KeyError("row 3")
+        return x * 10
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert list(engine._in_workers(fn, [0, 1, 2], 2)) == [(0, 0), (1, 10), (2, 20)]
+    assert calls and all(c == (True, True) for c in calls)
+    with pytest.raises(KeyError, match="row 3"):
+        list(engine._in_workers(fn, [1, 2, 3, 4], 2))
+
+
 def test_pack_rows_cover_every_row_within_budget():
     lengths = np.array([5, 300, 40, 41, 7, 1000, 2, 39, 60, 60])
     packs = engine.pack_rows(lengths, 100)
