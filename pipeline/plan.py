@@ -119,6 +119,8 @@ def _run_stage(run: StageRun, executor) -> StageStats:
             extra = stage.run_whole(run) or {}
             bar.update(total)
         st.tokens, st.flops = int(extra.pop("tokens", 0)), float(extra.pop("flops", 0.0))
+        for name in ("shards_computed", "shards_cached", "rows_computed"):   # if it reports them
+            setattr(st, name, int(extra.get(name, 0)))
     st.rows_out = int(extra.get("rows", run.pool.n_rows))
     run.dir.complete({"rows": st.rows_out, "tokens": st.tokens, **run.notes, **extra})
     st.seconds = time.perf_counter() - t0

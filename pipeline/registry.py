@@ -29,6 +29,7 @@ METHODS: dict[str, str] = {
     "eu-plane": "thresher.scoring.eu_plane:EuPlaneMethod",
     "rds": "thresher.scoring.rds:RdsMethod",
     "paser": "thresher.scoring.paser:PaserMethod",
+    "less": "thresher.scoring.less:LessMethod",
 }
 
 SELECTORS: dict[str, str] = {

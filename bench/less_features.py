@@ -1,0 +1,92 @@
+"""LESS gradient features on a realistic slice: seconds per row per checkpoint, projection share,
+peak memory. A seeded uniform sample of --rows rows from every file of /work/shared/data/pool
+(shards of 50 rows), --targets GSM8K test rows as the target task, SmolLM2-135M-Instruct.
+
+    nice -n 19 /usr/bin/time -v .venv/bin/python bench/less_features.py --out out/less-bench \
+        [--rows 200] [--targets 20] [--max-tokens 256] [--epochs 2] [--d 8192]
+
+Runs the `less` method's stages (warm-up proxy, pool features with Adam, target features with
+SGD) through the plan, as `thresher select --method less` does; a rerun reuses what is cached
+(delete OUT/work to measure again). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import time
+from pathlib import Path
+
+SHARED = Path("/work/shared/data")
+
+
+def build(out: Path, n_rows: int, n_targets: int, seed: int = 0) -> tuple[Path, Path]:
+    from thresher.pipeline.pool import ingest
+
+    rng = random.Random(seed)
+    rows = []
+    for path in sorted((SHARED / "pool").glob("*.jsonl")):
+        rows += [json.loads(ln) for ln in path.read_text().split("\n") if ln.strip()]
+    pick = rng.sample(rows, n_rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pick))
+    tgt = [json.loads(ln) for ln in (SHARED / "eval" / "gsm8k_test.jsonl").read_text().split("\n") if ln.strip()]
+    (out / "gsm8k_target.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tgt[:n_targets]))
+    if not (out / "pool" / "pool.json").exists():
+        ingest([out / "rows.jsonl"], out / "pool", rows_per_shard=50)
+    return out / "pool", out / "gsm8k_target.jsonl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--targets", type=int, default=20)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--d", type=int, default=8192)
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    from thresher.pipeline.artifacts import ArtifactStore
+    from thresher.pipeline.executors import LocalExecutor
+    from thresher.pipeline.method import Request
+    from thresher.pipeline.plan import make_plan
+    from thresher.pipeline.pool import Pool
+    from thresher.scoring.less import LessMethod, LessParams
+
+    pool_dir, target = build(args.out, args.rows, args.targets)
+    pool = Pool(pool_dir)
+    p = LessParams(max_tokens=args.max_tokens, epochs=args.epochs, d=args.d)
+    needs = LessMethod().needs(p, Request(pool=pool, targets=(target,)))
+    plan = make_plan(needs.values(), "cpu")
+    t0 = time.perf_counter()
+    outputs, stats = plan.run(pool, ArtifactStore(args.out / "work"), LocalExecutor())
+    wall = time.perf_counter() - t0
+    report = {"rows": pool.n_rows, "targets": args.targets, "max_tokens": args.max_tokens,
+              "epochs": args.epochs, "d": args.d, "wall_seconds": round(wall, 1),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+              "load_avg_end": os.getloadavg()}
+    for st in stats:
+        key = st.stage + ("" if st.config.get("source") is None else "_target")
+        report[key] = {"seconds": round(st.seconds, 1), "cached": st.cached,
+                       "rows_computed": st.rows_computed}
+    for name, fs in outputs.items():
+        if name.kind == "grad_features":
+            info = fs.info
+            per = info["feature_seconds"] / max(1, info["rows_computed"])
+            key = "features_" + info["mode"]
+            report[key] = {"rows_x_ckpts": info["rows_computed"], "seconds": info["feature_seconds"],
+                           "seconds_per_row_per_ckpt": round(per, 3),
+                           "project_seconds": info["project_seconds"], "etas": info["etas"],
+                           "no_loss_rows": info["no_loss_rows"]}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

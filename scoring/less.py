@@ -1,0 +1,170 @@
+"""LESS (Xia et al., ICML 2024; methods-b.md §4.2): keep the pool rows whose Adam-preconditioned
+LoRA gradients point where the target examples' gradients point, over the warm-up checkpoints.
+
+1. Warm-up (`Proxy` stage via `grad_features.warmup_proxy`): LoRA on a seeded random
+   `warmup_part` (5%) of the pool, at least `warmup_min_rows` rows, `epochs` (4) epochs, one
+   checkpoint per epoch.
+2. Features (`GradFeatures` stage, `pipeline/grad_features.py`): per checkpoint, each pool row's
+   Adam-preconditioned gradient and each target row's SGD gradient, Rademacher-projected to `d`
+   (8192) dimensions with one seeded projection, L2-normalised, float16, cached per shard.
+3. Score: Inf(z) = max over tasks (one per `--target` file) of the mean over that task's
+   examples z' of sum_i eta_i cos(Gamma(z; theta_i), g(z'; theta_i)), eta_i the checkpoints'
+   mean learning rates normalised to sum 1 (matching.py; LESS takes the max over a benchmark's
+   sub-tasks, here each target file is a task).
+4. Keep the global top rows by Inf (write_selected_data.py; its default budget is 5%).
+
+`less_scores`, `less_task_scores`, `less_similarity` and `less_representation` are the same
+arithmetic for other methods (RDS+ with gradient representations): the representation is the
+concatenation of sqrt(eta_i) * feature_i, unit length, whose inner products are LESS's sum.
+
+Deviations (README "LESS"): the trainer's LoRA (r=8, alpha 16, lr 2e-4, cosine schedule, batch 8)
+instead of r=128, alpha 512, lr 2e-5, linear schedule, batch 32; max_tokens 512 instead of 2048;
+rows with no response token within max_tokens are not scored (counted as `unscored_rows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from thresher.pipeline.grad_features import GradFeatures, warmup_proxy
+from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.stage import Stage
+from thresher.pipeline.targets import TargetPool
+from thresher.selectors.score_band import ScoreBand
+
+BLOCK = 65536          # pool rows per block of the score products
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def _blocks(n: int):
+    for s in range(0, n, BLOCK):
+        yield slice(s, min(n, s + BLOCK))
+
+
+def _rows(feats: Sequence[np.ndarray], rows) -> np.ndarray:
+    return np.arange(len(feats[0])) if rows is None else np.asarray(rows, dtype=np.int64)
+
+
+def less_similarity(pool_feats: Sequence[np.ndarray], target_feats: Sequence[np.ndarray],
+                    etas: Sequence[float], rows=None) -> np.ndarray:
+    """float32 [n, M]: sum_i eta_i cos(pool_i[row], target_i[m]) for the pool `rows` (all when
+    None) against every target example. Features are one [N, d] matrix per checkpoint."""
+    rows = _rows(pool_feats, rows)
+    out = np.zeros((len(rows), len(target_feats[0])), dtype=np.float32)
+    for eta, p, t in zip(etas, pool_feats, target_feats):
+        tu = _unit(t)
+        for b in _blocks(len(rows)):
+            out[b] += eta * (_unit(p[rows[b]]) @ tu.T)
+    return out
+
+
+def less_scores(pool_feats: Sequence[np.ndarray], target_feats: Sequence[np.ndarray],
+                etas: Sequence[float], rows=None) -> np.ndarray:
+    """float64 [n]: the mean over the target examples (one task) of sum_i eta_i cos(., .), by
+    the mean of the unit target vectors (no [n, M] matrix)."""
+    rows = _rows(pool_feats, rows)
+    out = np.zeros(len(rows), dtype=np.float64)
+    for eta, p, t in zip(etas, pool_feats, target_feats):
+        centre = _unit(t).mean(axis=0)
+        for b in _blocks(len(rows)):
+            out[b] += eta * (_unit(p[rows[b]]) @ centre)
+    return out
+
+
+def less_task_scores(pool_feats: Sequence[np.ndarray], tasks: Sequence[Sequence[np.ndarray]],
+                     etas: Sequence[float], rows=None) -> tuple[np.ndarray, np.ndarray]:
+    """(score [n], index of the best task [n]): the max over tasks of `less_scores` (LESS's
+    aggregation: max over sub-tasks of the mean over each one's examples)."""
+    per_task = np.stack([less_scores(pool_feats, t, etas, rows) for t in tasks], axis=1)
+    best = per_task.argmax(axis=1)
+    return per_task[np.arange(len(best)), best], best
+
+
+def less_representation(feats: Sequence[np.ndarray], etas: Sequence[float], rows=None) -> np.ndarray:
+    """float32 [n, K*d]: [sqrt(eta_1) u_1, ..., sqrt(eta_K) u_K] with u_i the unit feature at
+    checkpoint i; rows are unit vectors (etas sum to 1) whose inner products are LESS's
+    sum_i eta_i cos(., .), so an inner-product index (RDS+'s) searches by LESS similarity."""
+    rows = _rows(feats, rows)
+    return np.concatenate([np.sqrt(eta) * _unit(f[rows]) for eta, f in zip(etas, feats)], axis=1)
+
+
+@dataclass(frozen=True)
+class LessParams:
+    model: str = field(default=DEFAULT_LM, metadata={"help": "causal LM (LoRA warm-up and gradients)"})
+    max_tokens: int = field(default=512, metadata={"help": "truncate rows (warm-up and gradients; LESS: 2048)"})
+    d: int = field(default=8192, metadata={"help": "random projection dimensions (LESS: 8192)"})
+    proj_seed: int = field(default=0, metadata={"help": "seed of the Rademacher projection"})
+    proj_dtype: str | None = field(default=None, metadata={
+        "help": "projection product dtype: bf16 (default on CPUs with native bf16) or fp32"})
+    warmup_part: float = field(default=0.05, metadata={"help": "fraction of the pool the warm-up trains on"})
+    warmup_min_rows: int = field(default=32, metadata={"help": "at least this many warm-up rows"})
+    epochs: int = field(default=4, metadata={"help": "warm-up epochs, one checkpoint each (LESS: 4)"})
+    proxy_lr: float = field(default=2e-4, metadata={"help": "warm-up learning rate (LESS: 2e-5 at r=128)"})
+    proxy_batch_size: int = field(default=8, metadata={"help": "warm-up batch size"})
+    proxy_seed: int = field(default=0, metadata={"help": "warm-up seed (init, order, part)"})
+    proxy_dtype: str | None = field(default=None, metadata={
+        "help": "warm-up autocast: bf16 or fp32 (default by CPU)"})
+
+
+class LessMethod(Method):
+    name = "less"
+    summary = ("LESS: top rows by the lr-weighted cosine of projected Adam LoRA gradients to the "
+               "target's gradients over warm-up checkpoints (max over --target tasks)")
+    cost = ("warm-up LoRA on 5% of the pool (4 epochs) + epochs x (per-sample gradient + "
+            "projection) per pool and target row")
+    Params = LessParams
+    score_column = "less"
+    needs_targets = True
+
+    def needs(self, p: LessParams, req: Request) -> dict[str, Stage]:
+        if not req.targets:
+            raise ValueError("--method less needs --target FILE (repeat --target for several tasks)")
+        if p.proj_dtype not in (None, "bf16", "fp32"):
+            raise ValueError(f"parameter proj_dtype={p.proj_dtype!r}: expected bf16 or fp32")
+        warm = warmup_proxy(req.n_rows, p.model, p.warmup_part, p.warmup_min_rows, p.epochs,
+                            p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens, p.proxy_dtype)
+        feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,
+                 "dtype": p.proj_dtype}
+        out = {"pool": GradFeatures(**feats)}
+        for i, t in enumerate(req.targets):
+            out[f"target{i}"] = GradFeatures(**feats, source=TargetPool(path=str(t)))
+        return out
+
+    def _tasks(self, inputs: Inputs) -> tuple[list[list[np.ndarray]], list[str]]:
+        tasks, names = [], [Path(t).stem for t in inputs.targets]
+        for i, name in enumerate(names):
+            fs = inputs[f"target{i}"]
+            keep = ~fs.no_loss()
+            if not keep.any():
+                raise ValueError(f"target {inputs.targets[i]}: no row has a response token "
+                                 "within max_tokens; nothing to match")
+            tasks.append([np.asarray(f[keep]) for f in fs.all()])
+        return tasks, names
+
+    def score(self, p: LessParams, inputs: Inputs) -> pl.DataFrame:
+        pool = inputs["pool"]
+        tasks, names = self._tasks(inputs)
+        cand = inputs.candidates.filter(~pl.Series(pool.no_loss()[inputs.candidates["row"].to_numpy()]))
+        scores, best = less_task_scores(pool.all(), tasks, pool.etas, cand["row"].to_numpy())
+        inputs.note("etas", [round(float(e), 6) for e in pool.etas])
+        inputs.note("checkpoints", pool.info["checkpoints"])
+        inputs.note("target_rows", {n: len(t[0]) for n, t in zip(names, tasks)})
+        inputs.note("unscored_rows", inputs.candidates.height - cand.height)
+        if cand.height == 0:
+            raise ValueError("no pool row has a response token to score; check --param max_tokens")
+        return cand.select("id").with_columns(
+            less=pl.Series(scores, dtype=pl.Float64),
+            best_task=pl.Series([names[b] for b in best], dtype=pl.String))
+
+    def selector(self, p: LessParams, inputs: Inputs, scored: pl.DataFrame) -> ScoreBand:
+        return ScoreBand("less", keep="top")

@@ -1,0 +1,208 @@
+"""LESS: the blockwise Rademacher projection, the Adam-preconditioned features against a manual
+computation from a saved optimizer state, the per-shard cache, and `select --method less` end to
+end, on the tiny random Llama (conftest) with tiny d."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from thresher.pipeline.artifacts import ArtifactStore
+from thresher.pipeline.grad_features import (
+    ROW_BLOCK,
+    GradFeatures,
+    project,
+    rademacher_block,
+    rademacher_matrix,
+    warmup_proxy,
+)
+from thresher.pipeline.plan import make_plan
+from thresher.pipeline.targets import TargetPool
+from thresher.scoring.less import (
+    less_representation,
+    less_scores,
+    less_similarity,
+    less_task_scores,
+)
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+D = 48
+
+
+def test_projection_is_the_dense_rademacher_product():
+    P = 2 * ROW_BLOCK + 37                        # a partial last block
+    R = rademacher_matrix(P, D, seed=3)
+    assert R.shape == (P, D) and set(torch.unique(R).tolist()) == {-1.0, 1.0}
+    assert abs(float(R.mean())) < 0.02            # balanced signs
+    g = torch.randn(5, P, generator=torch.Generator().manual_seed(0))
+    dense = g.double() @ R.double()
+    assert torch.allclose(project(g, D, seed=3).double(), dense, rtol=1e-5, atol=1e-3)
+    # row by row is the same map (rows never interact), and another seed is another matrix
+    assert torch.allclose(project(g[2:3], D, seed=3), project(g, D, seed=3)[2:3], atol=1e-4)
+    assert not torch.allclose(project(g, D, seed=4), project(g, D, seed=3))
+    # the bf16 product is close (bf16 inputs, float32 accumulation)
+    cos = torch.nn.functional.cosine_similarity(project(g, D, 3, torch.bfloat16), project(g, D, 3))
+    assert cos.min() > 0.999
+    assert torch.equal(rademacher_block(3, 1, 5, D, torch.bfloat16).float(), R[ROW_BLOCK:ROW_BLOCK + 5])
+
+
+def test_projection_keeps_norms_and_angles_roughly():
+    """Johnson-Lindenstrauss: |gR|^2 / d ~ |g|^2 for a wide enough d."""
+    g = torch.randn(6, 3000, generator=torch.Generator().manual_seed(1))
+    y = project(g, 2048, seed=0)
+    ratio = (y.norm(dim=1) ** 2 / 2048) / g.norm(dim=1) ** 2
+    assert ((ratio - 1).abs() < 0.15).all()
+
+
+def test_scores_agree_with_the_similarity_matrix_and_the_representation():
+    rng = np.random.default_rng(0)
+    pool = [rng.normal(size=(30, 16)).astype(np.float16) for _ in range(3)]
+    tgt_a = [rng.normal(size=(4, 16)).astype(np.float16) for _ in range(3)]
+    tgt_b = [rng.normal(size=(2, 16)).astype(np.float16) for _ in range(3)]
+    etas = np.array([0.5, 0.3, 0.2])
+    sim = less_similarity(pool, tgt_a, etas)
+    unit = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    manual = sum(e * unit(p) @ unit(t).T for e, p, t in zip(etas, pool, tgt_a))
+    assert np.allclose(sim, manual, atol=1e-5)
+    assert np.allclose(less_scores(pool, tgt_a, etas), manual.mean(axis=1), atol=1e-5)
+    rep_p, rep_t = less_representation(pool, etas), less_representation(tgt_a, etas)
+    assert np.allclose(np.linalg.norm(rep_p, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(rep_p @ rep_t.T, manual, atol=1e-5)
+    score, best = less_task_scores(pool, [tgt_a, tgt_b], etas, rows=[3, 7, 11])
+    per = np.stack([less_scores(pool, tgt_a, etas), less_scores(pool, tgt_b, etas)], axis=1)[[3, 7, 11]]
+    assert np.allclose(score, per.max(axis=1)) and (best == per.argmax(axis=1)).all()
+
+
+@pytest.fixture(scope="module")
+def target_file(tmp_path_factory) -> Path:
+    lines = (SAMPLE / "targets" / "gsm8k_test.jsonl").read_text().splitlines()[:3]
+    out = tmp_path_factory.mktemp("less-target") / "gsm3.jsonl"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _stages(pool, tiny_lm_dir, target):
+    warm = warmup_proxy(pool.n_rows, str(tiny_lm_dir), part=0.05, min_rows=8, epochs=2, lr=2e-2,
+                        batch_size=4, max_tokens=256)
+    common = {"proxy": warm, "d": D, "seed": 5, "max_tokens": 256, "dtype": "fp32", "project_rows": 4}
+    return GradFeatures(**common), GradFeatures(**common, source=TargetPool(path=str(target)))
+
+
+def _run(stages, pool, store):
+    plan = make_plan(stages, "cpu")
+    outputs, stats = plan.run(pool, store, __import__(
+        "thresher.pipeline.executors", fromlist=["LocalExecutor"]).LocalExecutor())
+    pool_stats = {s.stage: s for s in stats if s.config.get("source") is None}
+    return [outputs[s] for s in plan.roots], pool_stats
+
+
+def _manual(ckpt, rows, adam: bool) -> np.ndarray:
+    """Unit float64 features of `rows` at `ckpt`, computed here from the saved state."""
+    from thresher.pipeline.chat import encode
+    from thresher.pipeline.grads import flatten, iter_grads, select_params
+    from thresher.pipeline.safestate import load_state
+    from thresher.pipeline.train import load_trained
+
+    model, tok = load_trained(ckpt, "cpu")
+    params = select_params(model, "lora")
+    enc = [encode(tok, r, 256) for r in rows]
+    g = torch.zeros(len(rows), sum(p.numel() for p in params.values()))
+    for idx, grads in iter_grads(model, enc, params, how="loop"):
+        g[torch.as_tensor(idx)] = flatten(grads)
+    if adam:
+        st = load_state(ckpt, "state")["optimizer"]["state"]
+        m = torch.cat([st[i]["exp_avg"].reshape(-1) for i in sorted(st)])
+        v = torch.cat([st[i]["exp_avg_sq"].reshape(-1) for i in sorted(st)])
+        g = (0.9 * m + 0.1 * g) / torch.sqrt(0.999 * v + 0.001 * g ** 2 + 1e-8)
+    y = (g.double() @ rademacher_matrix(g.shape[1], D, seed=5).double()).numpy()
+    return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+
+def test_features_are_adam_for_the_pool_sgd_for_targets_and_cached(dyn_pool, tiny_lm_dir,
+                                                                    target_file, tmp_path):
+    from thresher.pipeline.pool import Pool
+
+    store = ArtifactStore(tmp_path / "w")
+    (pool_fs, tgt_fs), stats = _run(_stages(dyn_pool, tiny_lm_dir, target_file), dyn_pool, store)
+    st = stats["grad_features"]
+    assert pool_fs.n_checkpoints == 2 and pool_fs.features(0).shape == (dyn_pool.n_rows, D)
+    assert pool_fs.features(1).dtype == np.float16 and tgt_fs.features(0).shape == (3, D)
+    assert np.isclose(pool_fs.etas.sum(), 1.0) and pool_fs.etas[0] > pool_fs.etas[1]  # cosine decay
+    assert pool_fs.info["mode"] == "adam" and tgt_fs.info["mode"] == "sgd"
+    proxy = json.loads((Path(pool_fs.info["checkpoints"][0]).parent.parent
+                        / "_COMPLETE.json").read_text())
+    assert proxy["trained_rows"] == 8                              # min_rows beats 5% of the pool
+    ckpt = Path(pool_fs.info["checkpoints"][1])
+    rows = list(dyn_pool.iter_rows())[:6]
+    assert np.allclose(pool_fs.features(1)[:6], _manual(ckpt, rows, adam=True), atol=2e-3)
+    target_rows = list(Pool(next((tmp_path / "w" / "target").glob("*/pool"))).iter_rows())
+    ok = ~tgt_fs.no_loss()
+    assert ok.any() and not np.asarray(tgt_fs.features(1))[~ok].any()
+    assert np.allclose(tgt_fs.features(1)[ok], _manual(ckpt, target_rows, adam=False)[ok], atol=2e-3)
+    assert not np.allclose(pool_fs.features(1)[:3], _manual(ckpt, rows[:3], adam=False), atol=2e-2)
+    assert st.shards_computed == 2 * len(dyn_pool.shards) and st.rows_computed == 2 * dyn_pool.n_rows
+
+    # a rerun computes nothing; a lost shard file is the only one recomputed
+    _, stats = _run(_stages(dyn_pool, tiny_lm_dir, target_file), dyn_pool, store)
+    assert stats["grad_features"].cached and stats["grad_features"].shards_computed == 0
+    shard_files = sorted(p for p in (tmp_path / "w" / "grad_features").glob("*/shards/*.npy")
+                         if not p.name.endswith(".noloss.npy"))
+    assert len(shard_files) == 2 * len(dyn_pool.shards) + 2        # + the target's, per checkpoint
+    before = np.array(pool_fs.features(1))
+    (pool_fs.dir.dir / "_COMPLETE.json").unlink()
+    victim = next(f for f in shard_files if np.load(f).shape[0] == 8)
+    victim.unlink()
+    (again, _), stats = _run(_stages(dyn_pool, tiny_lm_dir, target_file), dyn_pool, store)
+    st = stats["grad_features"]
+    assert st.shards_computed == 1 and st.shards_cached == 2 * len(dyn_pool.shards) - 1
+    assert np.array_equal(np.asarray(again.features(1)), before)
+
+
+def test_select_less_end_to_end(dyn_pool, tiny_lm_dir, target_file, tmp_path):
+    from thresher.pipeline.cli import app
+    from typer.testing import CliRunner
+
+    out, work = tmp_path / "less.jsonl", tmp_path / "w"
+    args = ["select", str(dyn_pool.path), "--method", "less", "--budget", "5", "--out", str(out),
+            "--workdir", str(work)]
+    params = ["--param", f"model={tiny_lm_dir}", "--param", f"d={D}", "--param", "max_tokens=256",
+              "--param", "epochs=2", "--param", "warmup_min_rows=8", "--param", "proxy_lr=2e-2",
+              "--param", "proxy_batch_size=4"]
+    res = CliRunner().invoke(app, [*args, "--target", str(target_file), *params])
+    assert res.exit_code == 0, res.output
+    picked = [json.loads(ln)["id"] for ln in out.read_text().splitlines()]
+    assert len(picked) == 5
+    manifest = json.loads(Path(str(out) + ".manifest.json").read_text())
+    kinds = [s["stage"] for s in manifest["stages"]]
+    assert {"proxy", "target", "grad_features"} <= set(kinds)
+    etas = manifest["config"]["method"]["etas"]
+    assert len(etas) == 2 and abs(sum(etas) - 1) < 1e-5
+    # recompute the score from the cached features through the [N, M] similarity path
+    feats = {json.loads((d / "_COMPLETE.json").read_text())["mode"]: d
+             for d in (work / "grad_features").iterdir() if (d / "_COMPLETE.json").exists()}
+    load = lambda d: [np.load(d / "c000.npy"), np.load(d / "c001.npy")]
+    sim = less_similarity(load(feats["adam"]), load(feats["sgd"]), etas)
+    ids = dyn_pool.frame(["id"])["id"].to_list()
+    score = dict(zip(ids, sim.mean(axis=1)))
+    no_loss = np.load(feats["adam"] / "no_loss.npy")
+    ranked = sorted((i for i, bad in zip(ids, no_loss) if not bad), key=lambda i: -score[i])
+    assert set(picked) == set(ranked[:5])
+    side = pl.read_parquet(str(out) + ".selection.parquet")
+    assert "less" in side.columns
+    # no target: a one-line error
+    bad = CliRunner().invoke(app, [*args, *params])
+    assert bad.exit_code == 2 and "needs --target" in bad.output
+
+
+def test_methods_lists_less_parameters():
+    from thresher.pipeline.cli import app
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["methods", "less"])
+    assert res.exit_code == 0, res.output
+    for name in ("d=8192", "warmup_part=0.05", "epochs=4", "proj_seed=0", "grad_features"):
+        assert name in res.output
