@@ -72,22 +72,27 @@ def less_scores(pool_feats: Sequence[np.ndarray], target_feats: Sequence[np.ndar
                 etas: Sequence[float], rows=None) -> np.ndarray:
     """float64 [n]: the mean over the target examples (one task) of sum_i eta_i cos(., .), by
     the mean of the unit target vectors (no [n, M] matrix)."""
-    rows = _rows(pool_feats, rows)
-    out = np.zeros(len(rows), dtype=np.float64)
-    for eta, p, t in zip(etas, pool_feats, target_feats):
-        centre = _unit(t).mean(axis=0)
-        for b in _blocks(len(rows)):
-            out[b] += eta * (_unit(p[rows[b]]) @ centre)
-    return out
+    return _per_task(pool_feats, [target_feats], etas, rows)[:, 0]
 
 
 def less_task_scores(pool_feats: Sequence[np.ndarray], tasks: Sequence[Sequence[np.ndarray]],
                      etas: Sequence[float], rows=None) -> tuple[np.ndarray, np.ndarray]:
     """(score [n], index of the best task [n]): the max over tasks of `less_scores` (LESS's
     aggregation: max over sub-tasks of the mean over each one's examples)."""
-    per_task = np.stack([less_scores(pool_feats, t, etas, rows) for t in tasks], axis=1)
+    per_task = _per_task(pool_feats, tasks, etas, rows)
     best = per_task.argmax(axis=1)
     return per_task[np.arange(len(best)), best], best
+
+
+def _per_task(pool_feats, tasks, etas, rows) -> np.ndarray:
+    """float64 [n, T]: `less_scores` for every task, reading each pool block once."""
+    rows = _rows(pool_feats, rows)
+    out = np.zeros((len(rows), len(tasks)), dtype=np.float64)
+    for i, (eta, p) in enumerate(zip(etas, pool_feats)):
+        centres = np.stack([_unit(t[i]).mean(axis=0) for t in tasks], axis=1)     # [d, T]
+        for b in _blocks(len(rows)):
+            out[b] += eta * (_unit(p[rows[b]]) @ centres)
+    return out
 
 
 def less_representation(feats: Sequence[np.ndarray], etas: Sequence[float], rows=None) -> np.ndarray:
