@@ -8,6 +8,12 @@ peak memory. A seeded uniform sample of --rows rows from every file of /work/sha
 Runs the `less` method's stages (warm-up proxy, pool features with Adam, target features with
 SGD) through the plan, as `thresher select --method less` does; a rerun reuses what is cached
 (delete OUT/work to measure again). Prints one JSON line.
+
+    nice -n 19 .venv/bin/python bench/less_features.py --out out/less-bench --probe 512
+
+after a run: the features of the first 16 pool rows at the last warm-up checkpoint with that
+many padded tokens per per-sample-gradient batch (`--param grad_tokens`), in a fresh process
+per value: seconds and peak RSS (memory grows with the batch).
 """
 
 from __future__ import annotations
@@ -41,6 +47,23 @@ def build(out: Path, n_rows: int, n_targets: int, seed: int = 0) -> tuple[Path, 
     return out / "pool", out / "gsm8k_target.jsonl"
 
 
+def probe(out: Path, token_budget: int, max_tokens: int) -> dict:
+    from thresher.pipeline.grad_features import GradFeatures, shard_features, warmup_proxy
+    from thresher.pipeline.pool import Pool
+
+    ckpt = max((out / "work" / "proxy").glob("*/run/checkpoint-*"),
+               key=lambda c: int(c.name.split("-")[1]))
+    stage = GradFeatures(proxy=warmup_proxy(1), d=8192, max_tokens=max_tokens, dtype="bf16",
+                         token_budget=token_budget)
+    job = stage._job(ckpt, "cpu")
+    rows = list(Pool(out / "pool").iter_rows(["id", "kind", "messages", "text"]))[:16]
+    t0 = time.perf_counter()
+    _, _, tokens = shard_features(job, rows)
+    return {"probe_token_budget": token_budget, "rows": 16, "tokens": tokens,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -49,8 +72,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--d", type=int, default=8192)
+    ap.add_argument("--probe", type=int, default=None, help="token budget to probe (after a run)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.probe:
+        print(json.dumps(probe(args.out, args.probe, args.max_tokens)))
+        return
     import torch
     from thresher.pipeline.artifacts import ArtifactStore
     from thresher.pipeline.executors import LocalExecutor

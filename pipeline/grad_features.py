@@ -265,8 +265,9 @@ class GradFeatures(Stage):
     def __post_init__(self):
         if self.proxy is None:
             raise ValueError("grad_features need a warm-up proxy stage (proxy=Proxy(...))")
-        if self.d < 1 or self.project_rows < 1:
-            raise ValueError(f"grad_features: d and project_rows must be >= 1, got {self.d}, {self.project_rows}")
+        if min(self.d, self.project_rows, self.token_budget) < 1:
+            raise ValueError(f"grad_features: d, project_rows and token_budget must be >= 1, got "
+                             f"{self.d}, {self.project_rows}, {self.token_budget}")
         if self.grad not in ("auto", "adam", "sgd"):
             raise ValueError(f"grad must be auto, adam or sgd, got {self.grad!r}")
 

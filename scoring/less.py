@@ -119,6 +119,8 @@ class LessParams:
     proxy_seed: int = field(default=0, metadata={"help": "warm-up seed (init, order, part)"})
     proxy_dtype: str | None = field(default=None, metadata={
         "help": "warm-up autocast: bf16 or fp32 (default by CPU)"})
+    grad_tokens: int = field(default=512, metadata={
+        "help": "padded tokens per per-sample-gradient batch (peak memory grows with it; scores do not change)"})
 
 
 class LessMethod(Method):
@@ -139,7 +141,7 @@ class LessMethod(Method):
         warm = warmup_proxy(req.n_rows, p.model, p.warmup_part, p.warmup_min_rows, p.epochs,
                             p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens, p.proxy_dtype)
         feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,
-                 "dtype": p.proj_dtype}
+                 "dtype": p.proj_dtype, "token_budget": p.grad_tokens}
         out = {"pool": GradFeatures(**feats)}
         for i, t in enumerate(req.targets):
             out[f"target{i}"] = GradFeatures(**feats, source=TargetPool(path=str(t)))
