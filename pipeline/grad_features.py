@@ -36,7 +36,6 @@ numpy-drawn blocks instead of TRAK's fast_jl kernel (another +-1 matrix; equal i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
-from thresher.pipeline.artifacts import ArtifactDir, atomic_path, config_key
+from thresher.pipeline.artifacts import ArtifactDir, atomic_path, config_key, file_fingerprint
 from thresher.pipeline.grads import DEFAULT_GRAD_TOKENS
 from thresher.pipeline.stage import Resources, Stage, StageRun
 
@@ -270,6 +269,8 @@ class GradFeatures(Stage):
                              f"{self.d}, {self.project_rows}, {self.token_budget}")
         if self.grad not in ("auto", "adam", "sgd"):
             raise ValueError(f"grad must be auto, adam or sgd, got {self.grad!r}")
+        if self.dtype not in (None, "bf16", "fp32"):
+            raise ValueError(f"projection dtype must be bf16 or fp32, got {self.dtype!r}")
 
     def deps(self) -> tuple[Stage, ...]:
         return (*super().deps(), self.proxy)
@@ -293,9 +294,10 @@ class GradFeatures(Stage):
         return Resources(cpus=2, gpus=1, memory_gb=6)
 
     def _shard_dir(self, run: StageRun, ckpt: Path) -> Path:
-        parts = [_file_hash(ckpt / n) for n in ("adapter_model.safetensors", "adapter_config.json")]
+        names = ["adapter_model.safetensors", "adapter_config.json"]
         if self.mode() == "adam":
-            parts.append(_file_hash(ckpt / "state.safetensors"))
+            names.append("state.safetensors")
+        parts = [file_fingerprint(ckpt / n) for n in names]
         d = run.store.root / self.kind / config_key(self.key_config(), parts) / "shards"
         d.mkdir(parents=True, exist_ok=True)
         return d
@@ -359,14 +361,6 @@ class GradFeatures(Stage):
 
     def load(self, run: StageRun) -> GradFeatureSet:
         return GradFeatureSet(run.dir, run.dir.info())
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:32]
 
 
 def _concat(files: list[Path], out: ArtifactDir, name: str, d: int) -> None:

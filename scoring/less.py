@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -109,7 +110,7 @@ class LessParams:
     max_tokens: int = field(default=512, metadata={"help": "truncate rows (warm-up and gradients; LESS: 2048)"})
     d: int = field(default=8192, metadata={"help": "random projection dimensions (LESS: 8192)"})
     proj_seed: int = field(default=0, metadata={"help": "seed of the Rademacher projection"})
-    proj_dtype: str | None = field(default=None, metadata={
+    proj_dtype: Literal["bf16", "fp32"] | None = field(default=None, metadata={
         "help": "projection product dtype: bf16 (default on CPUs with native bf16) or fp32"})
     warmup_part: float = field(default=0.05, metadata={"help": "fraction of the pool the warm-up trains on"})
     warmup_min_rows: int = field(default=32, metadata={"help": "at least this many warm-up rows"})
@@ -136,8 +137,6 @@ class LessMethod(Method):
     def needs(self, p: LessParams, req: Request) -> dict[str, Stage]:
         if not req.targets:
             raise ValueError("--method less needs --target FILE (repeat --target for several tasks)")
-        if p.proj_dtype not in (None, "bf16", "fp32"):
-            raise ValueError(f"parameter proj_dtype={p.proj_dtype!r}: expected bf16 or fp32")
         warm = warmup_proxy(req.n_rows, p.model, p.warmup_part, p.warmup_min_rows, p.epochs,
                             p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens, p.proxy_dtype)
         feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,
