@@ -95,13 +95,18 @@ def _executor(name: str):
     return MappedShards() if name == "local" else make_executor(name)
 
 
+def _published(recipe_name: str, step: dict | None) -> dict | None:
+    """Every task's ending: the step's statistics as a Prefect artifact and a log line."""
+    if step:
+        publish(recipe_name, step)
+        print(describe_step(step))
+    return step
+
+
 @task(name="ingest", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def ingest_task(recipe_path: str) -> dict:
     recipe = load_recipe(recipe_path)
-    step = ingest_step(recipe)
-    publish(recipe.name, step)
-    print(describe_step(step))
-    return step
+    return _published(recipe.name, ingest_step(recipe))
 
 
 @task(name="stage", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -111,39 +116,25 @@ def stage_task(recipe_path: str, index: int, executor: str, pool_fingerprint: st
     if planned.pool.fingerprint != pool_fingerprint:
         raise RuntimeError(f"the pool changed under the flow ({planned.pool.fingerprint} is not "
                            f"{pool_fingerprint}); another run wrote {planned.pool.path}?")
-    step = stage_step(planned, index, _executor(executor))
-    publish(planned.recipe.name, step)
-    print(describe_step(step))
-    return step
+    return _published(planned.recipe.name, stage_step(planned, index, _executor(executor)))
 
 
 @task(name="select", cache_policy=NO_CACHE)
 def selection_task(recipe_path: str, name: str, stage_stats: list[dict], executor: str) -> dict:
     planned = plan_of(load_recipe(recipe_path))
-    step = selection_step(planned, name, stage_stats, executor)
-    publish(planned.recipe.name, step)
-    print(describe_step(step))
-    return step
+    return _published(planned.recipe.name, selection_step(planned, name, stage_stats, executor))
 
 
 @task(name="verify", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def verify_task(recipe_path: str) -> dict | None:
     recipe = load_recipe(recipe_path)
-    step = verify_step(recipe)
-    if step:
-        publish(recipe.name, step)
-        print(describe_step(step))
-    return step
+    return _published(recipe.name, verify_step(recipe))
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(recipe_path: str) -> dict | None:
     recipe = load_recipe(recipe_path)
-    step = report_step(recipe)
-    if step:
-        publish(recipe.name, step)
-        print(describe_step(step))
-    return step
+    return _published(recipe.name, report_step(recipe))
 
 
 @flow(name=FLOW_NAME, log_prints=True)

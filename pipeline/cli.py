@@ -83,8 +83,8 @@ def ingest(
 @app.command()
 def select(
     pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
-    method: Annotated[str, typer.Option("--method", help="Selection method; see `thresher methods`.")],
     budget: Annotated[str, typer.Option("--budget", help="Rows (100), percent (10%) or tokens (50000tok).")],
+    method: Annotated[str | None, typer.Option("--method", help="Selection method; see `thresher methods`. With --target and no --method: the measured target default (rds, embedder vectors, at most 25% per source).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output file for the subset.")] = None,
     format: Annotated[str, typer.Option("--format", help="messages|alpaca|sharegpt|parquet|hf (a Hugging Face dataset directory with its card)")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
@@ -99,6 +99,7 @@ def select(
     pruned_model: Annotated[str | None, typer.Option("--pruned-model", help="paser: the pruned model to recover (= --param pruned_model=).")] = None,
 ):
     """Select a subset of a pool under a budget and write it with a manifest."""
+    from thresher.pipeline import registry
     from thresher.pipeline.select import run_select
 
     try:
@@ -106,6 +107,7 @@ def select(
         params = parse_param_options(param)
         if pruned_model:
             params["pruned_model"] = pruned_model
+        method, params = registry.method_for(method, target, params)
         if out is None and not dry_run:
             raise ValueError("--out is required (the subset file to write)")
         m = run_select(pool, method, budget, out or Path("-"), fmt=format, seed=seed,

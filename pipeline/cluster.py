@@ -342,6 +342,16 @@ class KMeans(Stage):
         return Clusters(run.dir, int(run.dir.info()["k"]))
 
 
+def embed_and_cluster(p, n_rows: int) -> dict[str, Stage]:
+    """`emb` (sentence embeddings) and `km` (k-means over them) from a method's parameters
+    (embedder, part, k, spherical, niter): what prototypes and semdedup both declare."""
+    from thresher.pipeline.embed import Embed
+
+    emb = Embed(model=p.embedder, part=p.part)
+    return {"emb": emb, "km": KMeans(of=emb, k=p.k or default_k(n_rows), spherical=p.spherical,
+                                     niter=p.niter)}
+
+
 def default_k(n: int, per_cluster: int = 100, cap: int = 1000) -> int:
     """Heuristic k for a pool of n rows: about `per_cluster` rows per cluster, at most `cap`."""
     return max(1, min(cap, n // per_cluster))

@@ -32,6 +32,23 @@ METHODS: dict[str, str] = {
     "less": "thresher.scoring.less:LessMethod",
 }
 
+# What `thresher select --target F` runs when no --method is given: the combination that won
+# most often on bench/quality.py (README, "Which target-aware selection by default").
+TARGET_DEFAULT: tuple[str, dict] = ("rds", {"vectors": "embed", "max_share": 0.25})
+
+
+def method_for(method: str | None, targets, params: dict) -> tuple[str, dict]:
+    """The method to run and its parameters: `method` as given, or with targets and no method
+    the target default (its parameters under the caller's)."""
+    if method:
+        return method, params
+    if not targets:
+        raise ValueError("--method is required (or give --target FILE for the default "
+                         "target-aware selection)")
+    name, defaults = TARGET_DEFAULT
+    return name, {**defaults, **params}
+
+
 SELECTORS: dict[str, str] = {
     "band": "thresher.selectors.score_band:ScoreBand",
     "stratified": "thresher.selectors.stratified:Stratified",

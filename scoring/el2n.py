@@ -67,6 +67,17 @@ def early_proxies(p: EarlyParams) -> list[Proxy]:
             for s in seed_list(p.seeds)]
 
 
+def seed_average(candidates: pl.DataFrame, column: str, per_seed: np.ndarray) -> pl.DataFrame:
+    """id, the mean over seeds (rows of per_seed) as `column` and its spread as `column_seed_std`;
+    rows without a score (no response token) are left out. EL2N's and GraNd's score."""
+    out = candidates.select("id").with_columns(
+        pl.Series(column, per_seed.mean(0)), pl.Series(f"{column}_seed_std", per_seed.std(0)))
+    out = out.filter(pl.col(column).is_not_nan())
+    if out.height == 0:
+        raise ValueError("no row has a response token to score; check the pool and --param max_tokens")
+    return out
+
+
 @dataclass(frozen=True)
 class El2nParams(EarlyParams):
     keep: Literal["top", "middle", "bottom"] = field(default="top", metadata={"help": "which band to keep"})
@@ -90,12 +101,7 @@ class El2nMethod(Method):
         inputs.note("seeds", seed_list(p.seeds))
         inputs.note("checkpoints", [inputs[name].checkpoints[0] for name in sorted(inputs.outputs)
                                     if name.startswith("seed")])
-        out = inputs.candidates.select("id").with_columns(
-            el2n=pl.Series(per_seed.mean(0)), el2n_seed_std=pl.Series(per_seed.std(0)))
-        out = out.filter(pl.col("el2n").is_not_nan())
-        if out.height == 0:
-            raise ValueError("no row has a response token to score; check the pool and --param max_tokens")
-        return out
+        return seed_average(inputs.candidates, "el2n", per_seed)
 
     def selector(self, p: El2nParams, inputs: Inputs, scores: pl.DataFrame) -> ScoreBand:
         return ScoreBand("el2n", keep=p.keep)

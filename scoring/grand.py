@@ -22,7 +22,7 @@ import polars as pl
 from thresher.pipeline.grad_stages import GradNorms
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.stage import Stage
-from thresher.scoring.el2n import EarlyParams, early_proxies, seed_list
+from thresher.scoring.el2n import EarlyParams, early_proxies, seed_average, seed_list
 from thresher.selectors.score_band import ScoreBand
 
 
@@ -57,12 +57,7 @@ class GrandMethod(Method):
         runs = [inputs[n] for n in sorted(inputs.outputs) if n.startswith("seed")]
         norms = np.stack([r.values for r in runs])
         inputs.note("n_params", runs[0].info.get("n_params"))
-        out = inputs.candidates.select("id").with_columns(
-            grand=pl.Series(norms.mean(0)), grand_seed_std=pl.Series(norms.std(0)))
-        out = out.filter(pl.col("grand").is_not_nan())
-        if out.height == 0:
-            raise ValueError("no row has a response token to score; check the pool and --param max_tokens")
-        return out
+        return seed_average(inputs.candidates, "grand", norms)
 
     def selector(self, p: GrandParams, inputs: Inputs, scores: pl.DataFrame) -> ScoreBand:
         return ScoreBand("grand", keep=p.keep)

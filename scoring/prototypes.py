@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import polars as pl
-from thresher.pipeline.cluster import KMeans, default_k
-from thresher.pipeline.embed import Embed
+from thresher.pipeline.cluster import embed_and_cluster
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models import DEFAULT_EMBEDDER
 from thresher.pipeline.stage import Stage
@@ -45,9 +44,7 @@ class PrototypesMethod(Method):
     score_column = "proto_dist"
 
     def needs(self, p: PrototypesParams, req: Request) -> dict[str, Stage]:
-        emb = Embed(model=p.embedder, part=p.part)
-        return {"emb": emb, "km": KMeans(of=emb, k=p.k or default_k(req.n_rows),
-                                         spherical=p.spherical, niter=p.niter)}
+        return embed_and_cluster(p, req.n_rows)
 
     def score(self, p: PrototypesParams, inputs: Inputs) -> pl.DataFrame:
         cl = inputs["km"]

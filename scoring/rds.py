@@ -17,6 +17,15 @@ top-k of a batched search whose k doubles as rows get taken, so no |targets| x N
 matrix is ever built. For a task's max-aggregated list, an entry is final only when its score
 beats every example's k-th score (rows outside all top-k lists cannot score higher).
 
+Representations (`vectors`, issue 15): `hidden` is the paper's (above); `embed` uses the sentence
+embedder's vectors of the whole conversation instead (the `Embed` stage, cached per shard; the
+RDS+ paper's GTR-T5 / NV-Embed baselines are this kind); both are computed once per pool and
+reused by every target set.
+
+Diversity guard (`max_share`, issue 15; not in RDS+): no source gets more than that share of the
+budget (`selectors/round_robin.py`); the manifest's `config.method.notes.guard` reports the cap
+and the rows each source got. `max_share=1` is the paper's selection.
+
 Deviations: the paper renders examples in the Tulu chat format; here each model's own chat
 template is used (`pipeline/chat.encode`), so pool and targets match whatever model is chosen.
 """
@@ -26,13 +35,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
+from thresher.pipeline.embed import Embed
 from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
 from thresher.pipeline.forward import Forward
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.models import DEFAULT_EMBEDDER, DEFAULT_LM
 from thresher.pipeline.stage import Stage
 from thresher.pipeline.targets import TargetPool
 from thresher.selectors.round_robin import RoundRobin
@@ -112,16 +123,25 @@ def rds_lists(index, tasks: list[np.ndarray], names: list[str], n_budget: int):
 
 @dataclass(frozen=True)
 class RdsParams:
+    vectors: Literal["hidden", "embed"] = field(default="hidden", metadata={
+        "help": "hidden: the LM's weighted-mean hidden states (RDS+); embed: sentence-embedder vectors"})
     model: str = field(default=DEFAULT_LM, metadata={"help": "causal LM whose hidden states represent rows"})
+    embedder: str = field(default=DEFAULT_EMBEDDER, metadata={"help": "sentence embedder (vectors=embed)"})
     max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"help": "truncate rows to this many tokens"})
     retry_duplicates: bool = field(default=False, metadata={
         "help": "a list whose best row is taken walks down instead of losing its turn"})
+    max_share: float = field(default=1.0, metadata={
+        "help": "diversity guard: at most this share of the budget from one source (1 = off, as RDS+)"})
+
+    def __post_init__(self):
+        if not 0 < self.max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
 
 
 class RdsMethod(Method):
     name = "rds"
     summary = "RDS+: round-robin over target examples (or tasks) by cosine of weighted-mean hidden states"
-    cost = "one forward pass over pool + targets (cached), FAISS top-k search"
+    cost = "one forward pass (vectors=hidden) or embedder pass (embed) over pool + targets (cached), FAISS top-k search"
     Params = RdsParams
     score_column = "rds_sim"
     needs_targets = True
@@ -129,14 +149,24 @@ class RdsMethod(Method):
     def needs(self, p: RdsParams, req: Request) -> dict[str, Stage]:
         if not req.targets:
             raise ValueError("--method rds needs --target FILE (repeat --target for several tasks)")
-        fwd = {"fwd": Forward(model=p.model, stats=False, rds=True, max_tokens=p.max_tokens)}
+
+        def stage(source=None) -> Stage:
+            if p.vectors == "embed":
+                return Embed(model=p.embedder, part="conversation", source=source)
+            return Forward(model=p.model, stats=False, rds=True, max_tokens=p.max_tokens,
+                           source=source)
+
+        need = {"pool_vectors": stage()}
         for i, t in enumerate(req.targets):
-            fwd[f"target{i}"] = Forward(model=p.model, stats=False, rds=True,
-                                        max_tokens=p.max_tokens, source=TargetPool(path=str(t)))
-        return fwd
+            need[f"target{i}"] = stage(TargetPool(path=str(t)))
+        return need
+
+    @staticmethod
+    def _matrix(output) -> np.ndarray:
+        return output.matrix() if hasattr(output, "matrix") else output.rds()
 
     def _tasks(self, inputs: Inputs) -> tuple[list[np.ndarray], list[str]]:
-        tasks = [np.asarray(inputs[f"target{i}"].rds(), dtype=np.float32)
+        tasks = [np.asarray(self._matrix(inputs[f"target{i}"]), dtype=np.float32)
                  for i in range(len(inputs.targets))]
         return tasks, [Path(t).stem for t in inputs.targets]
 
@@ -152,16 +182,19 @@ class RdsMethod(Method):
         index = faiss.IndexFlatIP(queries.shape[1])
         index.add(queries)
         rows = inputs.candidates["row"].to_numpy().astype(np.int64)
-        sims, best = build_scores(index, inputs["fwd"].rds(), rows)
+        sims, best = build_scores(index, self._matrix(inputs["pool_vectors"]), rows)
         return inputs.candidates.select("id").with_columns(
             rds_sim=pl.Series(sims, dtype=pl.Float64),
             best_task=pl.Series([names[owner[b]] for b in best], dtype=pl.String))
 
     def selector(self, p: RdsParams, inputs: Inputs, scored: pl.DataFrame) -> RoundRobin:
         tasks, names = self._tasks(inputs)
-        index = build_index(inputs["fwd"].rds(), scored["row"].to_numpy().astype(np.int64))
+        index = build_index(self._matrix(inputs["pool_vectors"]),
+                            scored["row"].to_numpy().astype(np.int64))
         lists, list_names, what = rds_lists(index, tasks, names, 64)
-        return RoundRobin(lists, list_names, retry_duplicates=p.retry_duplicates, what=what)
+        return RoundRobin(lists, list_names, retry_duplicates=p.retry_duplicates, what=what,
+                          groups=scored["source"].to_numpy(), max_share=p.max_share,
+                          group_by="source")
 
 
 def build_scores(index, vectors: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

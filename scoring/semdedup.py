@@ -37,8 +37,7 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.cluster import KMeans, default_k
-from thresher.pipeline.embed import Embed
+from thresher.pipeline.cluster import embed_and_cluster
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models import DEFAULT_EMBEDDER
 from thresher.pipeline.schema import row_text
@@ -142,9 +141,7 @@ class SemDeDupMethod(Method):
     score_column = "dup_sim"
 
     def needs(self, p: SemDeDupParams, req: Request) -> dict[str, Stage]:
-        emb = Embed(model=p.embedder, part=p.part)
-        return {"emb": emb, "km": KMeans(of=emb, k=p.k or default_k(req.n_rows),
-                                         spherical=p.spherical, niter=p.niter)}
+        return embed_and_cluster(p, req.n_rows)
 
     def score(self, p: SemDeDupParams, inputs: Inputs) -> pl.DataFrame:
         exact = exact_duplicates(row_text(r, "conversation")

@@ -87,6 +87,37 @@ def unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def test_guard_caps_each_group_and_walks_down_without_losing_the_turn():
+    # list 0 prefers group a's rows 0-4, list 1 group a too, then b rows 5-9
+    lists = [StaticList([0, 1, 2, 3, 5, 6]), StaticList([4, 0, 7, 8, 9])]
+    groups = np.array(["a"] * 5 + ["b"] * 5)
+    rr = RoundRobin(lists, groups=groups, max_share=0.5, group_by="source")
+    sel = rr.select(cands(10), Budget.parse("6"), 0)
+    got = ids(sel)
+    assert len(got) == 6 and sum(g < 5 for g in got) == 3          # cap = ceil(0.5 * 6) = 3
+    # L0 0, L1 4, L0 1 (a now full), L1 0 is taken (turn lost, as RDS+), L0 walks past 2 and 3
+    # (a full) to 5 in the same turn, L1 7, L0 6
+    assert got == [0, 4, 1, 5, 7, 6]
+    g = rr.notes["guard"]
+    assert g["cap_rows"] == 3 and g["rows_per_group"] == {"a": 3, "b": 3}
+    assert g["skipped_for_cap"] >= 2 and g["filled_past_cap"] == 0
+    plain = ids(RoundRobin(lists).select(cands(10), Budget.parse("6"), 0))
+    assert sum(x < 5 for x in plain) == 5                        # without the guard: 5 of 6 from a
+
+
+def test_guard_fills_past_the_cap_rather_than_leave_budget_unspent():
+    lists = [StaticList([0, 1, 2, 3, 5])]
+    groups = np.array(["a"] * 5 + ["b"] * 5)
+    rr = RoundRobin(lists, groups=groups, max_share=0.25)
+    got = ids(rr.select(cands(10), Budget.parse("4"), 0))
+    assert len(got) == 4 and got[:2] == [0, 5]           # cap 1 of a, then b's only listed row
+    assert rr.notes["guard"]["filled_past_cap"] == 2
+    one = RoundRobin(lists, groups=np.array(["a"] * 10), max_share=0.25)
+    assert ids(one.select(cands(10), Budget.parse("4"), 0)) == [0, 1, 2, 3]
+    assert "not_applied" in one.notes["guard"]
+    with pytest.raises(ValueError, match="max_share"):
+        RoundRobin(lists, groups=groups, max_share=0)
+
 @pytest.fixture
 def space():
     rng = np.random.default_rng(1)
@@ -192,3 +223,27 @@ def test_rds_with_smollm2_picks_rows_like_the_target(tmp_path, sample_pool, requ
         sel = pl.read_parquet(tmp_path / f"{name}.out.jsonl.selection.parquet")
         picked = [src[i] for i in sel["id"]]
         assert picked.count(want) >= 5, (name, picked)    # 6 of the ~30 rows are `want`
+
+
+def test_rds_with_embedder_vectors_and_source_guard(tmp_path, sample_pool):
+    """vectors=embed: the sentence embedder represents pool and targets (no LM loaded); the guard
+    caps every source at its share and the manifest says so."""
+    from thresher.pipeline.pool import ingest
+    from thresher.pipeline.select import run_select
+
+    _small_pool_file(tmp_path / "rows.jsonl", sample_pool, per_source=6)
+    ingest([tmp_path / "rows.jsonl"], tmp_path / "pool", rows_per_shard=10)
+    _head(ROOT_TARGETS / "gsm8k_test.jsonl", tmp_path / "gsm.jsonl", 6)
+    src = dict(sample_pool.frame(["id", "source"]).iter_rows())
+    plain = run_select(tmp_path / "pool", "rds", "8", tmp_path / "plain.jsonl", workdir=tmp_path / "w",
+                       params={"vectors": "embed"}, targets=[str(tmp_path / "gsm.jsonl")])
+    assert [s["stage"] for s in plain["stages"] if s.get("shards_computed")] == ["embed", "embed"]
+    assert plain["models"] and all("minilm" in v.lower() for v in plain["models"].values())
+    picked = [src[i] for i in pl.read_parquet(tmp_path / "plain.jsonl.selection.parquet")["id"]]
+    assert picked.count("gsm8k") >= 5, picked                   # the embedder finds GSM8K rows
+    m = run_select(tmp_path / "pool", "rds", "8", tmp_path / "guard.jsonl", workdir=tmp_path / "w",
+                   params={"vectors": "embed", "max_share": 0.25}, targets=[str(tmp_path / "gsm.jsonl")])
+    picked = [src[i] for i in pl.read_parquet(tmp_path / "guard.jsonl.selection.parquet")["id"]]
+    assert len(picked) == 8 and max(picked.count(s) for s in set(picked)) <= 2
+    guard = m["config"]["method"]["guard"]
+    assert guard["cap_rows"] == 2 and guard["by"] == "source" and sum(guard["rows_per_group"].values()) == 8

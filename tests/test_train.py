@@ -150,7 +150,10 @@ def test_qtuning_hook_reports_each_batch(tmp_path, tiny_lm_dir, sample_pool):
     s = res["qtuning"]
     assert s["sample_frac"] == sum(r["kept_samples"] for r in recs) / 16
     # per-sample budget: each Q2 sample keeps round(n * .5) (>= 1) of its tokens
-    assert s["q2_token_frac"] is None or 0.4 <= s["q2_token_frac"] <= 0.75
+    q2_tokens = sum(r["q2_tokens"] for r in recs)
+    assert s["q2_tokens"] == q2_tokens and q2_tokens > 0, "no Q2 sample: the token rule went untested"
+    assert s["q2_token_frac"] == sum(r["q2_kept_tokens"] for r in recs) / q2_tokens
+    assert 0.4 <= s["q2_token_frac"] <= 0.75
     # the step trained on exactly the kept tokens
     log = [json.loads(x) for x in (tmp_path / "q" / "train_log.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in log] == [r["kept_tokens"] for r in recs]

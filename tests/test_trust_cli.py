@@ -65,6 +65,7 @@ MISUSE = [
     (sel(budget="0"), "bad budget"),
     (sel(budget="150%"), "bad budget"),
     (sel(method="bogus"), "unknown method 'bogus'"),
+    (sel(method=None), "--method is required (or give --target"),
     (sel(format="xml"), "unknown format 'xml'"),
     (sel(seed="abc"), "--seed"),
     (sel(param="noequals"), "expected KEY=VALUE"),
@@ -185,3 +186,18 @@ def test_hf_directory_output_replaces_an_earlier_one_whole(tmp_path):
             outs.temp(tmp_path / "ds.manifest.json").write_text(str(n))
     assert [p.name for p in (out / "data").iterdir()] == ["part2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.manifest.json"]
+
+
+def test_a_rejected_select_leaves_no_work_directory(tmp_path, monkeypatch, capsys):
+    from thresher.pipeline.pool import ingest
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(
+        {"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(4)))
+    ingest([tmp_path / "in.jsonl"], tmp_path / "pool")
+    for bad in (["--method", "random", "--param", "epz=1"], ["--method", "bogus"], []):
+        code, _, err = run_cli(monkeypatch, capsys, ["select", str(tmp_path / "pool"), "--budget", "2",
+                                                     "--out", str(tmp_path / "o.jsonl"), *bad])
+        assert code == 2 and err.startswith("error: "), err
+    assert not (tmp_path / ".thresher-work").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "pool"]
