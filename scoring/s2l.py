@@ -123,6 +123,11 @@ class S2LMethod(Method):
         if not p.per_source:
             labels = np.asarray(inputs["km"].labels)
             self._note_sizes(inputs, "all", labels)
+            sizes = np.bincount(labels)           # the report's cluster bars
+            inputs.note("cluster_table_kind", "trajectory")
+            inputs.note("cluster_table", [{"cluster": f"{c:04d}", "size": int(n),
+                                           "set_aside": bool(n <= SET_ASIDE)}
+                                          for c, n in enumerate(sizes) if n > 0])
             return cand.select("id").with_columns(cluster=pl.Series(labels).cast(pl.String).str.zfill(4))
         out = []
         for src in sorted(set(cand["source"])):

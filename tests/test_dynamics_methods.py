@@ -54,6 +54,10 @@ def test_s2l_draws_from_every_cluster(dyn_pool, tiny_lm_dir, work, tmp_path):
     big = {c for c in range(3) if (labels == c).sum() > 2}
     assert big and big <= picked
     assert sel["reason"].str.starts_with("balanced by cluster").all()
+    # the report's cluster bars: every non-empty cluster with its size
+    assert cfg["cluster_table_kind"] == "trajectory"
+    assert {r["cluster"]: r["size"] for r in cfg["cluster_table"]} == {
+        f"{c:04d}": int((labels == c).sum()) for c in range(3) if (labels == c).any()}
     # the same again is byte-identical (seeded k-means and sampling)
     again, _ = select(dyn_pool, "s2l", "30%", tmp_path / "s2.jsonl", work, model=str(tiny_lm_dir),
                       epochs=1, checkpoints=2, k=3, **FAST)
