@@ -48,6 +48,7 @@ FAMILIES = {   # name -> (where the rows come from, file)
 METHODS = {   # label -> (method, params); random is always run
     "rds": ("rds", {"vectors": "hidden"}),
     "rds-guard": ("rds", {"vectors": "hidden", "max_share": 0.25}),
+    "rds-half": ("rds", {"vectors": "hidden", "max_share": 0.5}),
     "rds-embed": ("rds", {"vectors": "embed"}),
     "rds-embed-guard": ("rds", {"vectors": "embed", "max_share": 0.25}),
 }

@@ -106,12 +106,13 @@ class RoundRobin:
 
     def _state(self, candidates: pl.DataFrame, n: int) -> dict:
         cap = None
-        if self.groups is not None and self.max_share < 1:
+        if self.groups is not None:      # the selection's make-up is reported even with no cap
             n_groups = len(np.unique(self.groups))
-            cap = math.ceil(self.max_share * n) if n_groups > 1 else None
+            if self.max_share < 1 and n_groups > 1:
+                cap = math.ceil(self.max_share * n)
             self.notes = {"guard": {"by": self.group_by, "max_share": self.max_share,
                                     "cap_rows": cap, "groups": int(n_groups)}}
-            if cap is None:
+            if self.max_share < 1 and cap is None:
                 self.notes["guard"]["not_applied"] = f"every candidate has the same {self.group_by}"
         return {"chosen": [], "taken": set(), "ptr": [0] * len(self.lists), "cap": cap,
                 "live": list(range(len(self.lists))), "count": {}, "skipped": 0,

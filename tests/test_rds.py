@@ -247,3 +247,12 @@ def test_rds_with_embedder_vectors_and_source_guard(tmp_path, sample_pool):
     assert len(picked) == 8 and max(picked.count(s) for s in set(picked)) <= 2
     guard = m["config"]["method"]["guard"]
     assert guard["cap_rows"] == 2 and guard["by"] == "source" and sum(guard["rows_per_group"].values()) == 8
+
+
+def test_without_a_cap_the_selection_make_up_is_still_reported():
+    lists = [StaticList([0, 1, 2, 3, 5])]
+    rr = RoundRobin(lists, groups=np.array(["a"] * 5 + ["b"] * 5), group_by="source")
+    assert ids(rr.select(cands(10), Budget.parse("4"), 0)) == [0, 1, 2, 3]
+    g = rr.notes["guard"]
+    assert g["cap_rows"] is None and g["max_share"] == 1.0 and g["rows_per_group"] == {"a": 4}
+    assert "not_applied" not in g and g["skipped_for_cap"] == 0
