@@ -4,13 +4,17 @@ A mixed pool is built from every source of the shared data (`--per-source` rows 
 and target families, each split into target rows (what `--target` gets) and disjoint eval rows:
 
     gsm8k        GSM8K test        its task has its own source in the pool (GSM8K train)
-    mbpp         MBPP test         MBPP train + two Code Alpaca sets in the pool
+    mbpp         MBPP test         MBPP train + two Code Alpaca sets in the pool (not in the default run)
     t0_heldout   T0 held-out       datasets the pool's T0 subset does not have, same template style
     hh_rlhf      HH-RLHF harmless  a pool source held OUT of the pool: nothing in it is that source
     self_instruct self-instruct    held out of the pool too (human-written seed tasks)
 
-Every method in `--methods` selects `--budget` rows per family; each subset and a random subset
-of the same size (a fresh one per seed; random ignores the target, so its runs are shared by all
+Methods (labels): `rds` is RDS+ as published; `rds-cap50` (the `--target` default) and `rds-cap25`
+cap any one source at 50% / 25% of the budget (the diversity guard); `rds-embed[-cap25]` use the
+sentence embedder's vectors instead of the LM's hidden states.
+
+Every method in `--methods` selects `--budget` rows per family; each subset and a random subset of
+the same size (a fresh one per seed; random ignores the target, so its runs are shared by all
 families) are LoRA-trained with `--seeds` seeds and scored by held-out response loss on the
 family's eval rows. Per (family, method): loss mean and sd over seeds, gain over random (random
 minus method: positive is better), the paired bootstrap 95% interval over eval rows (losses
@@ -18,8 +22,9 @@ averaged over seeds), the share of the subset taken from its largest source, and
 cost (seconds of every stage computed, excluding cached re-visits). "beats" means the interval
 excludes zero and the mean gain exceeds the seed-to-seed sd of the per-seed gains.
 
-    python bench/quality.py --quick                # ~minutes on a CPU: 2 families, 1 seed, small pool
-    python bench/quality.py --seeds 3              # the full table (an hour or more on 2 CPU cores)
+    python bench/quality.py --quick     # a few minutes on a CPU: the default vs random, 2 families, 1 seed
+    python bench/quality.py             # the table in bench/RESULTS.md (4 families, 4 methods, 2 seeds:
+                                        # 26 LoRA runs, ~1 h on 2 idle CPU cores)
 
 Outputs under `--out` (default bench/out/quality[-quick]): the pool, targets, selections, runs
 (cached: a rerun trains and evaluates only what is missing), results.json and table.md.
@@ -46,13 +51,13 @@ FAMILIES = {   # name -> (where the rows come from, file)
     "self_instruct": ("source", "self_instruct_seed_tasks.jsonl"),
 }
 METHODS = {   # label -> (method, params); random is always run
-    "rds": ("rds", {"vectors": "hidden"}),
-    "rds-guard": ("rds", {"vectors": "hidden", "max_share": 0.25}),
-    "rds-half": ("rds", {"vectors": "hidden", "max_share": 0.5}),
-    "rds-embed": ("rds", {"vectors": "embed"}),
-    "rds-embed-guard": ("rds", {"vectors": "embed", "max_share": 0.25}),
+    "rds": ("rds", {"vectors": "hidden", "max_share": 1.0}),           # RDS+ as published
+    "rds-cap50": ("rds", {"vectors": "hidden", "max_share": 0.5}),     # the --target default
+    "rds-cap25": ("rds", {"vectors": "hidden", "max_share": 0.25}),
+    "rds-embed": ("rds", {"vectors": "embed", "max_share": 1.0}),
+    "rds-embed-cap25": ("rds", {"vectors": "embed", "max_share": 0.25}),
 }
-QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["rds-embed-guard"],
+QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["rds-cap50"],
          "per_source": 24, "budget": 24, "seeds": 1, "targets": 16, "eval": 32, "epochs": 2}
 
 
@@ -246,13 +251,15 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="a few minutes: " + json.dumps(QUICK))
     ap.add_argument("--data", type=Path, default=SHARED)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
-    ap.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
-    ap.add_argument("--per-source", type=int, default=120)
-    ap.add_argument("--budget", type=int, default=48)
+    ap.add_argument("--families", nargs="+", choices=sorted(FAMILIES),
+                    default=["gsm8k", "t0_heldout", "hh_rlhf", "self_instruct"])
+    ap.add_argument("--methods", nargs="+", choices=sorted(METHODS),
+                    default=["rds", "rds-cap50", "rds-cap25", "rds-embed-cap25"])
+    ap.add_argument("--per-source", type=int, default=100)
+    ap.add_argument("--budget", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--targets", type=int, default=32)
-    ap.add_argument("--eval", type=int, default=64)
+    ap.add_argument("--eval", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--data-seed", type=int, default=0)
