@@ -9,9 +9,9 @@ and target families, each split into target rows (what `--target` gets) and disj
     hh_rlhf      HH-RLHF harmless  a pool source held OUT of the pool: nothing in it is that source
     self_instruct self-instruct    held out of the pool too (human-written seed tasks)
 
-Methods (labels): `rds` is RDS+ as published; `rds-cap50` (the `--target` default) and `rds-cap25`
-cap any one source at 50% / 25% of the budget (the diversity guard); `rds-embed[-cap25]` use the
-sentence embedder's vectors instead of the LM's hidden states.
+Methods (labels): `rds` is RDS+ as published; `rds-cap50` and `rds-cap25` cap any one source at
+50% / 25% of the budget (the diversity guard); `rds-embed[-cap25]` use the sentence embedder's
+vectors instead of the LM's hidden states; `rds-embed-cap25` is the `--target` default.
 
 Every method in `--methods` selects `--budget` rows per family; each subset and a random subset of
 the same size (a fresh one per seed; random ignores the target, so its runs are shared by all
@@ -33,6 +33,7 @@ Outputs under `--out` (default bench/out/quality[-quick]): the pool, targets, se
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import time
@@ -52,12 +53,12 @@ FAMILIES = {   # name -> (where the rows come from, file)
 }
 METHODS = {   # label -> (method, params); random is always run
     "rds": ("rds", {"vectors": "hidden", "max_share": 1.0}),           # RDS+ as published
-    "rds-cap50": ("rds", {"vectors": "hidden", "max_share": 0.5}),     # the --target default
+    "rds-cap50": ("rds", {"vectors": "hidden", "max_share": 0.5}),
     "rds-cap25": ("rds", {"vectors": "hidden", "max_share": 0.25}),
     "rds-embed": ("rds", {"vectors": "embed", "max_share": 1.0}),
-    "rds-embed-cap25": ("rds", {"vectors": "embed", "max_share": 0.25}),
+    "rds-embed-cap25": ("rds", {"vectors": "embed", "max_share": 0.25}),   # the --target default
 }
-QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["rds-cap50"],
+QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["rds-embed-cap25"],
          "per_source": 24, "budget": 24, "seeds": 1, "targets": 16, "eval": 32, "epochs": 2}
 
 
@@ -157,6 +158,7 @@ def train_eval(rows: list[dict], run_dir: Path, seed: int, evals: dict[str, list
             saved[e] = {"ids": [x["id"] for x in r], **heldout_loss(model, tok, r, a.max_tokens)}
         del model
         cache.write_text(json.dumps(saved))
+    gc.collect()       # one process trains dozens of models: give their memory back
     return {"train_seconds": summary["seconds"], "evals": saved}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -282,5 +283,6 @@ def test_target_without_method_runs_the_measured_default(tmp_path, sample_pool, 
     params = m["config"]["method"]
     assert {k: params[k] for k in defaults} == defaults and params["model"] == str(tiny_lm_dir)
     guard = m["config"]["method"]["guard"]
-    assert guard["max_share"] == defaults["max_share"] < 1 and guard["cap_rows"] == 4
-    assert max(guard["rows_per_group"].values()) <= 4 and sum(guard["rows_per_group"].values()) == 8
+    cap = math.ceil(defaults["max_share"] * 8)
+    assert guard["max_share"] == defaults["max_share"] < 1 and guard["cap_rows"] == cap
+    assert max(guard["rows_per_group"].values()) <= cap and sum(guard["rows_per_group"].values()) == 8
