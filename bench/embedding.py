@@ -61,7 +61,7 @@ def main() -> None:
     model = resolve(DEFAULT_EMBEDDER)
     print(f"{len(texts)} rows ({args.part}, mean {np.mean([len(t) for t in texts]):.0f} chars), "
           f"{model.identity}, batch {args.batch_size}, {os.cpu_count()} CPUs "
-          f"({platform.machine()}), torch threads default")
+          f"({platform.machine()}), torch threads default, load average {os.getloadavg()}")
 
     def plain():
         t = time.perf_counter()
@@ -84,7 +84,8 @@ def main() -> None:
         t_base.append(tb)
         t_ours.append(to)
         ratios.append(tb / to)
-        print(f"repeat {r + 1}: plain {tb:.1f} s, thresher {to:.1f} s, ratio x{tb / to:.2f}")
+        print(f"repeat {r + 1}: plain {tb:.1f} s, thresher {to:.1f} s, ratio x{tb / to:.2f}, "
+              f"load average {os.getloadavg()}", flush=True)
     a, b = ours.astype(np.float32), base.astype(np.float32)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     tb, to, ratio = (float(np.median(v)) for v in (t_base, t_ours, ratios))

@@ -80,20 +80,22 @@ def main() -> None:
     n, d = x.shape
     print(f"matrix {n} x {d} float16 ({src}), k={args.k}, at most {args.niter} iterations; "
           f"{os.cpu_count()} CPUs ({platform.machine()}), torch threads {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {os.getloadavg()}")
     res = {}
 
     def ours(tag):
         t = time.perf_counter()
         c, lab, _, _ = kmeans(x, args.k, niter=args.niter, seed=1234, gpu=args.gpu)
         res[tag] = (time.perf_counter() - t, inertia(x, c, lab))
+        print(f"{tag}: {res[tag][0]:.1f} s, load average {os.getloadavg()}", flush=True)
 
     ours("thresher (1)")
     x32 = np.asarray(x, dtype=np.float32)
     t = time.perf_counter()
     km = KMeans(n_clusters=args.k, n_init=1, max_iter=args.niter, random_state=1234).fit(x32)
     res["scikit-learn"] = (time.perf_counter() - t, float(km.inertia_))
-    print(f"scikit-learn ran {km.n_iter_} iterations")
+    print(f"scikit-learn ran {km.n_iter_} iterations: {res['scikit-learn'][0]:.1f} s, "
+          f"load average {os.getloadavg()}", flush=True)
     del km, x32
     ours("thresher (2)")
     if args.faiss:

@@ -11,10 +11,12 @@ Each stage runs in a fresh Python process (so its peak RSS is its own: imports i
     kmeans     pipeline.cluster.kmeans on the float16 embeddings, memory-mapped (k = default_k)
     semdedup   scoring.semdedup.semantic_matches within clusters (eps 0.05), exact copies excluded
     rds        RDS+ round-robin (scoring.rds.build_index + rds_lists + selectors RoundRobin) over
-               the precomputed float16 RDS+ vectors, 50 target rows, budget 1% of the pool
+               the precomputed float16 RDS+ vectors (streamed from the memmap in blocks),
+               50 target rows, budget 1% of the pool
     balanced   selectors.balanced.Balanced by the rows' `origin` field, budget 10%
     random     selectors.random_sample.RandomSelector, budget 10%
-    write      Pool.rows + writers.write_rows: the random 10% subset as `messages` JSONL
+    write      writers.write_selection (streamed shard by shard): the random 10% subset as
+               `messages` JSONL
 Prints a table per size and the 1M / 100k ratio of time and peak memory per stage.
 The embeddings and RDS+ vectors are synthetic stand-ins (see bench/scale_data.py).
 """
@@ -134,11 +136,11 @@ def stage_random(d: Path, work: Path) -> dict:
 def stage_write(d: Path, work: Path) -> dict:
     import polars as pl
     from thresher.pipeline.pool import Pool
-    from thresher.pipeline.writers import write_rows
+    from thresher.pipeline.writers import write_selection
 
     ids = pl.read_parquet(work / "random_ids.parquet")["id"].to_list()
-    write_rows(Pool(work / "pool").rows(ids), work / "subset.jsonl", "messages")
-    return {"written": len(ids), "bytes": (work / "subset.jsonl").stat().st_size}
+    n = write_selection(Pool(work / "pool"), ids, work / "subset.jsonl", "messages")
+    return {"written": n, "bytes": (work / "subset.jsonl").stat().st_size}
 
 
 def run_stage(name: str, data: Path, work: Path) -> None:
@@ -169,8 +171,9 @@ def run_size(n: int, stages, root: Path) -> list[dict]:
         res = json.loads(line[len("RESULT "):])
         results.append(res)
         extra = {k: v for k, v in res.items() if k not in ("stage", "seconds", "peak_mb")}
-        print(f"{n:>9,} {name:<9} {res['seconds']:8.1f} s {res['peak_mb']:7,} MB  {extra}",
-              flush=True)
+        res["load"] = [round(v, 2) for v in os.getloadavg()]
+        print(f"{n:>9,} {name:<9} {res['seconds']:8.1f} s {res['peak_mb']:7,} MB  {extra}  "
+              f"load {res['load'][0]:.2f}", flush=True)
     return results
 
 
@@ -188,7 +191,8 @@ def main() -> None:
         data = Path(args.data)
         return run_stage(args.stage, data, data / "work")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; each stage a fresh process")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; each stage a fresh process; "
+          f"load average (1, 5, 15 min) {os.getloadavg()}")
     res = {}
     for n in args.sizes:
         saved = Path(args.root) / str(n) / "results.json"
@@ -196,14 +200,22 @@ def main() -> None:
             res[n] = json.loads(saved.read_text())
             print(f"{n:>9,} rows: reusing {saved}")
             continue
-        res[n] = run_size(n, args.stages, Path(args.root))
+        fresh = run_size(n, args.stages, Path(args.root))
+        # a run of some stages (a long size split into several runs) updates the saved ones
+        old = {r["stage"]: r for r in json.loads(saved.read_text())} \
+            if saved.exists() and "ingest" not in args.stages else {}
+        old.update({r["stage"]: r for r in fresh})
+        res[n] = [old[s] for s in STAGES if s in old]
         saved.write_text(json.dumps(res[n], indent=1) + "\n")
     if len(args.sizes) >= 2:
         a, b = args.sizes[0], args.sizes[-1]
         print(f"\nratio {b:,} / {a:,} rows:  stage      time   peak memory")
-        for ra, rb in zip(res[a], res[b]):
-            print(f"{'':27}{ra['stage']:<9} x{rb['seconds'] / max(ra['seconds'], 1e-3):6.1f}"
-                  f"  x{rb['peak_mb'] / ra['peak_mb']:.2f} ({rb['peak_mb']:,} MB)")
+        by_a = {r["stage"]: r for r in res[a]}
+        for rb in res[b]:
+            ra = by_a.get(rb["stage"])
+            if ra:
+                print(f"{'':27}{ra['stage']:<9} x{rb['seconds'] / max(ra['seconds'], 1e-3):6.1f}"
+                      f"  x{rb['peak_mb'] / ra['peak_mb']:.2f} ({rb['peak_mb']:,} MB)")
         print(f"max peak: {max(r['peak_mb'] for r in res[b]):,} MB at {b:,} rows, "
               f"{max(r['peak_mb'] for r in res[a]):,} MB at {a:,}")
     (Path(args.root) / "results.json").write_text(json.dumps({str(k): v for k, v in res.items()}, indent=1))

@@ -13,7 +13,8 @@ Works on embeddings and on any other feature matrix (S2L's loss trajectories). T
 On a CPU, `kmeans` is torch: greedy k-means++ seeding on a sample, Lloyd on at most
 `max_points_per_centroid * k` sampled rows with the distance GEMM in bf16 (on CPUs with native
 bf16), one Lloyd update over every row, then every row assigned block by block (a float16
-memory map is read in blocks, never whole). Why not faiss on a CPU: faiss.Kmeans and
+memory map is read in blocks, never whole, and its pages are released after each block:
+`pipeline/memmap.py`). Why not faiss on a CPU: faiss.Kmeans and
 scikit-learn both spend their time in the same float32 BLAS GEMM, so faiss was no faster than
 scikit-learn here (and much slower with OpenMP's spinning threads on a shared CPU); bf16 GEMM
 and sampled training are where the speed comes from (bench/RESULTS.md). With faiss-gpu and a GPU,
@@ -28,6 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
+from thresher.pipeline.memmap import copy_rows, gather
 from thresher.pipeline.stage import Resources, Stage, StageRun
 
 BLOCK = 65_536
@@ -39,7 +41,7 @@ def matrix_fingerprint(x: np.ndarray) -> str:
     """A content hash of a matrix (shape, dtype, bytes), for matrices without a stage key."""
     h = hashlib.sha256(f"{x.shape}:{x.dtype}".encode())
     for start in range(0, x.shape[0], BLOCK):
-        h.update(np.ascontiguousarray(x[start:start + BLOCK]).tobytes())
+        h.update(copy_rows(x, slice(start, start + BLOCK), x.dtype).tobytes())
     return "matrix:" + h.hexdigest()[:32]
 
 
@@ -55,8 +57,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of x as float32, copied (a memory map is read block by block)."""
-    return np.ascontiguousarray(x[start:stop], dtype=np.float32)
+    """Rows [start, stop) of x as float32, copied (a memory map's pages released after)."""
+    return copy_rows(x, slice(start, stop))
 
 
 def _gemm_dtype():
@@ -205,7 +207,7 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: 
     train_n = min(n, max_points_per_centroid * k)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(n, train_n, replace=False)) if train_n < n else None
-    train = _rows(x, 0, n) if idx is None else np.ascontiguousarray(x[idx], dtype=np.float32)
+    train = _rows(x, 0, n) if idx is None else gather(x, idx)
     if use_gpu:
         import faiss
 

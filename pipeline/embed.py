@@ -16,6 +16,7 @@ supported), on a CPU with native bf16 instructions (AVX512-BF16, AMX) in bf16 to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,11 +134,18 @@ class Embed(Stage):
     part: Literal["first_user", "conversation", "response"] = "conversation"
     max_seq_length: int | None = None
     normalize: bool = True
+    dtype: str = "auto"          # resolved per device when planned (bind): part of the cache key
     batch_size: int = field(default=64, compare=False, metadata={"key": False})
 
     def __post_init__(self):
         if self.part not in PARTS:
             raise ValueError(f"unknown text part {self.part!r}; expected one of {', '.join(PARTS)}")
+
+    def bind(self, device: str) -> Embed:
+        from thresher.pipeline.engine import engine_dtype
+
+        dtype = str(engine_dtype(device, self.dtype)).removeprefix("torch.")
+        return dataclasses.replace(self, dtype=dtype)
 
     def key_extra(self) -> dict:
         return {"model": model_identity(self.model)}
@@ -146,7 +154,7 @@ class Embed(Stage):
         return Resources(cpus=1, gpus=0.25, memory_gb=2)   # small embedders share a GPU
 
     def open_worker(self, device: str) -> ShardEmbedder:
-        return ShardEmbedder(self.model, self.part, device, None, self.batch_size,
+        return ShardEmbedder(self.model, self.part, device, self.dtype, self.batch_size,
                              self.max_seq_length, self.normalize)
 
     def run_shard(self, worker: ShardEmbedder, rows: list[dict]) -> ShardResult:
@@ -169,11 +177,12 @@ class Embed(Stage):
 
 def embed_pool(pool: Pool, store: ArtifactStore, model: str | ResolvedModel = DEFAULT_EMBEDDER,
                part: str = "conversation", device: str | None = None, batch_size: int = 64,
-               max_seq_length: int | None = None, normalize: bool = True) -> Embeddings:
+               max_seq_length: int | None = None, normalize: bool = True,
+               dtype: str = "auto") -> Embeddings:
     """Embed every pool row (resuming from finished shards) and return the mapped matrix."""
     from thresher.pipeline.plan import run_stage
 
     name = model.name if isinstance(model, ResolvedModel) else model
     stage = Embed(model=str(name), part=part, max_seq_length=max_seq_length, normalize=normalize,
-                  batch_size=batch_size)
+                  dtype=dtype, batch_size=batch_size)
     return run_stage(stage, pool, store, pick_device(device))

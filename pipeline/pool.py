@@ -27,8 +27,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import file_fingerprint, write_json_atomic
 from thresher.pipeline.outputs import check_outputs, clean_stale, replace_dir, temp_name
@@ -141,6 +143,33 @@ class Pool:
         self.verify_contents()
         for shard in self.shards:
             yield shard.stem, pq.read_table(shard, columns=columns).to_pylist()
+
+    def iter_selected(self, ids: list[str]) -> Iterator[tuple[np.ndarray, pa.Table]]:
+        """Shard by shard (one in memory at a time), the rows of `ids` the shard holds, in pool
+        order, as an Arrow table, with their positions in `ids`. KeyError, after the last shard,
+        when an id is not in the pool; ValueError when `ids` repeat or the pool holds one twice."""
+        wanted = pa.array(ids, type=pa.string())
+        if pc.count_distinct(wanted).as_py() < len(ids):
+            raise ValueError("the ids to read repeat")
+        found = np.zeros(len(ids), dtype=bool)
+        self.verify_contents()
+        for shard in self.shards:
+            table = pq.read_table(shard)
+            pos = pc.index_in(table["id"], value_set=wanted)
+            keep = pc.is_valid(pos)
+            if not pc.any(keep).as_py():
+                continue
+            at = pos.filter(keep).to_numpy().astype(np.int64)
+            vals, counts = np.unique(at, return_counts=True)
+            twice = np.concatenate([at[found[at]], vals[counts > 1]])
+            if len(twice):
+                raise ValueError(f"pool {self.path} holds id {ids[int(twice[0])]!r} twice; "
+                                 "re-run ingest")
+            found[at] = True
+            yield at, table.filter(keep)
+        if not found.all():
+            missing = [ids[i] for i in np.flatnonzero(~found)[:3]]
+            raise KeyError(f"{int((~found).sum())} ids not in pool {self.path}, e.g. {missing}")
 
     def rows(self, ids: list[str]) -> list[dict]:
         """Full canonical rows for `ids`, in the order given."""

@@ -34,7 +34,7 @@ from thresher.pipeline.plan import Plan, make_plan
 from thresher.pipeline.pool import Pool
 from thresher.pipeline.stage import Stage, StageStats
 from thresher.pipeline.tokens import TokenCounts
-from thresher.pipeline.writers import FORMATS, HF_DATA, manifest_path, write_rows
+from thresher.pipeline.writers import FORMATS, HF_DATA, manifest_path, write_selection
 
 VERSIONED = ["thresher", "polars", "pyarrow", "numpy", "torch", "transformers", "peft",
              "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn", "ray"]
@@ -192,13 +192,13 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
         raise ValueError(f"method {method} selected nothing under budget {budget}")
     with OutputSet(**files) as outs:  # all renamed into place together, the manifest last
         t0 = time.perf_counter()
-        rows = pool.rows(chosen["id"].to_list())
+        tally = _Tally(prep, inputs)   # sources and tokens of the rows as they stream past
         sidecar = out.with_name(out.name + ".selection.parquet")
-        write_rows(rows, outs.temp(out), fmt)
+        written = write_selection(pool, chosen["id"].to_list(), outs.temp(out), fmt, tally.add)
         chosen.with_row_index("rank").write_parquet(outs.temp(sidecar))
         stats.append(StageStats(stage="write", config={"format": fmt}, rows_in=chosen.height,
-                                rows_out=len(rows), seconds=time.perf_counter() - t0))
-        manifest = _manifest(prep, inputs, scored, chosen, sel, rows, stats, budget, fmt, out,
+                                rows_out=written, seconds=time.perf_counter() - t0))
+        manifest = _manifest(prep, inputs, scored, chosen, sel, tally, stats, budget, fmt, out,
                              sidecar, scores_path, store, executor)
         manifest.update(label or {})
         if among is not None:
@@ -220,21 +220,36 @@ def _ran_instead(s: StageStats, ran: dict[str, dict]) -> StageStats:
     return StageStats(**{f.name: d[f.name] for f in dataclasses.fields(StageStats)})
 
 
-def _selected_tokens(prep: Prepared, inputs: Inputs, chosen: pl.DataFrame, rows) -> dict:
-    """Tokens of the selected rows, by the tokenizer only (never model weights)."""
-    from thresher.pipeline.chat import encode
-    from thresher.pipeline.models import load_tokenizer, resolve
-    from thresher.pipeline.tokens import NO_LIMIT
+class _Tally:
+    """Rows per source, and tokens when no token-count stage ran, of rows seen one at a time."""
 
+    def __init__(self, prep: Prepared, inputs: Inputs):
+        from thresher.pipeline.models import load_tokenizer, resolve
+
+        self.by_source: dict[str, int] = {}
+        self.n_tokens = self.n_loss = 0
+        self.tok = None if "n_tokens" in inputs.candidates.columns else \
+            load_tokenizer(resolve(getattr(prep.params, "model", DEFAULT_LM)))
+
+    def add(self, row: dict) -> None:
+        from thresher.pipeline.chat import encode
+        from thresher.pipeline.tokens import NO_LIMIT
+
+        self.by_source[row["source"]] = self.by_source.get(row["source"], 0) + 1
+        if self.tok is not None:
+            enc = encode(self.tok, row, NO_LIMIT)
+            self.n_tokens += len(enc.input_ids)
+            self.n_loss += int(enc.loss_mask.sum())
+
+
+def _selected_tokens(prep: Prepared, inputs: Inputs, chosen: pl.DataFrame, tally: _Tally) -> dict:
+    """Tokens of the selected rows, by the tokenizer only (never model weights)."""
     name = getattr(prep.params, "model", DEFAULT_LM)
     if "n_tokens" in inputs.candidates.columns:
         picked = chosen.select("id").join(inputs.candidates, on="id", how="left")
         n_tokens, n_loss = picked["n_tokens"].sum(), picked["n_loss_tokens"].sum()
     else:
-        tok = load_tokenizer(resolve(name))
-        encs = [encode(tok, r, NO_LIMIT) for r in rows]
-        n_tokens = sum(len(e.input_ids) for e in encs)
-        n_loss = sum(int(e.loss_mask.sum()) for e in encs)
+        n_tokens, n_loss = tally.n_tokens, tally.n_loss
     from thresher.pipeline.models import model_identity
 
     return {"selected": int(n_tokens), "selected_loss": int(n_loss),
@@ -251,7 +266,7 @@ def _models(stats: list[StageStats]) -> dict:
     return {("lm" if k == "forward.model" else k): v for k, v in out.items()}
 
 
-def _manifest(prep, inputs, scored, chosen, sel, rows, stats, budget, fmt, out, sidecar,
+def _manifest(prep, inputs, scored, chosen, sel, tally, stats, budget, fmt, out, sidecar,
               scores_path, store, executor) -> dict:
     pool = prep.request.pool
     return {
@@ -281,9 +296,8 @@ def _manifest(prep, inputs, scored, chosen, sel, rows, stats, budget, fmt, out, 
                    "duplicate_ids": pool.info["duplicate_ids"],
                    "candidates": inputs.candidates.height, "scored": scored.height,
                    "unscored": inputs.candidates.height - scored.height, "selected": chosen.height},
-        "tokens": _selected_tokens(prep, inputs, chosen, rows),
-        "by_source": dict(sorted(pl.DataFrame({"source": [r["source"] for r in rows]})
-                                 ["source"].value_counts().iter_rows())),
+        "tokens": _selected_tokens(prep, inputs, chosen, tally),
+        "by_source": dict(sorted(tally.by_source.items())),
         "versions": versions(),
         "workdir": str(store.root),
         "command": sys.argv if sys.argv and "thresher" in Path(sys.argv[0]).name else None,

@@ -12,15 +12,25 @@ Formats
               files, so `datasets.load_dataset(OUT)` and the Hub read it as is
 Plain-text rows are written as {"id", "text"} in every JSONL shape (pretraining format).
 Output is a pure function of the rows and their order: the same selection gives the same bytes.
+
+`write_selection(pool, ids, out, fmt)` writes a pool's rows without holding them: shards are
+read one at a time, each selected row is converted as it comes and its line appended to an
+anonymous spill file beside the output, then the lines are copied out in `ids` order (memory:
+one shard plus two integers per selected row). Parquet and hf keep the selected rows as Arrow
+columns (compact, no Python objects) to write them in order.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
@@ -78,13 +88,17 @@ def _canonical_table(rows: list[dict]) -> pa.Table:
 
 def write_hf(rows: list[dict], out: Path) -> None:
     """A Hugging Face dataset directory at `out`, replacing an earlier one written here."""
+    _write_hf_table(_canonical_table(rows), out)
+
+
+def _write_hf_table(table: pa.Table, out: Path) -> None:
     out = Path(out)
     if out.exists() and not (out / HF_DATA).exists():
         raise FileExistsError(f"{out} exists and is not a dataset directory written by thresher; "
                               "refusing to replace it")
     with atomic_path(out) as tmp:
         (tmp / HF_DATA).parent.mkdir(parents=True)
-        pq.write_table(_canonical_table(rows), tmp / HF_DATA)
+        pq.write_table(table, tmp / HF_DATA)
         if out.exists():   # os.replace cannot put a directory over a non-empty one
             old = out.with_name(f".{out.name}.old{os.getpid()}")
             os.replace(out, old)
@@ -103,6 +117,53 @@ def write_rows(rows: list[dict], out: Path, fmt: str) -> None:
         else:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+
+
+def write_selection(pool, ids: list[str], out: Path, fmt: str,
+                    on_row: Callable[[dict], None] | None = None) -> int:
+    """The rows `ids` of `pool`, in that order, streamed to `out` in `fmt` (see the module
+    doc); `on_row(row)` sees every row, in pool order. Returns the number of rows written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt in ("parquet", "hf"):
+        return _write_selection_table(pool, ids, out, fmt, on_row)
+    out = Path(out)
+    start, length = np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=np.int64)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out.parent) as spill:   # unlinked: never left behind
+        end = 0
+        for at, table in pool.iter_selected(ids):
+            for p, row in zip(at.tolist(), table.to_pylist()):
+                if on_row:
+                    on_row(row)
+                line = (json.dumps(to_record(row, fmt), ensure_ascii=False) + "\n").encode()
+                spill.write(line)
+                start[p], length[p], end = end, len(line), end + len(line)
+        spill.flush()
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:   # fails before this: nothing written
+            if end:
+                with mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ) as lines:
+                    f.writelines(lines[s:s + n] for s, n in zip(start.tolist(), length.tolist()))
+    return len(ids)
+
+
+def _write_selection_table(pool, ids: list[str], out: Path, fmt: str, on_row) -> int:
+    parts, where = [], []
+    for at, table in pool.iter_selected(ids):
+        if on_row:
+            for row in table.to_pylist():
+                on_row(row)
+        parts.append(table.select(POOL_SCHEMA.names).cast(POOL_SCHEMA))
+        where.append(at)
+    table = pa.concat_tables(parts) if parts else POOL_SCHEMA.empty_table()
+    if parts:
+        table = table.take(pa.array(np.argsort(np.concatenate(where)))).combine_chunks()
+    if fmt == "hf":
+        _write_hf_table(table, out)
+    else:
+        with atomic_path(Path(out)) as tmp:
+            pq.write_table(table, tmp)
+    return table.num_rows
 
 
 def manifest_path(out: Path) -> Path:

@@ -11,8 +11,10 @@ its best remaining pool row. Several `--target` files (tasks): a task scores a p
 max over its examples, then round-robin over tasks. Duplicates consume the turn, as the RDS+
 code does (`--param retry_duplicates=true` walks down to the best untaken row instead).
 
-Scale: the pool vectors go into a FAISS inner-product index (IndexFlatIP, exact; kept on the
-CPU even with a GPU, whose indexes cap k at 2048 per search); each list is the
+Scale: the pool vectors are never loaded whole: `pipeline/topk.BlockIndex` streams the
+float16 matrix in blocks through FAISS's exact inner-product kernel and keeps a running top-k
+per target example (the answers of an IndexFlatIP over all rows, in memory independent of the
+pool size; on the CPU even with a GPU, whose indexes cap k at 2048 per search); each list is the
 top-k of a batched search whose k doubles as rows get taken, so no |targets| x N similarity
 matrix is ever built. For a task's max-aggregated list, an entry is final only when its score
 beats every example's k-th score (rows outside all top-k lists cannot score higher).
@@ -46,10 +48,10 @@ from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models import DEFAULT_EMBEDDER, DEFAULT_LM
 from thresher.pipeline.stage import Stage
 from thresher.pipeline.targets import TargetPool
+from thresher.pipeline.topk import BlockIndex, normalized_blocks
 from thresher.selectors.round_robin import RoundRobin
 
 log = logging.getLogger(__name__)
-ADD_CHUNK = 65536
 
 
 class FaissRanking:
@@ -96,16 +98,10 @@ class _View:
         return self.ranking.ranked(self.members, n)
 
 
-def build_index(vectors: np.ndarray, rows: np.ndarray):
-    """IndexFlatIP over vectors[rows] (float16 memmap ok), re-normalised in float32, in chunks."""
-    import faiss
-
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    for s in range(0, len(rows), ADD_CHUNK):
-        block = np.ascontiguousarray(vectors[rows[s:s + ADD_CHUNK]], dtype=np.float32)
-        faiss.normalize_L2(block)
-        index.add(block)
-    return index
+def build_index(vectors: np.ndarray, rows: np.ndarray) -> BlockIndex:
+    """Exact inner-product search over vectors[rows] (float16 memmap ok), re-normalised in
+    float32, streamed in blocks on every search (nothing is loaded here)."""
+    return BlockIndex(vectors, rows)
 
 
 def rds_lists(index, tasks: list[np.ndarray], names: list[str], n_budget: int):
@@ -198,14 +194,10 @@ class RdsMethod(Method):
 
 
 def build_scores(index, vectors: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest target example (by inner product) of each pool row, in chunks."""
-    import faiss
-
+    """Nearest target example (by inner product) of each pool row, in blocks."""
     sims = np.empty(len(rows), dtype=np.float32)
     best = np.empty(len(rows), dtype=np.int64)
-    for s in range(0, len(rows), ADD_CHUNK):
-        block = np.ascontiguousarray(vectors[rows[s:s + ADD_CHUNK]], dtype=np.float32)
-        faiss.normalize_L2(block)
+    for s, block in normalized_blocks(vectors, rows, block=65536):   # 65536: as before, same floats
         D, I = index.search(block, 1)
         sims[s:s + len(block)], best[s:s + len(block)] = D[:, 0], I[:, 0]
     return sims, best

@@ -38,6 +38,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 from thresher.pipeline.cluster import embed_and_cluster
+from thresher.pipeline.memmap import copy_rows
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models import DEFAULT_EMBEDDER
 from thresher.pipeline.schema import row_text
@@ -88,7 +89,7 @@ def semantic_matches(emb: np.ndarray, labels: np.ndarray, cos_dist: np.ndarray, 
     for c in np.unique(labels[mask]):
         members = np.flatnonzero((labels == c) & mask)
         order = cluster_order(members, cos_dist, ids, keep, rng)
-        x = np.asarray(emb[np.sort(order)], dtype=np.float32)          # sorted gather (mmap-friendly)
+        x = copy_rows(emb, np.sort(order))      # sorted gather, the memmap's pages released after
         x = x[np.searchsorted(np.sort(order), order)]
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         for start in range(1, len(order), batch):

@@ -234,3 +234,20 @@ def test_cli_embed_and_cluster_print_paths(tmp_path, sample_pool, tiny_embedder)
     r = CliRunner().invoke(app, ["cluster", str(sample_pool.path), "--k", "100000",
                                  "--model", tiny_embedder, "--workdir", str(tmp_path)])
     assert r.exit_code == 2 and "k must be" in r.output
+
+
+def test_embedding_dtype_is_part_of_the_cache_key(tmp_path, sharded_pool, tiny_embedder):
+    """bf16 and fp32 vectors of the same rows are different artifacts; "auto" is resolved
+    per device before the key is taken."""
+    from thresher.pipeline.embed import Embed
+    from thresher.pipeline.engine import engine_dtype
+
+    auto = Embed(model=str(tiny_embedder)).bind("cpu")
+    assert auto.dtype == str(engine_dtype("cpu", None)).removeprefix("torch.")
+    keys = {Embed(model=str(tiny_embedder), dtype=d).bind("cpu").key_config()["dtype"]
+            for d in ("fp32", "bf16")}
+    assert keys == {"float32", "bfloat16"}
+    store = ArtifactStore(tmp_path)
+    a = embed_pool(sharded_pool, store, tiny_embedder, part="first_user", dtype="fp32")
+    b = embed_pool(sharded_pool, store, tiny_embedder, part="first_user", dtype="bf16")
+    assert a.path != b.path and not np.array_equal(a.matrix(), b.matrix())

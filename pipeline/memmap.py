@@ -1,0 +1,50 @@
+"""Read rows of a memory-mapped matrix without its pages piling up in this process.
+
+    block = copy_rows(x, slice(a, b))        # x[a:b] as float32, a fresh array
+    sample = gather(x, sorted_rows)          # x[rows] as float32, read block by block
+
+Pages of a file mapping that a process has read count in its resident memory until the kernel
+needs them back, so streaming a 1 GB float16 matrix block by block would still show ~1 GB
+resident at the end. After each copy, the pages of a read-only `numpy.memmap` (as `np.load(...,
+mmap_mode="r")` gives) are dropped from the process with `madvise(MADV_DONTNEED)`: they stay in
+the OS page cache (a reread costs a minor fault, not disk I/O) and the process keeps one block.
+Any other array is read as it is.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+
+import numpy as np
+
+BLOCK = 65_536
+
+
+def release(x: np.ndarray) -> None:
+    """Drop the pages of x's read-only file mapping from this process (no-op otherwise)."""
+    m = getattr(x, "_mmap", None)      # numpy.memmap's mapping; views of it share it
+    if m is not None and getattr(x, "mode", None) == "r" and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
+
+
+def copy_rows(x: np.ndarray, rows, dtype=np.float32) -> np.ndarray:
+    """x[rows] (a slice or an index array) as a new C-contiguous `dtype` array; x's mapped
+    pages are released afterwards."""
+    out = np.array(x[rows], dtype=dtype, order="C")
+    release(x)
+    return out
+
+
+def gather(x: np.ndarray, rows: np.ndarray, dtype=np.float32, block: int = BLOCK) -> np.ndarray:
+    """x[rows] for sorted row indices, read `block` rows of x at a time (resident: the result
+    plus one block of pages)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if np.any(np.diff(rows) < 0):
+        raise ValueError("gather needs sorted row indices")
+    out = np.empty((len(rows), *x.shape[1:]), dtype=dtype)
+    bounds = np.searchsorted(rows, np.arange(0, x.shape[0] + block, block))
+    for lo, hi in itertools.pairwise(bounds):
+        if hi > lo:
+            out[lo:hi] = copy_rows(x, rows[lo:hi], dtype)
+    return out
