@@ -275,29 +275,15 @@ def _spec_fields() -> list[str]:
 
 
 @dataclass(frozen=True)
-class Proxy(Stage):
-    """A proxy LoRA run on the pool (a whole-pool stage); loads a `ProxyRun`. The run itself lives
-    under `proxy/<key>` (`train_proxy`'s cache), shared with direct callers."""
+class Proxy(Stage, ProxySpec):
+    """A proxy LoRA run on the pool (a whole-pool stage); loads a `ProxyRun`. Its fields are
+    `ProxySpec`'s (validated there); the run itself lives under `proxy/<key>` (`train_proxy`'s
+    cache), shared with direct callers."""
 
     kind: ClassVar[str] = "proxy"
     per_shard: ClassVar[bool] = False
     loads_model: ClassVar[bool] = True
     unit: ClassVar[str] = "runs"
-    model: str = DEFAULT_LM
-    part: float = 1.0
-    seed: int = 0
-    epochs: int = 1
-    lr: float = 2e-4
-    batch_size: int = 8
-    max_tokens: int = 512
-    checkpoints: int = 0
-    save_steps: tuple[int, ...] = ()
-    stop_after: int | None = None
-    stop_fraction: float | None = None
-    dtype: str | None = None
-
-    def __post_init__(self):
-        self.spec()    # validates
 
     def spec(self) -> ProxySpec:
         return ProxySpec(**{n: getattr(self, n) for n in _spec_fields()})
