@@ -26,7 +26,8 @@ excludes zero and the mean gain exceeds the seed-to-seed sd of the per-seed gain
     python bench/quality.py             # the table in bench/RESULTS.md (4 families, 4 methods, 2 seeds:
                                         # 26 LoRA runs, ~1 h on 2 idle CPU cores)
 
-Outputs under `--out` (default bench/out/quality[-quick]): the pool, targets, selections, runs
+Outputs under `--out` (default bench/out/quality[-quick]): the pool and targets (built once; a
+rerun with other pool settings is refused), selections per budget and runs per training setting
 (cached: a rerun trains and evaluates only what is missing), results.json and table.md.
 """
 
@@ -81,8 +82,14 @@ def slim(r: dict) -> dict:
 def build(a, out: Path) -> dict:
     """Pool rows, and per family target and eval rows; written once (a rerun reuses them)."""
     info_path = out / "build.json"
+    key = {"data": str(a.data), "per_source": a.per_source, "families": sorted(a.families),
+           "targets": a.targets, "eval": a.eval, "data_seed": a.data_seed}
     if info_path.exists():
-        return json.loads(info_path.read_text())
+        info = json.loads(info_path.read_text())
+        if info.get("key") != key:
+            raise SystemExit(f"error: {out} holds a pool built with {info.get('key')}; this run "
+                             f"asks for {key}: pass another --out")
+        return info
     rng = random.Random(a.data_seed)
     held_out = {FAMILIES[f][1] for f in a.families if FAMILIES[f][0] == "source"}
     pool = []
@@ -106,7 +113,8 @@ def build(a, out: Path) -> dict:
     from thresher.pipeline.pool import ingest
 
     ingest([out / "rows.jsonl"], out / "pool", rows_per_shard=256)
-    info = {"pool_rows": len(pool), "held_out_sources": sorted(held_out), "families": fams}
+    info = {"key": key, "pool_rows": len(pool), "held_out_sources": sorted(held_out),
+            "families": fams}
     info_path.write_text(json.dumps(info, indent=1))
     return info
 
@@ -126,7 +134,7 @@ def select_all(a, out: Path) -> dict:
     for label in a.methods:
         method, params = METHODS[label]
         for fam in a.families:
-            dst = out / "selections" / f"{label}@{fam}.jsonl"
+            dst = out / "selections" / f"b{a.budget}-t{a.max_tokens}" / f"{label}@{fam}.jsonl"
             man = Path(f"{dst}.manifest.json")
             if not man.exists():
                 run_select(out / "pool", method, str(a.budget), dst, workdir=out / "work",
@@ -191,12 +199,13 @@ def run_all(a, out: Path, chosen: dict) -> dict:
     evals = eval_sets(out, a.families)
     pool = Pool(out / "pool")
     runs: dict = {}
+    root = out / "runs" / f"b{a.budget}-e{a.epochs}-t{a.max_tokens}"   # one dir per setting
     for s in range(a.seeds):
         rand = random_subset(pool, a.budget, 1000 + s)
-        runs[("random", s)] = train_eval(rand, out / "runs" / "random" / f"seed-{s}", s, evals, a)
+        runs[("random", s)] = train_eval(rand, root / "random" / f"seed-{s}", s, evals, a)
         for (label, fam), c in chosen.items():
             rows, _ = load_rows(c["path"])
-            runs[(label, fam, s)] = train_eval(rows, out / "runs" / f"{label}@{fam}" / f"seed-{s}", s,
+            runs[(label, fam, s)] = train_eval(rows, root / f"{label}@{fam}" / f"seed-{s}", s,
                                                {fam: evals[fam]}, a)
     return runs
 

@@ -80,13 +80,13 @@ def stage_kmeans(d: Path, work: Path) -> dict:
 def stage_semdedup(d: Path, work: Path) -> dict:
     import numpy as np
     from thresher.pipeline.pool import Pool
-    from thresher.scoring.semdedup import semantic_matches
+    from thresher.scoring.semdedup import id_ranks, semantic_matches
 
     emb = np.load(d / "embeddings.npy", mmap_mode="r")
-    ids = Pool(work / "pool").frame(["id"])["id"].to_numpy()
+    ranks = id_ranks(Pool(work / "pool").frame(["id"])["id"])
     include = np.load(work / "exact.npy") < 0
     max_sim, _ = semantic_matches(emb, np.load(work / "labels.npy"), np.load(work / "cos_dist.npy"),
-                                  ids, "hard", 0, 1024, include)
+                                  ranks, "hard", 0, 1024, include)
     return {"near_duplicates": int((include & (max_sim >= 0.95)).sum())}
 
 

@@ -8,7 +8,9 @@ needs them back, so streaming a 1 GB float16 matrix block by block would still s
 resident at the end. After each copy, the pages of a read-only `numpy.memmap` (as `np.load(...,
 mmap_mode="r")` gives) are dropped from the process with `madvise(MADV_DONTNEED)`: they stay in
 the OS page cache (a reread costs a minor fault, not disk I/O) and the process keeps one block.
-Any other array is read as it is.
+Any other array is read as it is. Scattered rows cost more than their bytes: each page fault on
+a file mapping maps its neighbours too (the kernel's fault-around, 64 KB), so `gather` copies at
+most SCATTER rows between releases.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import mmap
 import numpy as np
 
 BLOCK = 65_536
+SCATTER = 512           # rows per copy in `gather`: at most ~32 MB of faulted-around pages
 
 
 def release(x: np.ndarray) -> None:
@@ -37,14 +40,15 @@ def copy_rows(x: np.ndarray, rows, dtype=np.float32) -> np.ndarray:
 
 
 def gather(x: np.ndarray, rows: np.ndarray, dtype=np.float32, block: int = BLOCK) -> np.ndarray:
-    """x[rows] for sorted row indices, read `block` rows of x at a time (resident: the result
-    plus one block of pages)."""
+    """x[rows] for sorted row indices, read `block` rows of x (and at most SCATTER of `rows`) at
+    a time (resident: the result plus one block of pages)."""
     rows = np.asarray(rows, dtype=np.int64)
     if np.any(np.diff(rows) < 0):
         raise ValueError("gather needs sorted row indices")
     out = np.empty((len(rows), *x.shape[1:]), dtype=dtype)
     bounds = np.searchsorted(rows, np.arange(0, x.shape[0] + block, block))
     for lo, hi in itertools.pairwise(bounds):
-        if hi > lo:
-            out[lo:hi] = copy_rows(x, rows[lo:hi], dtype)
+        for a in range(lo, hi, SCATTER):
+            b = min(hi, a + SCATTER)
+            out[a:b] = copy_rows(x, rows[a:b], dtype)
     return out

@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 from thresher.pipeline.cluster import embed_and_cluster
-from thresher.pipeline.memmap import copy_rows
+from thresher.pipeline.memmap import gather
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models import DEFAULT_EMBEDDER
 from thresher.pipeline.schema import row_text
@@ -62,22 +62,28 @@ def exact_duplicates(texts: Iterable[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def cluster_order(members: np.ndarray, cos_dist: np.ndarray, ids: np.ndarray, keep: str,
+def cluster_order(members: np.ndarray, cos_dist: np.ndarray, tiebreak: np.ndarray, keep: str,
                   rng: np.random.Generator) -> np.ndarray:
     """Members of one cluster in comparison order (the first of a duplicate group is kept)."""
     if keep == "random":
         return members[rng.permutation(len(members))]
-    order = np.lexsort((ids[members], cos_dist[members]))   # ascending by (cos_dist, id)
+    order = np.lexsort((tiebreak[members], cos_dist[members]))   # ascending by (cos_dist, id)
     return members[order[::-1]] if keep == "hard" else members[order]
 
 
-def semantic_matches(emb: np.ndarray, labels: np.ndarray, cos_dist: np.ndarray, ids: np.ndarray,
-                     keep: str = "hard", seed: int = 0, batch: int = 1024,
+def id_ranks(ids: pl.Series) -> np.ndarray:
+    """Each id's rank in sorted order (uint32): the id tie-break without N Python strings."""
+    return ids.rank("ordinal").to_numpy()
+
+
+def semantic_matches(emb: np.ndarray, labels: np.ndarray, cos_dist: np.ndarray,
+                     tiebreak: np.ndarray, keep: str = "hard", seed: int = 0, batch: int = 1024,
                      include: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row: max cosine similarity to an earlier row of its cluster, and that row's index.
 
+    `tiebreak` orders rows of equal distance (the ids, or `id_ranks` of them: the same order).
     Rows with `include` False (exact duplicates) take no part. Rows without an earlier row get
-    NaN and -1. Memory per step is O(batch x cluster size).
+    NaN and -1. Memory per step is O(batch x cluster size); per row, a few numbers.
     """
     if keep not in KEEPS:
         raise ValueError(f"keep must be one of {', '.join(KEEPS)} for semdedup, got {keep!r}")
@@ -85,19 +91,20 @@ def semantic_matches(emb: np.ndarray, labels: np.ndarray, cos_dist: np.ndarray, 
     max_sim = np.full(n, np.nan, dtype=np.float32)
     dup_of = np.full(n, -1, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    mask = np.ones(n, dtype=bool) if include is None else include
-    for c in np.unique(labels[mask]):
-        members = np.flatnonzero((labels == c) & mask)
-        order = cluster_order(members, cos_dist, ids, keep, rng)
-        x = copy_rows(emb, np.sort(order))      # sorted gather, the memmap's pages released after
+    rows = np.flatnonzero(np.ones(n, dtype=bool) if include is None else include)
+    rows = rows[np.argsort(labels[rows], kind="stable")]         # grouped by cluster, one sort
+    starts = np.flatnonzero(np.diff(labels[rows], prepend=-1) != 0) if len(rows) else [0]
+    for members in np.split(rows, starts[1:]):
+        order = cluster_order(members, cos_dist, tiebreak, keep, rng)
+        x = gather(emb, np.sort(order))      # sorted gather, the memmap's pages released as it goes
         x = x[np.searchsorted(np.sort(order), order)]
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         for start in range(1, len(order), batch):
             stop = min(len(order), start + batch)
             sims = x[start:stop] @ x[:stop].T                            # (b, stop)
-            earlier = np.arange(stop)[None, :] < np.arange(start, stop)[:, None]
-            sims = np.where(earlier, sims, -np.inf)
-            arg = sims.argmax(axis=1)
+            later = np.triu(np.ones((stop - start, stop - start), dtype=bool))
+            np.copyto(sims[:, start:], -np.inf, where=later)   # only the diagonal block holds
+            arg = sims.argmax(axis=1)                          # rows that are not earlier
             max_sim[order[start:stop]] = sims[np.arange(stop - start), arg]
             dup_of[order[start:stop]] = order[arg]
     return max_sim, dup_of
@@ -148,13 +155,13 @@ class SemDeDupMethod(Method):
         exact = exact_duplicates(row_text(r, "conversation")
                                  for r in inputs.pool.iter_rows(["kind", "messages", "text"]))
         include = exact < 0
-        cl, ids = inputs["km"], inputs.candidates["id"].to_numpy()
+        cl, ids = inputs["km"], inputs.candidates["id"]
         labels, cos_dist = cl.labels, cl.cos_dist
-        max_sim, dup_of = semantic_matches(inputs["emb"].matrix(), labels, cos_dist, ids, p.keep,
-                                           inputs.seed, p.batch, include)
+        max_sim, dup_of = semantic_matches(inputs["emb"].matrix(), labels, cos_dist, id_ranks(ids),
+                                           p.keep, inputs.seed, p.batch, include)
 
         def id_of(idx: np.ndarray) -> pl.Series:
-            return pl.Series([ids[i] if i >= 0 else None for i in idx.tolist()], dtype=pl.String)
+            return ids.gather(np.maximum(idx, 0)).scatter(np.flatnonzero(idx < 0), None)
 
         inputs.note("exact_duplicates", int((~include).sum()))
         return pl.DataFrame({

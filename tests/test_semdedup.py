@@ -8,7 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 from thresher.pipeline.cluster import kmeans
-from thresher.scoring.semdedup import eps_for_fraction, exact_duplicates, semantic_matches
+from thresher.scoring.semdedup import (eps_for_fraction, exact_duplicates, id_ranks,
+                                       semantic_matches)
 
 
 def planted(n_base=60, n_groups=12, copies=2, d=48, seed=0):
@@ -85,6 +86,24 @@ def test_batching_and_naive_reference_agree():
         ref = s.max(axis=0)[1:]
         np.testing.assert_allclose(big[0][order[1:]], ref, rtol=1e-5)
         assert np.isnan(big[0][order[0]])                         # the first has no earlier row
+
+
+def test_id_ranks_break_ties_as_the_ids_do_and_excluded_rows_take_no_part():
+    emb, _, _ = planted(n_base=40, n_groups=8, copies=2)
+    emb = np.repeat(emb[:20], 3, axis=0)                  # every distance tied three ways
+    rng = np.random.default_rng(3)
+    ids = np.array([f"{w}-{i}" for i, w in enumerate(rng.choice(["b", "a", "c", "aa"], 60))])
+    _, labels, cos_dist, _ = kmeans(emb, 4, niter=10, seed=1)
+    include = rng.random(60) > 0.2
+    for keep in ("hard", "easy"):
+        by_str = semantic_matches(emb, labels, cos_dist, ids, keep, include=include)
+        by_rank = semantic_matches(emb, labels, cos_dist, id_ranks(pl.Series(ids)), keep,
+                                   include=include)
+        np.testing.assert_array_equal(by_str[1], by_rank[1])
+        assert (by_str[1][~include] == -1).all() and np.isnan(by_str[0][~include]).all()
+        assert (by_str[1][include] >= 0).sum() > 0
+    none = semantic_matches(emb, labels, cos_dist, ids, include=np.zeros(60, bool))
+    assert (none[1] == -1).all()
 
 
 def test_exact_duplicates_normalise_case_and_space():

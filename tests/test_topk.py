@@ -103,3 +103,43 @@ def test_memmap_reads_release_their_pages(tmp_path):
     assert np.array_equal(gather(x, rows), x[rows].astype(np.float32))       # plain arrays too
     with pytest.raises(ValueError, match="sorted"):
         gather(mm, rows[::-1])
+
+
+_PEAK = """
+import sys, numpy as np
+from thresher.pipeline.memmap import copy_rows, gather
+
+def hwm_mb():   # this process's peak resident memory (VmHWM starts afresh at exec; ru_maxrss not)
+    with open("/proc/self/status") as f:
+        return int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) / 1024
+
+mm = np.load(sys.argv[1], mmap_mode="r")
+rows = np.arange(0, len(mm), 32)                    # one row per 64 KB of the file
+before = hwm_mb()
+out = gather(mm, rows) if sys.argv[2] == "gather" else copy_rows(mm, rows)
+print(hwm_mb() - before, float(out.sum()))
+"""
+
+
+def test_gather_of_scattered_rows_keeps_few_pages_at_once(tmp_path):
+    """A page fault on a file mapping maps its neighbours too (fault-around), so one copy of rows
+    64 KB apart holds the whole file at its peak; gather releases every SCATTER rows."""
+    import subprocess
+    import sys
+
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", np.float16, (100_000, 1024))  # 200 MB
+    rng = np.random.default_rng(0)
+    for i in range(0, len(x), 10_000):
+        x[i:i + 10_000] = rng.random((10_000, 1024), dtype=np.float32)
+    x.flush()
+    want = float(np.asarray(x[::32], dtype=np.float32).sum())
+    del x
+    peak = {}
+    for how in ("gather", "copy_rows"):
+        res = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "x.npy"), how],
+                             capture_output=True, text=True, check=True)
+        grown, total = res.stdout.split()
+        peak[how] = float(grown)
+        assert float(total) == pytest.approx(want, rel=1e-4)
+    assert peak["gather"] < 60, peak                    # 3,125 rows: 12.5 MB out + 512 x 64 KB
+    assert peak["copy_rows"] > 2 * peak["gather"], peak
