@@ -12,7 +12,8 @@ import json
 import random
 from pathlib import Path
 
-SHARED = Path("/work/shared/data")     # the shared benchmark data (not shipped)
+from shared_data import SHARED
+
 SOURCES = {"gsm8k": ["gsm8k_train.jsonl"],
            "code": ["code_alpaca_2k.jsonl", "mbpp_train_val_prompt.jsonl"],
            "general": ["llamafactory_alpaca_en_demo.jsonl", "self_instruct_seed_tasks.jsonl"]}

@@ -26,11 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import shared_data
 
-ROOT = Path(__file__).resolve().parent.parent
-# the shared data sits beside the checkout (main) or two levels up (a worktree under wt/)
-SHARED = next((p / "shared" / "data" / "pool" for p in (ROOT.parent, ROOT.parent.parent)
-               if (p / "shared" / "data" / "pool").is_dir()), ROOT.parent / "shared" / "data" / "pool")
+SHARED = shared_data.SHARED / "pool"
 
 
 def main() -> None:

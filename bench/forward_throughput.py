@@ -34,22 +34,15 @@ import argparse
 import json
 import os
 import platform
-import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from shared_data import sample_rows
 from thresher.pipeline import engine
 from thresher.pipeline.chat import encode
 from thresher.pipeline.models import DEFAULT_LM, load_causal_lm, load_tokenizer, resolve
-from thresher.pipeline.readers import read_records
-from thresher.pipeline.schema import detect_shape, to_canonical
 
-ROOT = Path(__file__).resolve().parent.parent
-# the shared data sits beside the checkout (main) or two levels up (a worktree under wt/)
-SHARED = next((p / "shared" / "data" / "pool" for p in (ROOT.parent, ROOT.parent.parent)
-               if (p / "shared" / "data" / "pool").is_dir()), ROOT.parent / "shared" / "data" / "pool")
 FILES = ["gsm8k_train.jsonl", "code_alpaca_2k.jsonl", "llamafactory_alpaca_en_demo.jsonl",
          "hh_rlhf_harmless_base_test_chosen.jsonl", "mbpp_train_val_prompt.jsonl",
          "llamafactory_c4_demo.jsonl"]
@@ -57,19 +50,7 @@ ALL = {"loss", "entropy", "el2n", "token_loss", "token_entropy", "rds"}
 
 
 def load_rows(n: int, seed: int = 0) -> list[dict]:
-    files = [SHARED / f for f in FILES if (SHARED / f).exists()]
-    if not files:
-        files = sorted((ROOT / "data" / "sample" / "pool").iterdir())
-    per = -(-n // len(files))
-    rng = random.Random(seed)
-    rows = []
-    for path in files:
-        recs = [r for _, r, err in read_records(path) if err is None]
-        shape = detect_shape(recs[0])
-        for rec in rng.sample(recs, min(per, len(recs))):
-            rows.append(to_canonical(rec, shape, path.stem))
-    rng.shuffle(rows)
-    return rows[:n]
+    return sample_rows(n, FILES, seed)
 
 
 def sync(device) -> None:

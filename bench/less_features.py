@@ -27,7 +27,7 @@ import resource
 import time
 from pathlib import Path
 
-SHARED = Path("/work/shared/data")
+from shared_data import SHARED
 
 
 def build(out: Path, n_rows: int, n_targets: int, seed: int = 0) -> tuple[Path, Path]:

@@ -18,38 +18,17 @@ import argparse
 import json
 import os
 import platform
-import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from shared_data import sample_rows
 from thresher.pipeline.chat import encode
 from thresher.pipeline.grad_stages import ModelRef
 from thresher.pipeline.grads import grad_norms, n_params, select_params
 from thresher.pipeline.models import DEFAULT_LM
-from thresher.pipeline.readers import read_records
-from thresher.pipeline.schema import detect_shape, to_canonical
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path("/work/shared/data/pool")
 FILES = ["gsm8k_train.jsonl", "code_alpaca_2k.jsonl", "llamafactory_alpaca_en_demo.jsonl"]
-
-
-def load_rows(n: int, seed: int = 0) -> list[dict]:
-    files = [SHARED / f for f in FILES if (SHARED / f).exists()]
-    if not files:
-        files = sorted((ROOT / "data" / "sample" / "pool").glob("*.jsonl"))
-    per = -(-n // len(files))
-    rng = random.Random(seed)
-    rows = []
-    for path in files:
-        recs = [r for _, r, err in read_records(path) if err is None]
-        shape = detect_shape(recs[0])
-        for rec in rng.sample(recs, min(per, len(recs))):
-            rows.append(to_canonical(rec, shape, path.stem))
-    rng.shuffle(rows)
-    return rows[:n]
 
 
 def main() -> None:
@@ -64,7 +43,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     model, tok = ModelRef(model=DEFAULT_LM, lora_seed=0).load("cpu")
     params = select_params(model, a.params)
-    enc = [encode(tok, r, 512) for r in load_rows(a.rows)]
+    enc = [encode(tok, r, 512) for r in sample_rows(a.rows, FILES)]
     tokens = int(sum(len(e.input_ids) for e in enc))
     best = {"loop": float("inf"), "vmap": float("inf")}
     norms = {}

@@ -33,11 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import shared_data
 
 ROOT = Path(__file__).resolve().parent.parent
-# the shared data sits beside the checkout (main) or two levels up (a worktree under wt/)
-SHARED = next((p / "shared" / "data" / "pool" for p in (ROOT.parent, ROOT.parent.parent)
-               if (p / "shared" / "data" / "pool").is_dir()), ROOT.parent / "shared" / "data" / "pool")
+SHARED = shared_data.SHARED / "pool"
 FILE_ROWS = 100_000
 BLOCK = 65_536
 EMB_DIM, RDS_DIM, N_TARGETS = 384, 576, 50

@@ -58,7 +58,10 @@ def parse_params(cls: type, raw: dict[str, Any] | None, what: str = "parameter")
         return pydantic.TypeAdapter(cls).validate_python(_split_lists(cls, raw))
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "?"
+        if not err["loc"]:      # raised by the class's own checks (__post_init__): its message
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ValueError(f"bad {what}: {msg}") from None
+        key = ".".join(str(p) for p in err["loc"])
         raise ValueError(f"{what} {key}={err.get('input')!r}: {err['msg']}") from None
 
 

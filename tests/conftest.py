@@ -90,23 +90,37 @@ def tiny_embedder(tmp_path_factory):
     return str(out / "st")
 
 
-@pytest.fixture(scope="session")
-def dyn_pool(tmp_path_factory, sample_pool):
-    """A small mixed pool (5 short rows per sample source, shards of 8) for the training-dynamics
-    stages and methods."""
+def mixed_pool(d: Path, sample_pool, per_source: int, max_chars: int, rows_per_shard: int):
+    """A pool in `d` of the first `per_source` rows under `max_chars` of every sample source."""
     import json
 
     import polars as pl
     from thresher.pipeline.pool import Pool, ingest
 
-    d = tmp_path_factory.mktemp("dynpool")
     frame = sample_pool.frame(["id", "source", "kind", "messages", "text", "n_chars"])
-    frame = frame.filter(pl.col("n_chars") < 700)
+    frame = frame.filter(pl.col("n_chars") < max_chars)
     with open(d / "rows.jsonl", "w") as f:
         for src in sorted(set(frame["source"])):
-            for r in frame.filter(pl.col("source") == src).head(5).to_dicts():
+            for r in frame.filter(pl.col("source") == src).head(per_source).to_dicts():
                 rec = {"id": r["id"], "source": r["source"]}
                 rec.update({"messages": r["messages"]} if r["kind"] == "chat" else {"text": r["text"]})
                 f.write(json.dumps(rec) + "\n")
-    ingest([d / "rows.jsonl"], d / "pool", rows_per_shard=8)
+    ingest([d / "rows.jsonl"], d / "pool", rows_per_shard=rows_per_shard)
     return Pool(d / "pool")
+
+
+@pytest.fixture(scope="session")
+def dyn_pool(tmp_path_factory, sample_pool):
+    """A small mixed pool (5 short rows per sample source, shards of 8) for the training-dynamics
+    stages and methods."""
+    return mixed_pool(tmp_path_factory.mktemp("dynpool"), sample_pool, 5, 700, 8)
+
+
+def dedup_then_pick_recipe(name: str, out, sources, embedder: str, pick: int, fmt: str = "") -> str:
+    """A two-step recipe (semantic dedup with the tiny embedder, then `pick` random rows of its
+    survivors) for the flow and serve tests."""
+    return (f"name: {name}\nout: {out}\nsources: [{sources}]\nselections:\n"
+            f"  - name: dedup\n    method: semdedup\n"
+            f"    params: {{eps: 0.001, embedder: {embedder}, k: 2}}\n    budget: 100%\n"
+            f"  - name: pick\n    method: random\n    from: dedup\n    budget: {pick}\n"
+            + (f"    format: {fmt}\n" if fmt else ""))

@@ -4,22 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-RECIPE = """\
-name: flowtest
-out: {out}
-sources: [{src}]
-selections:
-  - name: dedup
-    method: semdedup
-    params: {{eps: 0.001, embedder: {embedder}, k: 2}}
-    budget: 100%
-  - name: pick
-    method: random
-    from: dedup
-    budget: 6
-    format: parquet
-"""
+from conftest import dedup_then_pick_recipe
 
 
 @pytest.mark.slow
@@ -32,7 +17,7 @@ def test_flow_and_thresher_run_give_the_same_outputs(tmp_path, sample_pool_dir, 
         (src / name).write_text("\n".join(lines) + "\n")
     for which in ("flow", "cli"):
         (tmp_path / f"{which}.yaml").write_text(
-            RECIPE.format(out=tmp_path / which, src=src, embedder=tiny_embedder))
+            dedup_then_pick_recipe("flowtest", tmp_path / which, src, tiny_embedder, 6, "parquet"))
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     from prefect.testing.utilities import prefect_test_harness

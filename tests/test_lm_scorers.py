@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import polars as pl
 import pytest
+from conftest import mixed_pool
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.forward import forward_signals
-from thresher.pipeline.pool import Pool, ingest
 from thresher.pipeline.select import run_select
 from thresher.scoring.eu_plane import eu_keep, eu_quadrants, search_alpha
 
 
 @pytest.fixture(scope="module")
 def lm_pool(tmp_path_factory, sample_pool):
-    d = tmp_path_factory.mktemp("lmpool")
-    frame = sample_pool.frame(["id", "source", "kind", "messages", "text", "n_chars"])
-    frame = frame.filter(pl.col("n_chars") < 1200)
-    with open(d / "rows.jsonl", "w") as f:
-        for src in sorted(set(frame["source"])):
-            for r in frame.filter(pl.col("source") == src).head(8).to_dicts():
-                rec = {"id": r["id"], "source": r["source"]}
-                rec.update({"messages": r["messages"]} if r["kind"] == "chat" else {"text": r["text"]})
-                f.write(json.dumps(rec) + "\n")
-    ingest([d / "rows.jsonl"], d / "pool", rows_per_shard=16)
-    return Pool(d / "pool")
+    return mixed_pool(tmp_path_factory.mktemp("lmpool"), sample_pool, 8, 1200, 16)
 
 
 @pytest.fixture(scope="module")

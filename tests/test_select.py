@@ -84,7 +84,7 @@ def test_parquet_output_roundtrip(sample_pool, tmp_path):
 
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "thresher.pipeline.cli", *args], capture_output=True,
-                          text=True, cwd=cwd)
+                          text=True, cwd=cwd, check=False)
 
 
 def test_cli_errors_are_one_line(tmp_path, sample_pool):

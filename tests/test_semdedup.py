@@ -8,8 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 from thresher.pipeline.cluster import kmeans
-from thresher.scoring.semdedup import (eps_for_fraction, exact_duplicates, id_ranks,
-                                       semantic_matches)
+from thresher.scoring.semdedup import eps_for_fraction, exact_duplicates, id_ranks, semantic_matches
 
 
 def planted(n_base=60, n_groups=12, copies=2, d=48, seed=0):

@@ -9,24 +9,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import dedup_then_pick_recipe
 from prefect_server import PREFECT, prefect_server, stop
 
 THRESHER = str(Path(sys.executable).with_name("thresher"))
 
-RECIPE = """\
-name: served
-out: out
-sources: [src]
-selections:
-  - name: dedup
-    method: semdedup
-    params: {{eps: 0.001, embedder: {embedder}, k: 2}}
-    budget: 100%
-  - name: pick
-    method: random
-    from: dedup
-    budget: 10
-"""
 
 
 def api(server, path, body=None):
@@ -55,7 +42,7 @@ def test_serve_a_recipe_then_trigger_a_run_by_hand(tmp_path, sample_pool_dir,
         lines = (sample_pool_dir / name).read_text().splitlines()[:15]
         (tmp_path / "src" / name).write_text("\n".join(lines) + "\n")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(embedder=tiny_embedder))
+    recipe.write_text(dedup_then_pick_recipe("served", "out", "src", tiny_embedder, 10))
 
     with prefect_server(tmp_path / "prefect") as server:
         log = tmp_path / "serve.log"

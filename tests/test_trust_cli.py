@@ -201,3 +201,24 @@ def test_a_rejected_select_leaves_no_work_directory(tmp_path, monkeypatch, capsy
         assert code == 2 and err.startswith("error: "), err
     assert not (tmp_path / ".thresher-work").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "pool"]
+
+
+def test_a_parameter_refused_by_the_method_itself_is_one_named_line(tmp_path, monkeypatch, capsys):
+    """A check in a method's own parameter class (its __post_init__) reads as that check's
+    message, not as pydantic's field-less `?=...: Value error, ...`."""
+    from thresher.pipeline.pool import ingest
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(
+        {"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(4)))
+    ingest([tmp_path / "in.jsonl"], tmp_path / "pool")
+    for param, says in (("max_share=0", "max_share must be in (0, 1]"), ("eps=3", "eps must be in [0, 2)")):
+        method = "rds" if param.startswith("max_share") else "semdedup"
+        extra = ["--target", str(tmp_path / "in.jsonl")] if method == "rds" else []
+        code, _, err = run_cli(monkeypatch, capsys, ["select", str(tmp_path / "pool"), "--budget", "2",
+                                                     "--method", method, "--param", param, *extra,
+                                                     "--out", str(tmp_path / "o.jsonl")])
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith(f"error: bad parameter: {says}, got "), err
+        assert "?" not in err and "Value error" not in err
