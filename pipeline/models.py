@@ -73,6 +73,31 @@ def _gguf_identity(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+SMALL_FILE = 4 << 20
+
+
+def _dir_identity(root: Path) -> str:
+    """A model directory's identity from what it holds, not where or when it was written: every
+    file below it (sub-folders too: a sentence-transformers model keeps its weights in
+    `0_Transformer/`), by relative path, size and content; files over SMALL_FILE by their first
+    and last MiB (a retrained weight file differs there; a copy of the directory does not)."""
+    h = hashlib.sha256()
+    for f in sorted(x for x in root.rglob("*") if x.is_file()):
+        rel = f.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue                    # .git, .cache, editor files
+        size = f.stat().st_size
+        h.update(f"{rel.as_posix()}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            if size <= SMALL_FILE:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF causal LM once into a safetensors directory under the cache."""
     target = converted_path(gguf)
@@ -116,10 +141,7 @@ def resolve(name: str) -> ResolvedModel:
     if p.is_dir():
         if not (p / "config.json").exists() and not (p / "modules.json").exists():
             raise FileNotFoundError(f"{p}: no config.json; not a Hugging Face model directory")
-        h = hashlib.sha256()
-        for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")):
-            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-        return ResolvedModel(name, str(p.resolve()), f"{p.name}@{h.hexdigest()[:16]}")
+        return ResolvedModel(name, str(p.resolve()), f"{p.name}@{_dir_identity(p)}")
     if p.exists():
         raise ValueError(f"{name}: expected a model directory or a .gguf file")
     if name.count("/") == 1 and not name.startswith((".", "/")):

@@ -20,10 +20,28 @@ def test_resolver_errors_and_hub_names(tmp_path):
     assert hub.remote and hub.identity == "hub:HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def test_local_dir_identity_changes_with_files(tiny_lm_dir):
+def test_local_dir_identity_follows_content_not_place_or_time(tiny_lm_dir, tmp_path):
+    import os
+    import shutil
+
     a = resolve(str(tiny_lm_dir))
     assert a.path == str(tiny_lm_dir.resolve()) and not a.remote
-    assert resolve(str(tiny_lm_dir)).identity == a.identity
+    copy = tmp_path / tiny_lm_dir.name
+    shutil.copytree(tiny_lm_dir, copy)
+    for f in copy.rglob("*"):
+        os.utime(f, (1, 1))                                  # other mtimes, same bytes
+    assert resolve(str(copy)).identity == a.identity
+    (copy / "sub").mkdir()                                   # weights in a sub-folder count
+    (copy / "sub" / "model.safetensors").write_bytes(b"\0" * 64)
+    b = resolve(str(copy)).identity
+    assert b != a.identity
+    (copy / "sub" / "model.safetensors").write_bytes(b"\1" + b"\0" * 63)   # same size, one byte
+    assert resolve(str(copy)).identity not in (a.identity, b)
+    big = next(f for f in copy.glob("*.safetensors"))
+    data = bytearray(big.read_bytes())
+    data[-1] ^= 0xFF                                         # the last byte of the weights
+    big.write_bytes(bytes(data))
+    assert resolve(str(copy)).identity not in (a.identity, b)
 
 
 def test_response_only_mask_covers_assistant_turns():
