@@ -65,6 +65,10 @@ class ForwardResult:
             raise ValueError("this forward stage did not compute RDS+ representations")
         return np.load(self.dir.path("rds.npy"), mmap_mode="r" if mmap else None)
 
+    def matrix(self) -> np.ndarray:
+        """The row vectors this stage made (the RDS+ representations), for KMeans and search."""
+        return self.rds()
+
     def token_values(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(flat float32 values, int64 offsets [N+1]) of token_loss or token_entropy, pool order."""
         if not self.has_stats or name not in ("token_loss", "token_entropy"):

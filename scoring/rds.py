@@ -25,8 +25,11 @@ RDS+ paper's GTR-T5 / NV-Embed baselines are this kind); both are computed once 
 reused by every target set.
 
 Diversity guard (`max_share`, issue 15; not in RDS+): no source gets more than that share of the
-budget (`selectors/round_robin.py`); the manifest's `config.method.notes.guard` reports the cap
-and the rows each source got. `max_share=1` is the paper's selection.
+budget (`selectors/round_robin.py`); the manifest's `config.method.guard` reports the cap and the
+rows each source got. `max_share=1` is the paper's selection. `guard_by=cluster` caps k-means
+clusters of the pool's vectors instead (the same vectors the search uses; `guard_k` clusters,
+default N/100 within [8, 1000]): the guard for a pool with one source, where a source cap
+cannot bind.
 
 Deviations: the paper renders examples in the Tulu chat format; here each model's own chat
 template is used (`pipeline/chat.encode`), so pool and targets match whatever model is chosen.
@@ -41,6 +44,7 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+from thresher.pipeline.cluster import KMeans, default_k
 from thresher.pipeline.embed import Embed
 from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
 from thresher.pipeline.forward import Forward
@@ -128,10 +132,16 @@ class RdsParams:
         "help": "a list whose best row is taken walks down instead of losing its turn"})
     max_share: float = field(default=1.0, metadata={
         "help": "diversity guard: at most this share of the budget from one source (1 = off, as RDS+)"})
+    guard_by: Literal["source", "cluster"] = field(default="source", metadata={
+        "help": "what max_share caps: a pool source, or a k-means cluster of the pool's vectors"})
+    guard_k: int | None = field(default=None, metadata={
+        "help": "clusters for guard_by=cluster (default N/100, within [8, 1000])"})
 
     def __post_init__(self):
         if not 0 < self.max_share <= 1:
             raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
+        if self.guard_k is not None and self.guard_k < 2:
+            raise ValueError(f"guard_k must be at least 2, got {self.guard_k}")
 
 
 class RdsMethod(Method):
@@ -155,14 +165,13 @@ class RdsMethod(Method):
         need = {"pool_vectors": stage()}
         for i, t in enumerate(req.targets):
             need[f"target{i}"] = stage(TargetPool(path=str(t)))
+        if p.guard_by == "cluster" and p.max_share < 1:
+            k = p.guard_k or max(8, default_k(req.n_rows))
+            need["guard_clusters"] = KMeans(of=need["pool_vectors"], k=min(k, max(1, req.n_rows)))
         return need
 
-    @staticmethod
-    def _matrix(output) -> np.ndarray:
-        return output.matrix() if hasattr(output, "matrix") else output.rds()
-
     def _tasks(self, inputs: Inputs) -> tuple[list[np.ndarray], list[str]]:
-        tasks = [np.asarray(self._matrix(inputs[f"target{i}"]), dtype=np.float32)
+        tasks = [np.asarray(inputs[f"target{i}"].matrix(), dtype=np.float32)
                  for i in range(len(inputs.targets))]
         return tasks, [Path(t).stem for t in inputs.targets]
 
@@ -178,19 +187,26 @@ class RdsMethod(Method):
         index = faiss.IndexFlatIP(queries.shape[1])
         index.add(queries)
         rows = inputs.candidates["row"].to_numpy().astype(np.int64)
-        sims, best = build_scores(index, self._matrix(inputs["pool_vectors"]), rows)
+        sims, best = build_scores(index, inputs["pool_vectors"].matrix(), rows)
         return inputs.candidates.select("id").with_columns(
             rds_sim=pl.Series(sims, dtype=pl.Float64),
             best_task=pl.Series([names[owner[b]] for b in best], dtype=pl.String))
 
     def selector(self, p: RdsParams, inputs: Inputs, scored: pl.DataFrame) -> RoundRobin:
         tasks, names = self._tasks(inputs)
-        index = build_index(self._matrix(inputs["pool_vectors"]),
+        index = build_index(inputs["pool_vectors"].matrix(),
                             scored["row"].to_numpy().astype(np.int64))
         lists, list_names, what = rds_lists(index, tasks, names, 64)
+        if "guard_clusters" in inputs.outputs:
+            labels = inputs["guard_clusters"].labels[scored["row"].to_numpy()]
+            groups = np.char.add("cluster ", labels.astype(str))
+        else:
+            groups = scored["source"].to_numpy()
+            if p.max_share < 1 and len(set(groups)) == 1:
+                log.warning("max_share=%s cannot bind: the candidates have one source; "
+                            "--param guard_by=cluster caps clusters instead", p.max_share)
         return RoundRobin(lists, list_names, retry_duplicates=p.retry_duplicates, what=what,
-                          groups=scored["source"].to_numpy(), max_share=p.max_share,
-                          group_by="source")
+                          groups=groups, max_share=p.max_share, group_by=p.guard_by)
 
 
 def build_scores(index, vectors: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -250,6 +250,36 @@ def test_rds_with_embedder_vectors_and_source_guard(tmp_path, sample_pool):
     assert guard["cap_rows"] == 2 and guard["by"] == "source" and sum(guard["rows_per_group"].values()) == 8
 
 
+def test_cluster_guard_caps_clusters_of_a_single_source_pool(tmp_path, sample_pool, caplog):
+    """One source: the source cap cannot bind (a warning says so); guard_by=cluster caps k-means
+    clusters of the same vectors, reported in the manifest, and the plan holds the k-means."""
+    from thresher.pipeline.pool import ingest
+    from thresher.pipeline.select import run_select
+
+    _small_pool_file(tmp_path / "mixed.jsonl", sample_pool, per_source=6)
+    rows = [json.loads(line) for line in (tmp_path / "mixed.jsonl").read_text().splitlines()]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({**r, "source": "one"}) + "\n" for r in rows))
+    ingest([tmp_path / "rows.jsonl"], tmp_path / "pool", rows_per_shard=10)
+    _head(ROOT_TARGETS / "gsm8k_test.jsonl", tmp_path / "gsm.jsonl", 6)
+    args = dict(workdir=tmp_path / "w", targets=[str(tmp_path / "gsm.jsonl")])
+    with caplog.at_level("WARNING"):
+        src = run_select(tmp_path / "pool", "rds", "8", tmp_path / "src.jsonl",
+                         params={"vectors": "embed", "max_share": 0.25}, **args)
+    assert "cannot bind" in caplog.text
+    assert src["config"]["method"]["guard"]["rows_per_group"] == {"one": 8}
+    m = run_select(tmp_path / "pool", "rds", "8", tmp_path / "cl.jsonl",
+                   params={"vectors": "embed", "max_share": 0.25, "guard_by": "cluster",
+                           "guard_k": 6}, **args)
+    assert any(s["stage"] == "kmeans" for s in m["stages"])
+    g = m["config"]["method"]["guard"]
+    assert g["by"] == "cluster" and g["cap_rows"] == 2 and sum(g["rows_per_group"].values()) == 8
+    assert all(name.startswith("cluster ") for name in g["rows_per_group"])
+    assert max(g["rows_per_group"].values()) <= 2 or g["filled_past_cap"] > 0
+    assert len(g["rows_per_group"]) >= 4 and g["skipped_for_cap"] > 0       # it did bind
+    chosen = pl.read_parquet(tmp_path / "cl.jsonl.selection.parquet")["id"].to_list()
+    assert len(chosen) == len(set(chosen)) == 8
+
+
 def test_without_a_cap_the_selection_make_up_is_still_reported():
     lists = [StaticList([0, 1, 2, 3, 5])]
     rr = RoundRobin(lists, groups=np.array(["a"] * 5 + ["b"] * 5), group_by="source")
