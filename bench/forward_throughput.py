@@ -20,10 +20,11 @@ bundled sample). Each round runs, back to back:
   (s) with --serial, the engine with one batch at a time on all threads (`workers=1`, the
       engine before `_in_workers`);
   (a') with --fp32-reference, the reference in float32 (transformers' CPU default).
-Within a round the rows are split into `--chunks` chunks and every chunk runs through every
-variant back to back (rotating order, a short GEMM timing before each chunk), so a burst of
-load elsewhere hits all variants alike; ratios are taken within each round and the median over
-rounds is printed. Roofline fraction = model FLOPs / engine time / GEMM FLOP/s, with
+Every round runs all rows through every variant back to back (the order rotating from round to
+round, a short GEMM timing first), so a burst of load elsewhere hits all variants alike; ratios
+are taken within each round and the median over rounds is printed. `--chunks N` interleaves
+finer (each variant runs N chunks of the rows per round), at a cost to the engine a real pool
+does not pay: a chunk of ~4 packed sequences leaves one of the two workers idle at its end. Roofline fraction = model FLOPs / engine time / GEMM FLOP/s, with
 model FLOPs counted the standard way (2 x every linear layer's weights per token, the LM head on
 every position as a plain forward does, plus causal attention 4 x d x (t + 1) at position t).
 """
@@ -124,7 +125,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
-    ap.add_argument("--chunks", type=int, default=8, help="row chunks interleaved within a round")
+    ap.add_argument("--chunks", type=int, default=1, help="row chunks interleaved within a round")
     ap.add_argument("--padded", action="store_true", help="also run the engine on padded batches")
     ap.add_argument("--serial", action="store_true",
                     help="also run the engine one batch at a time on all threads (workers=1)")
@@ -171,13 +172,14 @@ def main() -> None:
     chunks = np.array_split(np.random.default_rng(0).permutation(len(rows)), args.chunks)
     rounds = []
     for r in range(args.rounds):
-        # interleaved finely: every chunk of rows runs through every variant back to back (in a
-        # rotating order), so a burst of load elsewhere hits all variants alike
+        # every chunk of rows (all of them by default) runs through every variant back to back,
+        # in an order that rotates by round and chunk, so load elsewhere hits all variants alike
         t = dict.fromkeys(["gemm", *runs], 0.0)
         for c, idx in enumerate(chunks):
             t["gemm"] += gemm_flops_per_s(0.5, device=device) / len(chunks)
             names = list(runs)
-            for k in names[c % len(names):] + names[:c % len(names)]:
+            turn = (r + c) % len(names)
+            for k in names[turn:] + names[:turn]:
                 t0 = time.perf_counter()
                 runs[k](idx)
                 t[k] += time.perf_counter() - t0
