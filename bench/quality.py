@@ -10,8 +10,9 @@ and target families, each split into target rows (what `--target` gets) and disj
     self_instruct self-instruct    held out of the pool too (human-written seed tasks)
 
 Methods (labels): `rds` is RDS+ as published; `rds-cap50` and `rds-cap25` cap any one source at
-50% / 25% of the budget (the diversity guard); `rds-embed[-cap25]` use the sentence embedder's
-vectors instead of the LM's hidden states; `rds-embed-cap25` is the `--target` default.
+50% / 25% of the budget (the diversity guard); `rds-embed[-cap50|-cap25]` use the sentence
+embedder's vectors instead of the LM's hidden states; `rds-embed-cap50` is the `--target` default.
+Two methods that pick the same rows (a cap that did not bind) share their training runs.
 
 Every method in `--methods` selects `--budget` rows per family; each subset and a random subset of
 the same size (a fresh one per seed; random ignores the target, so its runs are shared by all
@@ -23,8 +24,8 @@ cost (seconds of every stage computed, excluding cached re-visits). "beats" mean
 excludes zero and the mean gain exceeds the seed-to-seed sd of the per-seed gains.
 
     python bench/quality.py --quick     # a few minutes on a CPU: the default vs random, 2 families, 1 seed
-    python bench/quality.py             # the table in bench/RESULTS.md (4 families, 4 methods, 2 seeds:
-                                        # 26 LoRA runs, ~1 h on 2 idle CPU cores)
+    python bench/quality.py             # the table in bench/RESULTS.md (4 families, 4 methods, 3 seeds,
+                                        # 64 rows, 3 epochs: ~40 LoRA runs, ~2 h on 2 idle CPU cores)
 
 Outputs under `--out` (default bench/out/quality[-quick]): the pool and targets (built once; a
 rerun with other pool settings is refused), selections per budget and runs per training setting
@@ -57,9 +58,10 @@ METHODS = {   # label -> (method, params); random is always run
     "rds-cap50": ("rds", {"vectors": "hidden", "max_share": 0.5}),
     "rds-cap25": ("rds", {"vectors": "hidden", "max_share": 0.25}),
     "rds-embed": ("rds", {"vectors": "embed", "max_share": 1.0}),
-    "rds-embed-cap25": ("rds", {"vectors": "embed", "max_share": 0.25}),   # the --target default
+    "rds-embed-cap50": ("rds", {"vectors": "embed", "max_share": 0.5}),     # the --target default
+    "rds-embed-cap25": ("rds", {"vectors": "embed", "max_share": 0.25}),   # default until session 3
 }
-QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["rds-embed-cap25"],
+QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["rds-embed-cap50"],
          "per_source": 24, "budget": 24, "seeds": 1, "targets": 16, "eval": 32, "epochs": 2}
 
 
@@ -205,9 +207,28 @@ def run_all(a, out: Path, chosen: dict) -> dict:
         runs[("random", s)] = train_eval(rand, root / "random" / f"seed-{s}", s, evals, a)
         for (label, fam), c in chosen.items():
             rows, _ = load_rows(c["path"])
-            runs[(label, fam, s)] = train_eval(rows, root / f"{label}@{fam}" / f"seed-{s}", s,
-                                               {fam: evals[fam]}, a)
+            run_dir = root / f"{label}@{fam}" / f"seed-{s}"
+            reuse_twin(run_dir, rows, root, fam, s, chosen)
+            runs[(label, fam, s)] = train_eval(rows, run_dir, s, {fam: evals[fam]}, a)
     return runs
+
+
+def reuse_twin(run_dir: Path, rows: list[dict], root: Path, fam: str, seed: int, chosen: dict) -> None:
+    """Two methods that picked the same rows (a cap that did not bind) train the same model: copy
+    the finished run of any earlier method of this setting with the same rows (the trainer checks
+    that it is the same run)."""
+    import shutil
+
+    if (run_dir / "train.json").exists():
+        return
+    ids = [r["id"] for r in rows]
+    selections = next(iter(chosen.values()))["path"].parent
+    for twin in sorted(root.glob(f"*@{fam}/seed-{seed}")):
+        picked = selections / f"{twin.parent.name}.jsonl"
+        if twin != run_dir and (twin / "train.json").exists() and picked.exists() and \
+                [json.loads(line)["id"] for line in picked.read_text().splitlines()] == ids:
+            shutil.copytree(twin, run_dir)
+            return
 
 
 def compare(a, chosen: dict, runs: dict) -> list[dict]:
@@ -265,13 +286,13 @@ def parse_args(argv=None):
     ap.add_argument("--families", nargs="+", choices=sorted(FAMILIES),
                     default=["gsm8k", "t0_heldout", "hh_rlhf", "self_instruct"])
     ap.add_argument("--methods", nargs="+", choices=sorted(METHODS),
-                    default=["rds", "rds-cap50", "rds-cap25", "rds-embed-cap25"])
+                    default=["rds-embed-cap25", "rds-embed-cap50", "rds-embed", "rds-cap25"])
     ap.add_argument("--per-source", type=int, default=100)
-    ap.add_argument("--budget", type=int, default=32)
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--targets", type=int, default=32)
     ap.add_argument("--eval", type=int, default=48)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--data-seed", type=int, default=0)
     a = ap.parse_args(argv)

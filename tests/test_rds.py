@@ -261,7 +261,7 @@ def test_cluster_guard_caps_clusters_of_a_single_source_pool(tmp_path, sample_po
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({**r, "source": "one"}) + "\n" for r in rows))
     ingest([tmp_path / "rows.jsonl"], tmp_path / "pool", rows_per_shard=10)
     _head(ROOT_TARGETS / "gsm8k_test.jsonl", tmp_path / "gsm.jsonl", 6)
-    args = dict(workdir=tmp_path / "w", targets=[str(tmp_path / "gsm.jsonl")])
+    args = {"workdir": tmp_path / "w", "targets": [str(tmp_path / "gsm.jsonl")]}
     with caplog.at_level("WARNING"):
         src = run_select(tmp_path / "pool", "rds", "8", tmp_path / "src.jsonl",
                          params={"vectors": "embed", "max_share": 0.25}, **args)
