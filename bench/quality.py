@@ -127,6 +127,11 @@ def selection_cost(manifest: dict) -> float:
                      if not s.get("cached") or s["stage"] in ("score", "select", "write")), 2)
 
 
+def selections_dir(a, out: Path) -> Path:
+    """Where the selections of this budget and token limit live (shared by every method)."""
+    return out / "selections" / f"b{a.budget}-t{a.max_tokens}"
+
+
 def select_all(a, out: Path) -> dict:
     from thresher.pipeline.pool import Pool
     from thresher.pipeline.select import run_select
@@ -136,7 +141,7 @@ def select_all(a, out: Path) -> dict:
     for label in a.methods:
         method, params = METHODS[label]
         for fam in a.families:
-            dst = out / "selections" / f"b{a.budget}-t{a.max_tokens}" / f"{label}@{fam}.jsonl"
+            dst = selections_dir(a, out) / f"{label}@{fam}.jsonl"
             man = Path(f"{dst}.manifest.json")
             if not man.exists():
                 run_select(out / "pool", method, str(a.budget), dst, workdir=out / "work",
@@ -208,12 +213,13 @@ def run_all(a, out: Path, chosen: dict) -> dict:
         for (label, fam), c in chosen.items():
             rows, _ = load_rows(c["path"])
             run_dir = root / f"{label}@{fam}" / f"seed-{s}"
-            reuse_twin(run_dir, rows, root, fam, s, chosen)
+            reuse_twin(run_dir, rows, root, fam, s, selections_dir(a, out))
             runs[(label, fam, s)] = train_eval(rows, run_dir, s, {fam: evals[fam]}, a)
     return runs
 
 
-def reuse_twin(run_dir: Path, rows: list[dict], root: Path, fam: str, seed: int, chosen: dict) -> None:
+def reuse_twin(run_dir: Path, rows: list[dict], root: Path, fam: str, seed: int,
+               selections: Path) -> None:
     """Two methods that picked the same rows (a cap that did not bind) train the same model: copy
     the finished run of any earlier method of this setting with the same rows (the trainer checks
     that it is the same run)."""
@@ -222,7 +228,6 @@ def reuse_twin(run_dir: Path, rows: list[dict], root: Path, fam: str, seed: int,
     if (run_dir / "train.json").exists():
         return
     ids = [r["id"] for r in rows]
-    selections = next(iter(chosen.values()))["path"].parent
     for twin in sorted(root.glob(f"*@{fam}/seed-{seed}")):
         picked = selections / f"{twin.parent.name}.jsonl"
         if twin != run_dir and (twin / "train.json").exists() and picked.exists() and \

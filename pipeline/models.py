@@ -63,13 +63,18 @@ def _package_dir(module: str, install_hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _gguf_identity(path: Path) -> str:
-    st = path.stat()
-    h = hashlib.sha256(f"{path.name}:{st.st_size}".encode())
-    with open(path, "rb") as f:  # head and tail are enough to tell files apart cheaply
+def _hash_head_tail(h, path: Path, size: int) -> None:
+    """Feed a file's first and last MiB to `h` (a large weight file differs there)."""
+    with open(path, "rb") as f:
         h.update(f.read(1 << 20))
-        f.seek(max(0, st.st_size - (1 << 20)))
+        f.seek(max(0, size - (1 << 20)))
         h.update(f.read())
+
+
+def _gguf_identity(path: Path) -> str:
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{path.name}:{size}".encode())
+    _hash_head_tail(h, path, size)   # head and tail are enough to tell files apart cheaply
     return h.hexdigest()[:16]
 
 
@@ -88,13 +93,10 @@ def _dir_identity(root: Path) -> str:
             continue                    # .git, .cache, editor files
         size = f.stat().st_size
         h.update(f"{rel.as_posix()}:{size}\n".encode())
-        with open(f, "rb") as fh:
-            if size <= SMALL_FILE:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read())
+        if size <= SMALL_FILE:
+            h.update(f.read_bytes())
+        else:
+            _hash_head_tail(h, f, size)
     return h.hexdigest()[:16]
 
 

@@ -84,6 +84,8 @@ def prepare(pool: Pool, method: str, params: dict | None = None, selector: str |
     req = Request(pool, tuple(Path(t) for t in targets or ()), seed, pick_device(device))
     if targets and not impl.needs_targets:
         raise ValueError(f"--target: method {method} does not use a target set")
+    if impl.needs_targets and not targets:
+        raise ValueError(f"--method {method} needs --target FILE (repeat --target for several tasks)")
     needs = dict(impl.needs(p, req))
     if token_budget:    # token budgets need per-row counts: the tokenizer only, no weights
         needs["tokens"] = TokenCounts(tokenizer=getattr(p, "model", DEFAULT_LM))

@@ -135,8 +135,6 @@ class LessMethod(Method):
     needs_targets = True
 
     def needs(self, p: LessParams, req: Request) -> dict[str, Stage]:
-        if not req.targets:
-            raise ValueError("--method less needs --target FILE (repeat --target for several tasks)")
         warm = warmup_proxy(req.n_rows, p.model, p.warmup_part, p.warmup_min_rows, p.epochs,
                             p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens, p.proxy_dtype)
         feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,

@@ -153,8 +153,6 @@ class RdsMethod(Method):
     needs_targets = True
 
     def needs(self, p: RdsParams, req: Request) -> dict[str, Stage]:
-        if not req.targets:
-            raise ValueError("--method rds needs --target FILE (repeat --target for several tasks)")
 
         def stage(source=None) -> Stage:
             if p.vectors == "embed":

@@ -96,15 +96,17 @@ def semantic_matches(emb: np.ndarray, labels: np.ndarray, cos_dist: np.ndarray,
     starts = np.flatnonzero(np.diff(labels[rows], prepend=-1) != 0) if len(rows) else [0]
     for members in np.split(rows, starts[1:]):
         order = cluster_order(members, cos_dist, tiebreak, keep, rng)
-        x = gather(emb, np.sort(order))      # sorted gather, the memmap's pages released as it goes
-        x = x[np.searchsorted(np.sort(order), order)]
+        ascending = np.sort(order)      # gather reads in file order, releasing pages as it goes
+        x = gather(emb, ascending)[np.searchsorted(ascending, order)]
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         for start in range(1, len(order), batch):
             stop = min(len(order), start + batch)
             sims = x[start:stop] @ x[:stop].T                            # (b, stop)
+            # a row may match only earlier rows: every column before `start` is, and in the
+            # diagonal block the columns from the row itself on are not
             later = np.triu(np.ones((stop - start, stop - start), dtype=bool))
-            np.copyto(sims[:, start:], -np.inf, where=later)   # only the diagonal block holds
-            arg = sims.argmax(axis=1)                          # rows that are not earlier
+            np.copyto(sims[:, start:], -np.inf, where=later)
+            arg = sims.argmax(axis=1)
             max_sim[order[start:stop]] = sims[np.arange(stop - start), arg]
             dup_of[order[start:stop]] = order[arg]
     return max_sim, dup_of
