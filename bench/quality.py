@@ -61,6 +61,7 @@ METHODS = {   # label -> (method, params); random is always run
     "rds-embed-cap50": ("rds", {"vectors": "embed", "max_share": 0.5}),     # the --target default
     "rds-embed-cap25": ("rds", {"vectors": "embed", "max_share": 0.25}),   # default until session 3
     "less": ("less", {"epochs": 2}),        # LESS gradient features, 2 warm-up checkpoints (LESS: 4)
+    "less-cap50": ("less", {"epochs": 2, "max_share": 0.5}),
 }
 QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["rds-embed-cap50"],
          "per_source": 24, "budget": 24, "seeds": 1, "targets": 16, "eval": 32, "epochs": 2}

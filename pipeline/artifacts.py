@@ -63,8 +63,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class ArtifactDir:
-    def __init__(self, root: Path, name: str, key: str, description: dict):
+    def __init__(self, root: Path, name: str, key: str, description: dict, create: bool = True):
         self.name, self.key, self.dir = name, key, root / name / key
+        if not create:                  # a dry run looks, and leaves nothing behind
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         spec = self.dir / "_SPEC.json"
         if not spec.exists():
@@ -110,11 +112,14 @@ class ArtifactDir:
 
 
 class ArtifactStore:
-    def __init__(self, workdir: Path | str):
-        self.root = Path(workdir)
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, workdir: Path | str, read_only: bool = False):
+        """read_only: for dry runs, which only ask what is cached: no directory is created."""
+        self.root, self.read_only = Path(workdir), read_only
+        if not read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def dir(self, name: str, inputs: list[str], config: dict) -> ArtifactDir:
         """The directory of one stage output: name/key, key = hash(name, inputs, config)."""
         key = config_key(name, list(inputs), config)
-        return ArtifactDir(self.root, name, key, {"stage": name, "inputs": inputs, "config": config})
+        return ArtifactDir(self.root, name, key, {"stage": name, "inputs": inputs, "config": config},
+                           create=not self.read_only)

@@ -82,7 +82,7 @@ class Planned:
     plan: Any                # plan.Plan over every selection's needs
 
 
-def plan_of(recipe: Recipe, device: str | None = None) -> Planned:
+def plan_of(recipe: Recipe, device: str | None = None, read_only: bool = False) -> Planned:
     from thresher.pipeline.budget import Budget
     from thresher.pipeline.plan import make_plan
     from thresher.pipeline.pool import Pool
@@ -95,7 +95,7 @@ def plan_of(recipe: Recipe, device: str | None = None) -> Planned:
                                 _seed(recipe, s), device, Budget.parse(s.budget).kind == "tokens")
     roots = [st for p in preps.values() for st in p.plan.roots]
     plan = make_plan(roots, next(iter(preps.values())).request.device)
-    return Planned(recipe, pool, ArtifactStore(workdir(recipe)), preps, plan)
+    return Planned(recipe, pool, ArtifactStore(workdir(recipe), read_only), preps, plan)
 
 
 def _seed(recipe: Recipe, sel: SelectionSpec) -> int:
@@ -229,7 +229,7 @@ def dry_run_lines(recipe: Recipe, device: str | None = None) -> list[str]:
     lines = [f"recipe {recipe.name} -> {recipe.out}",
              f"ingest {len(recipe.sources)} source(s) -> {pool_dir(recipe)}"]
     if (pool_dir(recipe) / "pool.json").exists():
-        planned = plan_of(recipe, device)
+        planned = plan_of(recipe, device, read_only=True)
         lines += ["plan (the pool as last ingested):"] + \
             ["  " + line for line in planned.plan.show(planned.pool, planned.store)]
     else:

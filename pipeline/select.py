@@ -179,8 +179,8 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
     out = Path(out)
     files = _output_files(out, fmt, pool, targets, check=not dry_run)  # refused before any work
     prep = prepare(pool, method, params, selector, targets, seed, device, budget.kind == "tokens")
-    store = ArtifactStore(workdir or default_workdir(pool.path))   # after every check: a mistake
-                                                                   # leaves no empty work directory
+    store = ArtifactStore(workdir or default_workdir(pool.path),   # after every check: a mistake
+                          read_only=dry_run)                       # leaves no empty work directory
     run_with = make_executor(executor, ray_address)
     if dry_run:
         return {"plan": prep.plan.show(pool, store)}

@@ -98,7 +98,8 @@ class StageRun:
     def shard_dir(self) -> Path:
         """Per-shard outputs, shared by every pool holding the same shard content."""
         d = self.store.root / self.stage.kind / config_key(self.stage.key_config()) / "shards"
-        d.mkdir(parents=True, exist_ok=True)
+        if not self.store.read_only:
+            d.mkdir(parents=True, exist_ok=True)
         return d
 
     def shard_prefix(self, shard: Path) -> Path:

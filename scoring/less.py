@@ -12,6 +12,9 @@ LoRA gradients point where the target examples' gradients point, over the warm-u
    mean learning rates normalised to sum 1 (matching.py; LESS takes the max over a benchmark's
    sub-tasks, here each target file is a task).
 4. Keep the global top rows by Inf (write_selected_data.py; its default budget is 5%).
+   `max_share` < 1 (not in LESS; the diversity guard of issue 15, as in `rds`): no source gets
+   more than that share of the budget; the ranking walks down past rows of full sources, and
+   the manifest's `config.method.guard` reports the cap and the rows each source got.
 
 `less_scores`, `less_task_scores`, `less_similarity` and `less_representation` are the same
 arithmetic for other methods (RDS+ with gradient representations): the representation is the
@@ -24,6 +27,7 @@ rows with no response token within max_tokens are not scored (counted as `unscor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +40,10 @@ from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models import DEFAULT_LM
 from thresher.pipeline.stage import Stage
 from thresher.pipeline.targets import TargetPool
+from thresher.selectors.round_robin import RoundRobin, StaticList
 from thresher.selectors.score_band import ScoreBand
+
+log = logging.getLogger(__name__)
 
 BLOCK = 65536          # pool rows per block of the score products
 
@@ -122,6 +129,12 @@ class LessParams:
         "help": "warm-up autocast: bf16 or fp32 (default by CPU)"})
     grad_tokens: int = field(default=512, metadata={
         "help": "padded tokens per per-sample-gradient batch (peak memory grows with it; scores do not change)"})
+    max_share: float = field(default=1.0, metadata={
+        "help": "diversity guard: at most this share of the budget from one source (1 = off, as LESS)"})
+
+    def __post_init__(self):
+        if not 0 < self.max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
 
 
 class LessMethod(Method):
@@ -170,5 +183,15 @@ class LessMethod(Method):
             less=pl.Series(scores, dtype=pl.Float64),
             best_task=pl.Series([names[b] for b in best], dtype=pl.String))
 
-    def selector(self, p: LessParams, inputs: Inputs, scored: pl.DataFrame) -> ScoreBand:
-        return ScoreBand("less", keep="top")
+    def selector(self, p: LessParams, inputs: Inputs, scored: pl.DataFrame) -> ScoreBand | RoundRobin:
+        """The top rows by score (LESS); with `max_share` < 1 the same ranking walked down past
+        rows of sources that hold their share (`selectors/round_robin.py`'s guard, one list)."""
+        if p.max_share == 1:
+            return ScoreBand("less", keep="top")
+        groups = scored["source"].to_numpy()
+        if len(set(groups)) == 1:
+            log.warning("max_share=%s cannot bind: the candidates have one source", p.max_share)
+        score = scored["less"].to_numpy()
+        order = np.lexsort((scored["id"].to_numpy(), -score))        # ScoreBand's order
+        return RoundRobin([StaticList(order, score[order])], ["less"], what="ranking",
+                          groups=groups, max_share=p.max_share, group_by="source")

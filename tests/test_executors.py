@@ -78,9 +78,15 @@ def test_dry_run_shows_plan_then_cached(tmp_path, sharded_sample, tiny_embedder)
     assert [line.split(".", 1)[0] for line in plan["plan"]] == ["1", "2"]
     assert "to run (0 of 9 shards cached)" in plan["plan"][0] and "kmeans" in plan["plan"][1]
     assert not (tmp_path / "o.jsonl").exists()
+    assert not (tmp_path / "w").exists()                   # a dry run writes nothing, not even specs
     m = run_select(sharded_sample.path, "semdedup", "50%", tmp_path / "o.jsonl", **kw)
     again = run_select(sharded_sample.path, "semdedup", "50%", tmp_path / "o.jsonl", dry_run=True, **kw)
     assert all(": cached (" in line for line in again["plan"]), again["plan"]
+    before = sorted((tmp_path / "w").rglob("*"))
+    other = run_select(sharded_sample.path, "semdedup", "50%", tmp_path / "o.jsonl", dry_run=True,
+                       workdir=tmp_path / "w", params={"embedder": tiny_embedder, "k": 3})
+    assert "cached" in other["plan"][0] and "to run" in other["plan"][1]
+    assert sorted((tmp_path / "w").rglob("*")) == before   # the new k-means key made no folder
     stages = {s["stage"]: s for s in m["stages"]}
     assert stages["embed"]["rows_out"] == sharded_sample.n_rows and stages["embed"]["flops"] > 0
     assert stages["embed"]["tokens"] > sharded_sample.n_rows and stages["embed"]["seconds"] > 0

@@ -193,6 +193,26 @@ def test_select_less_end_to_end(dyn_pool, tiny_lm_dir, target_file, tmp_path):
     assert set(picked) == set(ranked[:5])
     side = pl.read_parquet(str(out) + ".selection.parquet")
     assert "less" in side.columns
+    # the diversity guard: the same ranking walked down past sources that hold their share
+    source = dict(dyn_pool.frame(["id", "source"]).iter_rows())
+    top_source = max(set(source[i] for i in picked), key=[source[i] for i in picked].count)
+    assert [source[i] for i in picked].count(top_source) >= 3       # uncapped: the guard can bind
+    capped = tmp_path / "capped.jsonl"
+    res = CliRunner().invoke(app, [*args[:-4], "--out", str(capped), *args[-2:], "--target",
+                                   str(target_file), *params, "--param", "max_share=0.4"])
+    assert res.exit_code == 0, res.output
+    got = [json.loads(ln)["id"] for ln in capped.read_text().splitlines()]
+    per_source = {s: [source[i] for i in got].count(s) for s in set(source[i] for i in got)}
+    assert len(got) == 5 and max(per_source.values()) <= 2               # ceil(0.4 x 5)
+    walk = []                                        # the uncapped ranking, skipping full sources
+    for i in ranked:
+        if [source[j] for j in walk].count(source[i]) < 2:
+            walk.append(i)
+    assert got == walk[:5]
+    guard = json.loads(Path(str(capped) + ".manifest.json").read_text())["config"]["method"]["guard"]
+    assert guard["cap_rows"] == 2 and guard["rows_per_group"] == per_source
+    bad = CliRunner().invoke(app, [*args, "--target", str(target_file), *params, "--param", "max_share=0"])
+    assert bad.exit_code == 2 and "bad parameter: max_share must be in (0, 1], got 0.0" in bad.output
     # no target: a one-line error
     bad = CliRunner().invoke(app, [*args, *params])
     assert bad.exit_code == 2 and "needs --target" in bad.output
