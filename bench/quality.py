@@ -11,8 +11,10 @@ and target families, each split into target rows (what `--target` gets) and disj
 
 Methods (labels): `rds` is RDS+ as published; `rds-cap50` and `rds-cap25` cap any one source at
 50% / 25% of the budget (the diversity guard); `rds-embed[-cap50|-cap25]` use the sentence
-embedder's vectors instead of the LM's hidden states; `rds-embed-cap50` is the `--target` default.
-Two methods that pick the same rows (a cap that did not bind) share their training runs.
+embedder's vectors instead of the LM's hidden states; `less` is LESS (projected Adam LoRA
+gradients over two warm-up checkpoints) and `less-cap50` the same with the 50% cap, the
+`--target` default. Two methods that pick the same rows (a cap that did not bind) share their
+training runs.
 
 Every method in `--methods` selects `--budget` rows per family; each subset and a random subset of
 the same size (a fresh one per seed; random ignores the target, so its runs are shared by all
@@ -23,9 +25,10 @@ averaged over seeds), the share of the subset taken from its largest source, and
 cost (seconds of every stage computed, excluding cached re-visits). "beats" means the interval
 excludes zero and the mean gain exceeds the seed-to-seed sd of the per-seed gains.
 
-    python bench/quality.py --quick     # a few minutes on a CPU: the default vs random, 2 families, 1 seed
-    python bench/quality.py             # the table in bench/RESULTS.md (4 families, 4 methods, 3 seeds,
-                                        # 64 rows, 3 epochs: ~40 LoRA runs, ~2 h on 2 idle CPU cores)
+    python bench/quality.py --quick     # ~10 min on a 2-core CPU: the default vs random, 2 families, 1 seed
+    python bench/quality.py             # the table in bench/RESULTS.md (4 families, 6 methods, 3 seeds,
+                                        # 64 rows, 3 epochs: ~60 LoRA runs and LESS's gradient
+                                        # features, ~4 h on 2 idle CPU cores; cached, so reruns are cheap)
 
 Outputs under `--out` (default bench/out/quality[-quick]): the pool and targets (built once; a
 rerun with other pool settings is refused), selections per budget and runs per training setting
@@ -63,8 +66,8 @@ METHODS = {   # label -> (method, params); random is always run
     "less": ("less", {"epochs": 2}),        # LESS gradient features, 2 warm-up checkpoints (LESS: 4)
     "less-cap50": ("less", {"epochs": 2, "max_share": 0.5}),
 }
-QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["rds-embed-cap50"],
-         "per_source": 24, "budget": 24, "seeds": 1, "targets": 16, "eval": 32, "epochs": 2}
+QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["less-cap50"],
+         "per_source": 12, "budget": 24, "seeds": 1, "targets": 16, "eval": 32, "epochs": 2}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -293,7 +296,8 @@ def parse_args(argv=None):
     ap.add_argument("--families", nargs="+", choices=sorted(FAMILIES),
                     default=["gsm8k", "t0_heldout", "hh_rlhf", "self_instruct"])
     ap.add_argument("--methods", nargs="+", choices=sorted(METHODS),
-                    default=["rds-embed-cap25", "rds-embed-cap50", "rds-embed", "rds-cap25"])
+                    default=["rds-embed-cap25", "rds-embed-cap50", "rds-embed", "rds-cap25", "less",
+                             "less-cap50"])
     ap.add_argument("--per-source", type=int, default=100)
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=3)

@@ -84,7 +84,7 @@ def ingest(
 def select(
     pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
     budget: Annotated[str, typer.Option("--budget", help="Rows (100), percent (10%) or tokens (50000tok).")],
-    method: Annotated[str | None, typer.Option("--method", help="Selection method; see `thresher methods`. With --target and no --method: the measured target default (rds over sentence-embedder vectors, at most half the budget from one source).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Selection method; see `thresher methods`. With --target and no --method: the measured target default (less: LoRA gradient features, 2 warm-up checkpoints, at most half the budget from one source).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output file for the subset.")] = None,
     format: Annotated[str, typer.Option("--format", help="messages|alpaca|sharegpt|parquet|hf (a Hugging Face dataset directory with its card)")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,

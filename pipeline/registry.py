@@ -33,9 +33,9 @@ METHODS: dict[str, str] = {
 }
 
 # What `thresher select --target F` runs when no --method is given: the combination that won
-# most often on bench/quality.py, with the diversity guard kept on at the loosest measured cap
-# (README, "Target-aware selection").
-TARGET_DEFAULT: tuple[str, dict] = ("rds", {"vectors": "embed", "max_share": 0.5})
+# most often on bench/quality.py (LESS gradient features, two warm-up checkpoints), with the
+# diversity guard kept on at the loosest measured cap (README, "Target-aware selection").
+TARGET_DEFAULT: tuple[str, dict] = ("less", {"epochs": 2, "max_share": 0.5})
 
 
 def method_for(method: str | None, targets, params: dict) -> tuple[str, dict]:

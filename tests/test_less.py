@@ -195,14 +195,14 @@ def test_select_less_end_to_end(dyn_pool, tiny_lm_dir, target_file, tmp_path):
     assert "less" in side.columns
     # the diversity guard: the same ranking walked down past sources that hold their share
     source = dict(dyn_pool.frame(["id", "source"]).iter_rows())
-    top_source = max(set(source[i] for i in picked), key=[source[i] for i in picked].count)
+    top_source = max({source[i] for i in picked}, key=[source[i] for i in picked].count)
     assert [source[i] for i in picked].count(top_source) >= 3       # uncapped: the guard can bind
     capped = tmp_path / "capped.jsonl"
     res = CliRunner().invoke(app, [*args[:-4], "--out", str(capped), *args[-2:], "--target",
                                    str(target_file), *params, "--param", "max_share=0.4"])
     assert res.exit_code == 0, res.output
     got = [json.loads(ln)["id"] for ln in capped.read_text().splitlines()]
-    per_source = {s: [source[i] for i in got].count(s) for s in set(source[i] for i in got)}
+    per_source = {s: [source[i] for i in got].count(s) for s in {source[i] for i in got}}
     assert len(got) == 5 and max(per_source.values()) <= 2               # ceil(0.4 x 5)
     walk = []                                        # the uncapped ranking, skipping full sources
     for i in ranked:
@@ -226,3 +226,33 @@ def test_methods_lists_less_parameters():
     assert res.exit_code == 0, res.output
     for name in ("d=8192", "warmup_part=0.05", "epochs=4", "proj_seed=0", "grad_features"):
         assert name in res.output
+
+
+def test_target_without_method_runs_the_measured_default(dyn_pool, tiny_lm_dir, target_file, tmp_path,
+                                                         monkeypatch, capsys):
+    """`select --target F` with no --method: TARGET_DEFAULT's method and parameters (the guard on),
+    recorded in the manifest; a user parameter still wins."""
+    import math
+    import sys
+
+    from thresher.pipeline import cli, registry
+
+    out = tmp_path / "o.jsonl"
+    monkeypatch.setattr(sys, "argv", [
+        "thresher", "select", str(dyn_pool.path), "--budget", "8", "--target", str(target_file),
+        "--out", str(out), "--workdir", str(tmp_path / "w"), "--param", f"model={tiny_lm_dir}",
+        "--param", f"d={D}", "--param", "max_tokens=256", "--param", "warmup_min_rows=8",
+        "--param", "proxy_lr=2e-2", "--param", "proxy_batch_size=4"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code in (0, None), capsys.readouterr().err
+    m = json.loads(Path(f"{out}.manifest.json").read_text())
+    name, defaults = registry.TARGET_DEFAULT
+    assert m["method"] == name == "less"
+    params = m["config"]["method"]
+    assert {k: params[k] for k in defaults} == defaults and params["model"] == str(tiny_lm_dir)
+    assert len(params["etas"]) == defaults["epochs"]                    # one checkpoint per epoch
+    guard = params["guard"]
+    cap = math.ceil(defaults["max_share"] * 8)
+    assert guard["max_share"] == defaults["max_share"] < 1 and guard["cap_rows"] == cap
+    assert max(guard["rows_per_group"].values()) <= cap and sum(guard["rows_per_group"].values()) == 8

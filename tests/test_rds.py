@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -287,32 +286,3 @@ def test_without_a_cap_the_selection_make_up_is_still_reported():
     g = rr.notes["guard"]
     assert g["cap_rows"] is None and g["max_share"] == 1.0 and g["rows_per_group"] == {"a": 4}
     assert "not_applied" not in g and g["skipped_for_cap"] == 0
-
-
-def test_target_without_method_runs_the_measured_default(tmp_path, sample_pool, tiny_lm_dir, monkeypatch,
-                                                         capsys):
-    """`select --target F` with no --method: rds with TARGET_DEFAULT's parameters (the guard on),
-    recorded in the manifest; a user parameter still wins."""
-    import sys
-
-    from thresher.pipeline import cli, registry
-    from thresher.pipeline.pool import ingest
-
-    _small_pool_file(tmp_path / "rows.jsonl", sample_pool, per_source=6)
-    ingest([tmp_path / "rows.jsonl"], tmp_path / "pool", rows_per_shard=10)
-    _head(ROOT_TARGETS / "gsm8k_test.jsonl", tmp_path / "gsm.jsonl", 6)
-    monkeypatch.setattr(sys, "argv", ["thresher", "select", str(tmp_path / "pool"), "--budget", "8",
-                                      "--target", str(tmp_path / "gsm.jsonl"), "--out", str(tmp_path / "o.jsonl"),
-                                      "--param", f"model={tiny_lm_dir}"])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    assert e.value.code in (0, None), capsys.readouterr().err
-    m = json.loads((tmp_path / "o.jsonl.manifest.json").read_text())
-    name, defaults = registry.TARGET_DEFAULT
-    assert m["method"] == name == "rds"
-    params = m["config"]["method"]
-    assert {k: params[k] for k in defaults} == defaults and params["model"] == str(tiny_lm_dir)
-    guard = m["config"]["method"]["guard"]
-    cap = math.ceil(defaults["max_share"] * 8)
-    assert guard["max_share"] == defaults["max_share"] < 1 and guard["cap_rows"] == cap
-    assert max(guard["rows_per_group"].values()) <= cap and sum(guard["rows_per_group"].values()) == 8
