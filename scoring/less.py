@@ -27,7 +27,6 @@ rows with no response token within max_tokens are not scored (counted as `unscor
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +41,6 @@ from thresher.pipeline.stage import Stage
 from thresher.pipeline.targets import TargetPool
 from thresher.selectors.round_robin import RoundRobin, StaticList
 from thresher.selectors.score_band import ScoreBand
-
-log = logging.getLogger(__name__)
 
 BLOCK = 65536          # pool rows per block of the score products
 
@@ -188,10 +185,8 @@ class LessMethod(Method):
         rows of sources that hold their share (`selectors/round_robin.py`'s guard, one list)."""
         if p.max_share == 1:
             return ScoreBand("less", keep="top")
-        groups = scored["source"].to_numpy()
-        if len(set(groups)) == 1:
-            log.warning("max_share=%s cannot bind: the candidates have one source", p.max_share)
         score = scored["less"].to_numpy()
         order = np.lexsort((scored["id"].to_numpy(), -score))        # ScoreBand's order
         return RoundRobin([StaticList(order, score[order])], ["less"], what="ranking",
-                          groups=groups, max_share=p.max_share, group_by="source")
+                          groups=scored["source"].to_numpy(), max_share=p.max_share,
+                          group_by="source")

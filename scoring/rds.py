@@ -37,7 +37,6 @@ template is used (`pipeline/chat.encode`), so pool and targets match whatever mo
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -54,8 +53,6 @@ from thresher.pipeline.stage import Stage
 from thresher.pipeline.targets import TargetPool
 from thresher.pipeline.topk import BlockIndex, normalized_blocks
 from thresher.selectors.round_robin import RoundRobin
-
-log = logging.getLogger(__name__)
 
 
 class FaissRanking:
@@ -200,11 +197,9 @@ class RdsMethod(Method):
             groups = np.char.add("cluster ", labels.astype(str))
         else:
             groups = scored["source"].to_numpy()
-            if p.max_share < 1 and len(set(groups)) == 1:
-                log.warning("max_share=%s cannot bind: the candidates have one source; "
-                            "--param guard_by=cluster caps clusters instead", p.max_share)
         return RoundRobin(lists, list_names, retry_duplicates=p.retry_duplicates, what=what,
-                          groups=groups, max_share=p.max_share, group_by=p.guard_by)
+                          groups=groups, max_share=p.max_share, group_by=p.guard_by,
+                          unbound_hint="; --param guard_by=cluster caps clusters instead")
 
 
 def build_scores(index, vectors: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

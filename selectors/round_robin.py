@@ -26,12 +26,15 @@ did (cap, rows per group, rows skipped, rows filled past the cap) is in `notes` 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Protocol
 
 import numpy as np
 import polars as pl
 from thresher.pipeline.budget import Budget
+
+log = logging.getLogger(__name__)
 
 
 class RankedList(Protocol):
@@ -53,7 +56,8 @@ class StaticList:
 class RoundRobin:
     def __init__(self, lists: list[RankedList], names: list[str] | None = None,
                  retry_duplicates: bool = False, what: str = "list",
-                 groups: np.ndarray | None = None, max_share: float = 1.0, group_by: str = "group"):
+                 groups: np.ndarray | None = None, max_share: float = 1.0, group_by: str = "group",
+                 unbound_hint: str = ""):
         if not lists:
             raise ValueError("round-robin needs at least one ranked list")
         if not 0 < max_share <= 1:
@@ -65,6 +69,7 @@ class RoundRobin:
         self.retry, self.what = retry_duplicates, what
         self.groups = None if groups is None else np.asarray(groups)
         self.max_share, self.group_by = max_share, group_by
+        self.unbound_hint = unbound_hint      # appended to the warning when the cap cannot bind
         self.notes: dict = {}
 
     def _next(self, li: int, state: dict) -> bool:
@@ -113,7 +118,9 @@ class RoundRobin:
             self.notes = {"guard": {"by": self.group_by, "max_share": self.max_share,
                                     "cap_rows": cap, "groups": int(n_groups)}}
             if self.max_share < 1 and cap is None:
-                self.notes["guard"]["not_applied"] = f"every candidate has the same {self.group_by}"
+                why = f"every candidate has the same {self.group_by}"
+                self.notes["guard"]["not_applied"] = why
+                log.warning("max_share=%s cannot bind: %s%s", self.max_share, why, self.unbound_hint)
         return {"chosen": [], "taken": set(), "ptr": [0] * len(self.lists), "cap": cap,
                 "live": list(range(len(self.lists))), "count": {}, "skipped": 0,
                 "relaxed": False, "filled_past_cap": 0}

@@ -105,7 +105,7 @@ def test_guard_caps_each_group_and_walks_down_without_losing_the_turn():
     assert sum(x < 5 for x in plain) == 5                        # without the guard: 5 of 6 from a
 
 
-def test_guard_fills_past_the_cap_rather_than_leave_budget_unspent():
+def test_guard_fills_past_the_cap_rather_than_leave_budget_unspent(caplog):
     lists = [StaticList([0, 1, 2, 3, 5])]
     groups = np.array(["a"] * 5 + ["b"] * 5)
     rr = RoundRobin(lists, groups=groups, max_share=0.25)
@@ -113,8 +113,10 @@ def test_guard_fills_past_the_cap_rather_than_leave_budget_unspent():
     assert len(got) == 4 and got[:2] == [0, 5]           # cap 1 of a, then b's only listed row
     assert rr.notes["guard"]["filled_past_cap"] == 2
     one = RoundRobin(lists, groups=np.array(["a"] * 10), max_share=0.25)
-    assert ids(one.select(cands(10), Budget.parse("4"), 0)) == [0, 1, 2, 3]
+    with caplog.at_level("WARNING"):
+        assert ids(one.select(cands(10), Budget.parse("4"), 0)) == [0, 1, 2, 3]
     assert "not_applied" in one.notes["guard"]
+    assert "max_share=0.25 cannot bind: every candidate has the same group" in caplog.text
     with pytest.raises(ValueError, match="max_share"):
         RoundRobin(lists, groups=groups, max_share=0)
 
@@ -264,7 +266,7 @@ def test_cluster_guard_caps_clusters_of_a_single_source_pool(tmp_path, sample_po
     with caplog.at_level("WARNING"):
         src = run_select(tmp_path / "pool", "rds", "8", tmp_path / "src.jsonl",
                          params={"vectors": "embed", "max_share": 0.25}, **args)
-    assert "cannot bind" in caplog.text
+    assert "cannot bind: every candidate has the same source; --param guard_by=cluster" in caplog.text
     assert src["config"]["method"]["guard"]["rows_per_group"] == {"one": 8}
     m = run_select(tmp_path / "pool", "rds", "8", tmp_path / "cl.jsonl",
                    params={"vectors": "embed", "max_share": 0.25, "guard_by": "cluster",
