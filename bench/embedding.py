@@ -1,4 +1,4 @@
-"""Embedding stage (thresher.pipeline.embed.embed_pool) vs a plain SentenceTransformer.encode.
+"""Embedding stage (thresher.pipeline.stages.embed.embed_pool) vs a plain SentenceTransformer.encode.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/embedding.py [POOL_DIR_OR_FILES ...] \
         [--rows 2000] [--part conversation] [--repeats 2]
@@ -42,11 +42,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from thresher.pipeline.artifacts import ArtifactStore
-    from thresher.pipeline.embed import embed_pool
-    from thresher.pipeline.models import DEFAULT_EMBEDDER, load_embedder, resolve
-    from thresher.pipeline.pool import Pool, ingest
-    from thresher.pipeline.readers import expand_inputs
-    from thresher.pipeline.schema import row_text
+    from thresher.pipeline.io.pool import Pool, ingest
+    from thresher.pipeline.io.readers import expand_inputs
+    from thresher.pipeline.io.schema import row_text
+    from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER, load_embedder, resolve
+    from thresher.pipeline.stages.embed import embed_pool
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     lines = [ln + "\n" for f in expand_inputs([Path(p) for p in args.inputs])

@@ -40,9 +40,9 @@ import time
 import numpy as np
 import torch
 from shared_data import sample_rows
-from thresher.pipeline import engine
-from thresher.pipeline.chat import encode
-from thresher.pipeline.models import DEFAULT_LM, load_causal_lm, load_tokenizer, resolve
+from thresher.pipeline.models import engine
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.resolve import DEFAULT_LM, load_causal_lm, load_tokenizer, resolve
 
 FILES = ["gsm8k_train.jsonl", "code_alpaca_2k.jsonl", "llamafactory_alpaca_en_demo.jsonl",
          "hh_rlhf_harmless_base_test_chosen.jsonl", "mbpp_train_val_prompt.jsonl",

@@ -64,7 +64,7 @@ def main() -> None:
 
     import torch
     from sklearn.cluster import KMeans
-    from thresher.pipeline.cluster import kmeans
+    from thresher.pipeline.stages.cluster import kmeans
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,7 +31,7 @@ from shared_data import SHARED
 
 
 def build(out: Path, n_rows: int, n_targets: int, seed: int = 0) -> tuple[Path, Path]:
-    from thresher.pipeline.pool import ingest
+    from thresher.pipeline.io.pool import ingest
 
     rng = random.Random(seed)
     rows = []
@@ -48,8 +48,8 @@ def build(out: Path, n_rows: int, n_targets: int, seed: int = 0) -> tuple[Path, 
 
 
 def probe(out: Path, token_budget: int, max_tokens: int) -> dict:
-    from thresher.pipeline.grad_features import GradFeatures, shard_features, warmup_proxy
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
+    from thresher.pipeline.stages.grad_features import GradFeatures, shard_features, warmup_proxy
 
     ckpt = max((out / "work" / "proxy").glob("*/run/checkpoint-*"),
                key=lambda c: int(c.name.split("-")[1]))
@@ -81,9 +81,9 @@ def main() -> None:
     import torch
     from thresher.pipeline.artifacts import ArtifactStore
     from thresher.pipeline.executors import LocalExecutor
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.method import Request
     from thresher.pipeline.plan import make_plan
-    from thresher.pipeline.pool import Pool
     from thresher.scoring.less import LessMethod, LessParams
 
     pool_dir, target = build(args.out, args.rows, args.targets)

@@ -1,4 +1,4 @@
-"""Per-sample gradients: torch.func vmap(grad) over functional_call (`pipeline/grads.py`) against
+"""Per-sample gradients: torch.func vmap(grad) over functional_call (`pipeline/models/grads.py`) against
 one forward + backward call per sample, on the same rows and parameters.
 
     .venv/bin/python bench/per_sample_grads.py [--rows 16] [--params lora] [--budget 2048]
@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 from shared_data import sample_rows
-from thresher.pipeline.chat import encode
-from thresher.pipeline.grad_stages import ModelRef
-from thresher.pipeline.grads import grad_norms, n_params, select_params
-from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.grads import grad_norms, n_params, select_params
+from thresher.pipeline.models.resolve import DEFAULT_LM
+from thresher.pipeline.stages.grad_scores import ModelRef
 
 FILES = ["gsm8k_train.jsonl", "code_alpaca_2k.jsonl", "llamafactory_alpaca_en_demo.jsonl"]
 

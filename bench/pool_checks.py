@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
-from thresher.pipeline.pool import Pool
+from thresher.pipeline.io.pool import Pool
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -1,6 +1,6 @@
 """Training time of dynamic Q-Tuning (two-pass) against plain LoRA training on the same batches.
 
-Runs `pipeline/train.py` on the same rows, model, batch size and number of steps three ways,
+Runs `pipeline/training/train.py` on the same rows, model, batch size and number of steps three ways,
 alternating, and prints seconds and ratios:
     plain      forward + backward on every sample of each batch (the baseline; this is also
                what the released Q-Tuning code costs, since it scores from the training
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from thresher.pipeline.train import TrainConfig, load_rows, train
+from thresher.pipeline.training.train import TrainConfig, load_rows, train
 from thresher.scoring.qtuning import QTuningConfig
 
 ROOT = Path(__file__).resolve().parent.parent

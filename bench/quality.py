@@ -117,7 +117,7 @@ def build(a, out: Path) -> dict:
         write_jsonl(out / "targets" / f"{fam}.jsonl", [slim(r) for r in rows[:a.targets]])
         write_jsonl(out / "eval" / f"{fam}.jsonl", [slim(r) for r in rows[a.targets:a.targets + a.eval]])
         fams[fam] = {"from": f"{where}/{name}", "targets": a.targets, "eval": a.eval}
-    from thresher.pipeline.pool import ingest
+    from thresher.pipeline.io.pool import ingest
 
     ingest([out / "rows.jsonl"], out / "pool", rows_per_shard=256)
     info = {"key": key, "pool_rows": len(pool), "held_out_sources": sorted(held_out),
@@ -138,7 +138,7 @@ def selections_dir(a, out: Path) -> Path:
 
 
 def select_all(a, out: Path) -> dict:
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.select import run_select
 
     source_of = dict(Pool(out / "pool").frame(["id", "source"]).iter_rows())
@@ -163,8 +163,8 @@ def select_all(a, out: Path) -> dict:
 
 def train_eval(rows: list[dict], run_dir: Path, seed: int, evals: dict[str, list[dict]], a) -> dict:
     """Train (cached by the trainer) and evaluate on each eval set (cached in run_dir)."""
-    from thresher.pipeline.train import TrainConfig, load_trained, train
-    from thresher.pipeline.verify import heldout_loss
+    from thresher.pipeline.training.train import TrainConfig, load_trained, train
+    from thresher.pipeline.training.verify import heldout_loss
 
     cfg = TrainConfig(epochs=a.epochs, max_tokens=a.max_tokens, seed=seed, batch_size=8)
     summary = train(rows, run_dir, cfg, progress=False)
@@ -184,20 +184,20 @@ def train_eval(rows: list[dict], run_dir: Path, seed: int, evals: dict[str, list
 
 def eval_sets(out: Path, families: list[str]) -> dict[str, list[dict]]:
     """Each family's eval rows in the pool's canonical form (what the trainer and engine read)."""
-    from thresher.pipeline.pool import load_rows
+    from thresher.pipeline.io.pool import load_rows
 
     return {f: load_rows(out / "eval" / f"{f}.jsonl")[0] for f in families}
 
 
 def base_losses(evals: dict[str, list[dict]], a) -> dict:
-    from thresher.pipeline.models import (
+    from thresher.pipeline.models.resolve import (
         DEFAULT_LM,
         load_causal_lm,
         load_tokenizer,
         pick_device,
         resolve,
     )
-    from thresher.pipeline.verify import heldout_loss
+    from thresher.pipeline.training.verify import heldout_loss
 
     resolved = resolve(DEFAULT_LM)
     model, tok = load_causal_lm(resolved, pick_device(None)), load_tokenizer(resolved)
@@ -205,8 +205,8 @@ def base_losses(evals: dict[str, list[dict]], a) -> dict:
 
 
 def run_all(a, out: Path, chosen: dict) -> dict:
-    from thresher.pipeline.pool import Pool, load_rows
-    from thresher.pipeline.verify import random_subset
+    from thresher.pipeline.io.pool import Pool, load_rows
+    from thresher.pipeline.training.verify import random_subset
 
     evals = eval_sets(out, a.families)
     pool = Pool(out / "pool")
@@ -242,7 +242,7 @@ def reuse_twin(run_dir: Path, rows: list[dict], root: Path, fam: str, seed: int,
 
 
 def compare(a, chosen: dict, runs: dict) -> list[dict]:
-    from thresher.pipeline.significance import paired_bootstrap, seed_mean, spread
+    from thresher.pipeline.training.significance import paired_bootstrap, seed_mean, spread
 
     table = []
     for (label, fam), c in chosen.items():

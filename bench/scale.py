@@ -46,7 +46,7 @@ def _candidates(pool):
 
 
 def stage_ingest(d: Path, work: Path) -> dict:
-    from thresher.pipeline.pool import ingest
+    from thresher.pipeline.io.pool import ingest
 
     rep = ingest(sorted((d / "src").glob("*.jsonl")), work / "pool", rows_per_shard=10_000)
     return {"rows": rep.kept, "quarantined": rep.read - rep.kept}
@@ -54,8 +54,8 @@ def stage_ingest(d: Path, work: Path) -> dict:
 
 def stage_exact(d: Path, work: Path) -> dict:
     import numpy as np
-    from thresher.pipeline.pool import Pool
-    from thresher.pipeline.schema import row_text
+    from thresher.pipeline.io.pool import Pool
+    from thresher.pipeline.io.schema import row_text
     from thresher.scoring.semdedup import exact_duplicates
 
     pool = Pool(work / "pool")
@@ -67,7 +67,7 @@ def stage_exact(d: Path, work: Path) -> dict:
 
 def stage_kmeans(d: Path, work: Path) -> dict:
     import numpy as np
-    from thresher.pipeline.cluster import default_k, kmeans
+    from thresher.pipeline.stages.cluster import default_k, kmeans
 
     x = np.load(d / "embeddings.npy", mmap_mode="r")
     k = default_k(x.shape[0])
@@ -79,7 +79,7 @@ def stage_kmeans(d: Path, work: Path) -> dict:
 
 def stage_semdedup(d: Path, work: Path) -> dict:
     import numpy as np
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
     from thresher.scoring.semdedup import id_ranks, semantic_matches
 
     emb = np.load(d / "embeddings.npy", mmap_mode="r")
@@ -93,7 +93,7 @@ def stage_semdedup(d: Path, work: Path) -> dict:
 def stage_rds(d: Path, work: Path) -> dict:
     import numpy as np
     from thresher.pipeline.budget import Budget
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
     from thresher.scoring.rds import build_index, rds_lists
     from thresher.selectors.round_robin import RoundRobin
 
@@ -109,7 +109,7 @@ def stage_rds(d: Path, work: Path) -> dict:
 
 def _select(work: Path, which: str):
     from thresher.pipeline.budget import Budget
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
     from thresher.selectors.balanced import Balanced
     from thresher.selectors.random_sample import RandomSelector
 
@@ -135,8 +135,8 @@ def stage_random(d: Path, work: Path) -> dict:
 
 def stage_write(d: Path, work: Path) -> dict:
     import polars as pl
-    from thresher.pipeline.pool import Pool
-    from thresher.pipeline.writers import write_selection
+    from thresher.pipeline.io.pool import Pool
+    from thresher.pipeline.io.writers import write_selection
 
     ids = pl.read_parquet(work / "random_ids.parquet")["id"].to_list()
     n = write_selection(Pool(work / "pool"), ids, work / "subset.jsonl", "messages")

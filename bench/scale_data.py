@@ -43,8 +43,8 @@ EMB_DIM, RDS_DIM, N_TARGETS = 384, 576, 50
 
 
 def load_sources() -> dict[str, list[dict]]:
-    from thresher.pipeline.readers import read_records
-    from thresher.pipeline.schema import detect_shape, to_canonical
+    from thresher.pipeline.io.readers import read_records
+    from thresher.pipeline.io.schema import detect_shape, to_canonical
 
     out = {}
     for path in sorted(SHARED.glob("*.jsonl")):

@@ -20,8 +20,8 @@ SAMPLE_POOL = ROOT / "data" / "sample" / "pool"
 def sample_rows(n: int, files: list[str], seed: int = 0) -> list[dict]:
     """n canonical rows, an equal seeded share from each of the shared pool's `files` (the bundled
     sample's files when none of them is there), shuffled."""
-    from thresher.pipeline.readers import read_records
-    from thresher.pipeline.schema import detect_shape, to_canonical
+    from thresher.pipeline.io.readers import read_records
+    from thresher.pipeline.io.schema import detect_shape, to_canonical
 
     paths = [SHARED / "pool" / f for f in files if (SHARED / "pool" / f).exists()]
     paths = paths or sorted(SAMPLE_POOL.glob("*.jsonl"))

@@ -32,15 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from forward_throughput import load_rows
-from thresher.pipeline.chat import encode
-from thresher.pipeline.models import (
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.resolve import (
     DEFAULT_LM,
     load_causal_lm,
     load_tokenizer,
     pick_device,
     resolve,
 )
-from thresher.pipeline.train import TrainConfig, train
+from thresher.pipeline.training.train import TrainConfig, train
 
 
 def plain_loop(rows, cfg: TrainConfig, device: str) -> list[float]:

@@ -27,7 +27,7 @@ ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM
 
 def user_error_message(e: BaseException) -> str | None:
     """The one-line message for a user or environment error, or None for a programming error."""
-    from thresher.pipeline.models import MissingPackage
+    from thresher.pipeline.models.resolve import MissingPackage
 
     if isinstance(e, OSError) and (isinstance(e, USER_ERRORS) or e.errno in ENV_ERRNOS):
         if e.filename is not None and e.strerror:
@@ -39,7 +39,7 @@ def user_error_message(e: BaseException) -> str | None:
 
 
 def _check_device(device: str | None) -> None:
-    from thresher.pipeline.models import check_device
+    from thresher.pipeline.models.resolve import check_device
 
     check_device(device)
 
@@ -61,7 +61,7 @@ def ingest(
     encoding: Annotated[str | None, typer.Option(help="Text encoding of files without a byte-order mark (default UTF-8).")] = None,
 ):
     """Read instruction or text data into a pool of canonical Parquet shards."""
-    from thresher.pipeline.pool import ingest as run_ingest
+    from thresher.pipeline.io.pool import ingest as run_ingest
     from tqdm import tqdm
 
     try:
@@ -114,8 +114,8 @@ def select(
                        workdir=workdir, params=params, selector=selector, targets=target or (),
                        device=device, executor=executor, ray_address=ray_address, dry_run=dry_run)
         if format == "hf" and not dry_run:   # the dataset directory's own README.md
-            from thresher.pipeline.card import write_card
-            from thresher.pipeline.writers import HF_DATA
+            from thresher.pipeline.io.card import write_card
+            from thresher.pipeline.io.writers import HF_DATA
 
             write_card(out, m, HF_DATA)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
@@ -154,9 +154,9 @@ def embed(
 ):
     """Embed every row of a pool (cached, resumable per shard) and print the matrix path."""
     from thresher.pipeline.artifacts import ArtifactStore
-    from thresher.pipeline.embed import embed_pool
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.select import default_workdir
+    from thresher.pipeline.stages.embed import embed_pool
 
     try:
         _check_device(device)
@@ -182,10 +182,10 @@ def cluster(
 ):
     """k-means over a pool's embeddings (embedding first if needed); print the artifact paths."""
     from thresher.pipeline.artifacts import ArtifactStore
-    from thresher.pipeline.cluster import cluster_matrix
-    from thresher.pipeline.embed import embed_pool
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.select import default_workdir
+    from thresher.pipeline.stages.cluster import cluster_matrix
+    from thresher.pipeline.stages.embed import embed_pool
 
     try:
         _check_device(device)
@@ -206,8 +206,8 @@ def cluster(
 def _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, save_steps=None,
                   every=0, device=None, merge=False, qtuning=False, sample_ratio=0.25,
                   token_ratio=0.5, token_budget="sample"):
-    from thresher.pipeline.models import check_device
-    from thresher.pipeline.train import TrainConfig
+    from thresher.pipeline.models.resolve import check_device
+    from thresher.pipeline.training.train import TrainConfig
     from thresher.scoring.qtuning import QTuningConfig
 
     check_device(device)
@@ -243,7 +243,7 @@ def train(
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore checkpoints in --out and start over.")] = False,
 ):
     """Train a LoRA adapter on a subset (response-only loss), with checkpoints and resume."""
-    from thresher.pipeline.train import train_file
+    from thresher.pipeline.training.train import train_file
 
     try:
         cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed,
@@ -289,9 +289,9 @@ def verify(
     base_model: Annotated[str | None, typer.Option("--base-model", help="Model to recover (e.g. a `thresher prune` output): trained and evaluated instead of --model; its unpruned source is evaluated as `original`.")] = None,
 ):
     """Train on each subset and on a random subset of the same size; compare held-out loss and accuracy."""
-    from thresher.pipeline.outputs import check_outputs
-    from thresher.pipeline.prune import prune_info
-    from thresher.pipeline.verify import run_verify
+    from thresher.pipeline.io.outputs import check_outputs
+    from thresher.pipeline.training.prune import prune_info
+    from thresher.pipeline.training.verify import run_verify
 
     try:
         check_outputs([out / "verify.json", out / "verify.md"],
@@ -319,7 +319,7 @@ def report(
     max_points: Annotated[int, typer.Option(help="Most pool rows drawn on the map (a seeded sample beyond).")] = 5000,
 ):
     """Write one self-contained HTML report (offline): funnel, map, scores, examples, verify."""
-    from thresher.pipeline.report import default_out, write_report
+    from thresher.pipeline.report.build import default_out, write_report
 
     try:
         path = write_report(runs, out or default_out(runs), embedder=embedder,
@@ -341,8 +341,8 @@ def qtuning_masks(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
     """Offline Q-Tuning: base-model EU plane over all rows at once; per-row token keep masks."""
-    from thresher.pipeline.outputs import check_outputs
-    from thresher.pipeline.pool import load_rows
+    from thresher.pipeline.io.outputs import check_outputs
+    from thresher.pipeline.io.pool import load_rows
     from thresher.scoring.qtuning import QTuningConfig, write_masks
 
     try:
@@ -372,7 +372,7 @@ def prune(
     seed: Annotated[int, typer.Option(help="Seed for the calibration sample.")] = 0,
 ):
     """Prune a causal LM (the degraded model PASER recovers); the output loads with transformers."""
-    from thresher.pipeline.prune import prune_model
+    from thresher.pipeline.training.prune import prune_model
 
     try:
         rows = _calibration_rows(calib, calib_rows, seed) if calib else None
@@ -390,7 +390,7 @@ def prune(
 def _calibration_rows(source: Path, n: int, seed: int) -> list[dict]:
     import random
 
-    from thresher.pipeline.pool import Pool, load_rows
+    from thresher.pipeline.io.pool import Pool, load_rows
 
     if source.is_dir() and (source / "pool.json").exists():
         p = Pool(source)
@@ -413,7 +413,7 @@ def capability_clusters(
 ):
     """PASER's capability clusters of a pool's instructions; prints the cluster table and the AMI with --label."""
     from thresher.pipeline.artifacts import ArtifactStore
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.select import default_workdir
     from thresher.scoring.paser import cluster_table, pool_clusters
 

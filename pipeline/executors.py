@@ -52,7 +52,7 @@ class ShardActor:
 
     def __init__(self, stage: Stage, pool_path: str, store_root: str, device: str, threads: int):
         import torch
-        from thresher.pipeline.pool import Pool
+        from thresher.pipeline.io.pool import Pool
 
         torch.set_num_threads(threads)
         self.stage, self.device = stage, device

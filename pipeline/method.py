@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import polars as pl
-from thresher.pipeline.pool import Pool
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.stage import Stage
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.pool import Pool
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.progress import stage_bar
 from thresher.pipeline.stage import Stage, StageRun, StageStats, shard_done
 

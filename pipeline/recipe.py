@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from thresher.pipeline.budget import Budget
-from thresher.pipeline.schema import SHAPES
+from thresher.pipeline.io.schema import SHAPES
 
 OUTPUT_FORMATS = ("messages", "alpaca", "sharegpt", "parquet", "hf")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -131,7 +131,7 @@ class VerifySpec(_Strict):
     def _train(cls, v: dict[str, Any]) -> dict[str, Any]:
         import dataclasses
 
-        from thresher.pipeline.train import TrainConfig
+        from thresher.pipeline.training.train import TrainConfig
 
         valid = [f.name for f in dataclasses.fields(TrainConfig)]
         unknown = sorted(set(v) - set(valid))

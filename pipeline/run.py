@@ -12,7 +12,7 @@ A run is a list of steps, and `thresher run` (this module's `run_recipe`) and th
                       a pool that gained a file computes the new file's shards alone)
     selection_step    score, cut, write OUT/<name>/..., its manifest and dataset card
     verify_step       optional: `thresher verify` of the chosen subsets
-    report_step       optional: the HTML report (pipeline/report.py, when installed)
+    report_step       optional: the HTML report (pipeline/report/build.py, when installed)
 
 Steps exchange paths and fingerprints only; each one reopens the pool and rebuilds the plan
 (cheap: nothing is computed or loaded for it), so a step can run in another process.
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from thresher.pipeline.artifacts import ArtifactStore, write_json_atomic
+from thresher.pipeline.io.writers import HF_DATA
 from thresher.pipeline.recipe import Recipe, SelectionSpec
-from thresher.pipeline.writers import HF_DATA
 
 # ------------------------------------------------------------------ layout
 
@@ -57,7 +57,7 @@ def card_location(recipe: Recipe, sel: SelectionSpec) -> tuple[Path, str]:
 # ------------------------------------------------------------------ steps
 
 def ingest_step(recipe: Recipe, progress=None) -> dict:
-    from thresher.pipeline.pool import ingest
+    from thresher.pipeline.io.pool import ingest
 
     t0 = time.perf_counter()
     rep = ingest([Path(s) for s in recipe.sources], pool_dir(recipe), shape=recipe.ingest.format,
@@ -84,8 +84,8 @@ class Planned:
 
 def plan_of(recipe: Recipe, device: str | None = None, read_only: bool = False) -> Planned:
     from thresher.pipeline.budget import Budget
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.plan import make_plan
-    from thresher.pipeline.pool import Pool
     from thresher.pipeline.select import prepare
 
     pool = Pool(pool_dir(recipe))
@@ -114,7 +114,7 @@ def stage_step(planned: Planned, index: int, executor) -> dict:
 def selection_step(planned: Planned, name: str, stage_stats: list[dict],
                    executor: str = "local") -> dict:
     """Score and cut one selection on the plan's (cached) outputs; write subset, manifest, card."""
-    from thresher.pipeline.card import write_card
+    from thresher.pipeline.io.card import write_card
     from thresher.pipeline.select import run_select
 
     recipe = planned.recipe
@@ -151,9 +151,9 @@ def _ran_by_key(stage_stats: list[dict]) -> dict[str, dict]:
 def verify_step(recipe: Recipe) -> dict | None:
     if recipe.verify is None:
         return None
-    from thresher.pipeline.card import write_card
-    from thresher.pipeline.train import TrainConfig
-    from thresher.pipeline.verify import run_verify
+    from thresher.pipeline.io.card import write_card
+    from thresher.pipeline.training.train import TrainConfig
+    from thresher.pipeline.training.verify import run_verify
 
     v = recipe.verify
     names = v.selections or [s.name for s in recipe.selections]
@@ -176,9 +176,9 @@ def report_step(recipe: Recipe) -> dict | None:
     if recipe.report is None:
         return None
     try:
-        from thresher.pipeline.report import write_report
+        from thresher.pipeline.report.build import write_report
     except ModuleNotFoundError:
-        return {"step": "report", "skipped": "this thresher has no pipeline/report.py yet"}
+        return {"step": "report", "skipped": "this thresher has no pipeline/report/build.py yet"}
     t0 = time.perf_counter()
     runs = [subset_path(recipe, s) for s in recipe.selections]
     if recipe.verify is not None:

@@ -26,15 +26,15 @@ from thresher.pipeline import registry
 from thresher.pipeline.artifacts import ArtifactStore, write_json_atomic
 from thresher.pipeline.budget import Budget
 from thresher.pipeline.executors import make_executor
+from thresher.pipeline.io.outputs import OutputSet, check_outputs
+from thresher.pipeline.io.pool import Pool
+from thresher.pipeline.io.writers import FORMATS, HF_DATA, manifest_path, write_selection
 from thresher.pipeline.method import Inputs, Method, NoParams, Request
-from thresher.pipeline.models import DEFAULT_LM, pick_device
-from thresher.pipeline.outputs import OutputSet, check_outputs
+from thresher.pipeline.models.resolve import DEFAULT_LM, pick_device
 from thresher.pipeline.params import parse_params, split_params
 from thresher.pipeline.plan import Plan, make_plan
-from thresher.pipeline.pool import Pool
 from thresher.pipeline.stage import Stage, StageStats
-from thresher.pipeline.tokens import TokenCounts
-from thresher.pipeline.writers import FORMATS, HF_DATA, manifest_path, write_selection
+from thresher.pipeline.stages.tokens import TokenCounts
 
 VERSIONED = ["thresher", "polars", "pyarrow", "numpy", "torch", "transformers", "peft",
              "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn", "ray"]
@@ -226,7 +226,7 @@ class _Tally:
     """Rows per source, and tokens when no token-count stage ran, of rows seen one at a time."""
 
     def __init__(self, prep: Prepared, inputs: Inputs):
-        from thresher.pipeline.models import load_tokenizer, resolve
+        from thresher.pipeline.models.resolve import load_tokenizer, resolve
 
         self.by_source: dict[str, int] = {}
         self.n_tokens = self.n_loss = 0
@@ -234,8 +234,8 @@ class _Tally:
             load_tokenizer(resolve(getattr(prep.params, "model", DEFAULT_LM)))
 
     def add(self, row: dict) -> None:
-        from thresher.pipeline.chat import encode
-        from thresher.pipeline.tokens import NO_LIMIT
+        from thresher.pipeline.models.chat import encode
+        from thresher.pipeline.stages.tokens import NO_LIMIT
 
         self.by_source[row["source"]] = self.by_source.get(row["source"], 0) + 1
         if self.tok is not None:
@@ -252,7 +252,7 @@ def _selected_tokens(prep: Prepared, inputs: Inputs, chosen: pl.DataFrame, tally
         n_tokens, n_loss = picked["n_tokens"].sum(), picked["n_loss_tokens"].sum()
     else:
         n_tokens, n_loss = tally.n_tokens, tally.n_loss
-    from thresher.pipeline.models import model_identity
+    from thresher.pipeline.models.resolve import model_identity
 
     return {"selected": int(n_tokens), "selected_loss": int(n_loss),
             "tokenizer": model_identity(name)}

@@ -33,7 +33,7 @@ import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore, config_key
 
 if TYPE_CHECKING:
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.grad_stages import GradNorms, Influence
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.stage import Stage
+from thresher.pipeline.stages.grad_scores import GradNorms, Influence
 from thresher.scoring.s2l import ProxyParams, proxy_stage
 from thresher.selectors.stratified import Stratified
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import polars as pl
-from thresher.pipeline.embed import Embed
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_EMBEDDER
+from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER
 from thresher.pipeline.stage import Stage
+from thresher.pipeline.stages.embed import Embed
 from thresher.selectors.diversity import DiversityFilter
 
 

@@ -26,9 +26,9 @@ from typing import Literal
 import numpy as np
 import polars as pl
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.stage import Stage
-from thresher.pipeline.trajectories import Proxy, TrajectoryStage
+from thresher.pipeline.stages.trajectories import Proxy, TrajectoryStage
 from thresher.selectors.score_band import ScoreBand
 
 

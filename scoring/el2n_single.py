@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import polars as pl
-from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
-from thresher.pipeline.forward import Forward, scored_rows
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.models.engine import DEFAULT_MAX_TOKENS
+from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.stage import Stage
+from thresher.pipeline.stages.forward import Forward, scored_rows
 from thresher.selectors.score_band import ScoreBand
 
 

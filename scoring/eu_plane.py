@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
-from thresher.pipeline.forward import Forward, scored_rows
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.models.engine import DEFAULT_MAX_TOKENS
+from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.stage import Stage
+from thresher.pipeline.stages.forward import Forward, scored_rows
 
 if TYPE_CHECKING:
     from thresher.selectors.quadrants import EuQuadrants

@@ -5,7 +5,7 @@ E_r ||grad_theta loss(x; w^(r))||_2 over several seeds, on a chosen parameter su
 adapter initialised from seed r; `at=early`: the early reference proxies EL2N trains (the same
 `seeds`, `part`, `early` options and cache). `params` picks the parameters (default `lora`:
 every LoRA matrix; else fnmatch patterns over parameter names, `{last}` = the last layer).
-Per-sample gradients are batched with torch.func (`pipeline/grads.py`); the loss is the mean
+Per-sample gradients are batched with torch.func (`pipeline/models/grads.py`); the loss is the mean
 response-token NLL. Keep `top` (Data Diet: the largest norms) by default, `middle` or `bottom`.
 
 Deviations (README): theta is a parameter subset (the paper: all weights of a network trained
@@ -19,9 +19,9 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.grad_stages import GradNorms
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.stage import Stage
+from thresher.pipeline.stages.grad_scores import GradNorms
 from thresher.scoring.el2n import EarlyParams, early_proxies, seed_average, seed_list
 from thresher.selectors.score_band import ScoreBand
 

@@ -4,7 +4,7 @@ LoRA gradients point where the target examples' gradients point, over the warm-u
 1. Warm-up (`Proxy` stage via `grad_features.warmup_proxy`): LoRA on a seeded random
    `warmup_part` (5%) of the pool, at least `warmup_min_rows` rows, `epochs` (4) epochs, one
    checkpoint per epoch.
-2. Features (`GradFeatures` stage, `pipeline/grad_features.py`): per checkpoint, each pool row's
+2. Features (`GradFeatures` stage, `pipeline/stages/grad_features.py`): per checkpoint, each pool row's
    Adam-preconditioned gradient and each target row's SGD gradient, Rademacher-projected to `d`
    (8192) dimensions with one seeded projection, L2-normalised, float16, cached per shard.
 3. Score: Inf(z) = max over tasks (one per `--target` file) of the mean over that task's
@@ -34,11 +34,11 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.grad_features import GradFeatures, warmup_proxy
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.stage import Stage
-from thresher.pipeline.targets import TargetPool
+from thresher.pipeline.stages.grad_features import GradFeatures, warmup_proxy
+from thresher.pipeline.stages.targets import TargetPool
 from thresher.selectors.round_robin import RoundRobin, StaticList
 from thresher.selectors.score_band import ScoreBand
 

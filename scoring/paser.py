@@ -8,12 +8,12 @@ shard, both models); `score` joins them into id, cluster, jsd, ies; PaserSelecto
 (budgets, order, concept filter) and leaves the cluster table in the manifest's notes.
 
 Three stages, as in the paper and its code:
-  S2RIC  capability clusters of the instructions (`pipeline/spectral.py`: MiniLM embeddings of the
+  S2RIC  capability clusters of the instructions (`pipeline/stages/spectral.py`: MiniLM embeddings of the
          first user turn, sparse kNN graph, symmetric normalised Laplacian, spectral embedding,
          NMF; K by the reconstruction-error rule or `--param k=`, `--param cluster_algo=kmeans|umap`).
   CDAIS  per-sample degradation = Jensen-Shannon divergence between the original (`--param
          model`, else the source in the pruned directory's prune.json, else SmolLM2) and the
-         pruned model over the response tokens (`pipeline/jsd.py`, cached per shard); cluster degradation
+         pruned model over the response tokens (`pipeline/stages/jsd.py`, cached per shard); cluster degradation
          CDS_k = mean JSD of its rows; budget n_k proportional to CDS_k.
   NTEM   within each cluster rows in descending IES = JSD / log(cost), cost = n_tokens^2; a row is
          accepted unless two of its concepts were already accepted but never together (the
@@ -29,7 +29,7 @@ Deviations from the released code (also in the README):
   - concepts: YAKE (maintained, ships its stopword lists; rake_nltk needs NLTK data downloads),
     lower-cased, capped at `max_concepts` (5) per row, extracted from the first `concept_chars`
     (2000) characters of the row's text, only for rows the filter visits;
-  - clusters: sparse graph, not the dense kernel (see pipeline/spectral.py).
+  - clusters: sparse graph, not the dense kernel (see pipeline/stages/spectral.py).
 Rows without a response token within max_tokens have no JSD; they are left out and counted.
 """
 
@@ -42,12 +42,12 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.embed import Embed
-from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
-from thresher.pipeline.jsd import Jsd
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_EMBEDDER, DEFAULT_LM
+from thresher.pipeline.models.engine import DEFAULT_MAX_TOKENS
+from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER, DEFAULT_LM
 from thresher.pipeline.stage import Resources, Stage
+from thresher.pipeline.stages.embed import Embed
+from thresher.pipeline.stages.jsd import Jsd
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class CapabilityClusters(Stage):
     version: int = CLUSTER_VERSION
 
     def __post_init__(self):
-        from thresher.pipeline.spectral import ALGOS
+        from thresher.pipeline.stages.spectral import ALGOS
 
         if self.algo not in ALGOS:
             raise ValueError(f"unknown cluster algorithm {self.algo!r}; expected one of {', '.join(ALGOS)}")
@@ -102,7 +102,7 @@ class CapabilityClusters(Stage):
                 f"neighbours={self.neighbours}) of {self.of.kind}")
 
     def run_whole(self, run) -> dict:
-        from thresher.pipeline.spectral import capability_clusters
+        from thresher.pipeline.stages.spectral import capability_clusters
 
         x = np.asarray(run.deps[self.of].matrix(), dtype=np.float32)
         res = capability_clusters(x, k=self.k, algo=self.algo, neighbours=self.neighbours,
@@ -119,7 +119,7 @@ def pool_clusters(pool, store, k: int | None = None, algo: str = "nmf", neighbou
                   seed: int = 0, device: str | None = None,
                   embedder: str = DEFAULT_EMBEDDER) -> PoolClusters:
     """Capability clusters of the pool's instructions, run here (cached like any stage)."""
-    from thresher.pipeline.models import pick_device
+    from thresher.pipeline.models.resolve import pick_device
     from thresher.pipeline.plan import run_stage
 
     emb = Embed(model=embedder, part=EMBED_PART, max_seq_length=EMBED_MAX_SEQ)
@@ -263,7 +263,7 @@ def concept_filter(order: dict[int, list[int]], alloc: dict[int, int], weights: 
 
 def original_model(pruned: str) -> str:
     """The source recorded in the pruned directory's prune.json, else SmolLM2."""
-    from thresher.pipeline.prune import prune_info
+    from thresher.pipeline.training.prune import prune_info
 
     return ((prune_info(pruned) if pruned else None) or {}).get("source") or DEFAULT_LM
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import polars as pl
-from thresher.pipeline.cluster import embed_and_cluster
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_EMBEDDER
+from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER
 from thresher.pipeline.stage import Stage
+from thresher.pipeline.stages.cluster import embed_and_cluster
 from thresher.selectors.score_band import ScoreBand
 
 KEEPS = {"hard": "top", "easy": "bottom"}

@@ -13,7 +13,7 @@ The quantile level alpha (= beta, bisected jointly as in the released code) is s
 K = max(1, round(B * r_sample)) samples, the rest are filled by |minmax(PPL) - minmax(Ent)|
 (§2.3). Everything here works on numpy arrays aligned to token positions (position t scores the
 prediction of token t, as `pipeline/chat.encode` lays out its loss mask), so it is tested on
-hand-built arrays; `pipeline/train.py` calls `prune_batch` once per micro-batch and
+hand-built arrays; `pipeline/training/train.py` calls `prune_batch` once per micro-batch and
 `write_masks` is the offline mode.
 
 Choices where the spec leaves room (also in README "Q-Tuning"):
@@ -183,8 +183,8 @@ def score_tokens(model, tok, encoded: list, entropy_over: str = "response"):
     every position after the first is scored (so entropy covers prompt + response); the NLL is
     still read at the loss positions only.
     """
-    from thresher.pipeline.chat import Encoded
-    from thresher.pipeline.engine import run_forward
+    from thresher.pipeline.models.chat import Encoded
+    from thresher.pipeline.models.engine import run_forward
 
     B = len(encoded)
     T = max(len(e.input_ids) for e in encoded)
@@ -216,8 +216,13 @@ def write_masks(rows: list[dict], out: Path, model_name: str, cfg: QTuningConfig
     keeps its loss (chat.encode layout); dropped rows have an all-zero mask. `thresher train
     --token-masks FILE` applies them. Not the published (dynamic) method."""
     import torch
-    from thresher.pipeline.chat import encode
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
+    from thresher.pipeline.models.chat import encode
+    from thresher.pipeline.models.resolve import (
+        load_causal_lm,
+        load_tokenizer,
+        pick_device,
+        resolve,
+    )
 
     resolved = resolve(model_name)
     tok = load_tokenizer(resolved)

@@ -4,7 +4,7 @@ closest to a target set's.
 Representation (§3.2): the final-layer hidden state of a causal LM over the full example
 (prompt and response, in the model's chat template), position-weighted mean over every token
 (w_i = i / sum_j j), L2-normalised; computed for pool and targets by the same model in the
-fused forward pass (`pipeline/forward.py`), cached per shard. Similarity is cosine = dot.
+fused forward pass (`pipeline/stages/forward.py`), cached per shard. Similarity is cosine = dot.
 
 Selection (§3.3, Alg. 1): one target file (task): round-robin over its examples, each taking
 its best remaining pool row. Several `--target` files (tasks): a task scores a pool row by the
@@ -43,15 +43,15 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.cluster import KMeans, default_k
-from thresher.pipeline.embed import Embed
-from thresher.pipeline.engine import DEFAULT_MAX_TOKENS
-from thresher.pipeline.forward import Forward
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_EMBEDDER, DEFAULT_LM
+from thresher.pipeline.models.engine import DEFAULT_MAX_TOKENS
+from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER, DEFAULT_LM
 from thresher.pipeline.stage import Stage
-from thresher.pipeline.targets import TargetPool
-from thresher.pipeline.topk import BlockIndex, normalized_blocks
+from thresher.pipeline.stages.cluster import KMeans, default_k
+from thresher.pipeline.stages.embed import Embed
+from thresher.pipeline.stages.forward import Forward
+from thresher.pipeline.stages.targets import TargetPool
+from thresher.pipeline.stages.topk import BlockIndex, normalized_blocks
 from thresher.selectors.round_robin import RoundRobin
 
 

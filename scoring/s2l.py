@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 from thresher.pipeline.budget import Budget
-from thresher.pipeline.cluster import KMeans, kmeans
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_LM
+from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.stage import Stage
-from thresher.pipeline.trajectories import Proxy, TrajectoryStage
+from thresher.pipeline.stages.cluster import KMeans, kmeans
+from thresher.pipeline.stages.trajectories import Proxy, TrajectoryStage
 from thresher.selectors.balanced import Balanced
 
 K_MAX = 100          # released S2L config

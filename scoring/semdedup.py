@@ -37,12 +37,12 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.cluster import embed_and_cluster
-from thresher.pipeline.memmap import gather
+from thresher.pipeline.io.memmap import gather
+from thresher.pipeline.io.schema import row_text
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models import DEFAULT_EMBEDDER
-from thresher.pipeline.schema import row_text
+from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER
 from thresher.pipeline.stage import Stage
+from thresher.pipeline.stages.cluster import embed_and_cluster
 from thresher.selectors.threshold import Threshold
 
 KEEPS = ("hard", "easy", "random")

@@ -29,7 +29,7 @@ def sample_pool_dir() -> Path:
 @pytest.fixture(scope="session")
 def sample_pool(tmp_path_factory, sample_pool_dir):
     """The bundled sample ingested once per session (read-only for tests)."""
-    from thresher.pipeline.pool import Pool, ingest
+    from thresher.pipeline.io.pool import Pool, ingest
 
     out = tmp_path_factory.mktemp("sample") / "pool"
     ingest([sample_pool_dir], out)
@@ -38,7 +38,7 @@ def sample_pool(tmp_path_factory, sample_pool_dir):
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir() -> Path:
-    from thresher.pipeline.models import DEFAULT_LM, local_weights, resolve
+    from thresher.pipeline.models.resolve import DEFAULT_LM, local_weights, resolve
 
     return Path(local_weights(resolve(DEFAULT_LM)))
 
@@ -72,7 +72,7 @@ def tiny_embedder(tmp_path_factory):
         from sentence_transformers.sentence_transformer import modules as models
     except ImportError:   # sentence-transformers < 6
         from sentence_transformers import models
-    from thresher.pipeline.models import DEFAULT_EMBEDDER, resolve
+    from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER, resolve
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     out = tmp_path_factory.mktemp("tiny-st")
@@ -95,7 +95,7 @@ def mixed_pool(d: Path, sample_pool, per_source: int, max_chars: int, rows_per_s
     import json
 
     import polars as pl
-    from thresher.pipeline.pool import Pool, ingest
+    from thresher.pipeline.io.pool import Pool, ingest
 
     frame = sample_pool.frame(["id", "source", "kind", "messages", "text", "n_chars"])
     frame = frame.filter(pl.col("n_chars") < max_chars)

@@ -35,9 +35,9 @@ def test_atomic_path_replaces_existing(tmp_path):
 
 
 def test_token_counts_stage_resumes_from_finished_shards(tmp_path, sample_pool_dir, monkeypatch):
-    from thresher.pipeline import tokens
-    from thresher.pipeline.models import DEFAULT_LM, resolve
-    from thresher.pipeline.pool import Pool, ingest
+    from thresher.pipeline.io.pool import Pool, ingest
+    from thresher.pipeline.models.resolve import DEFAULT_LM, resolve
+    from thresher.pipeline.stages import tokens
 
     ingest([sample_pool_dir], tmp_path / "pool", rows_per_shard=300)
     pool = Pool(tmp_path / "pool")
@@ -46,8 +46,8 @@ def test_token_counts_stage_resumes_from_finished_shards(tmp_path, sample_pool_d
     first = tokens.token_counts(pool, store, model)
     assert first.height == 775 and first["id"].to_list() == pool.frame(["id"])["id"].to_list()
     # against a direct count with the tokenizer and chat template
-    from thresher.pipeline.chat import encode
-    from thresher.pipeline.models import load_tokenizer
+    from thresher.pipeline.models.chat import encode
+    from thresher.pipeline.models.resolve import load_tokenizer
 
     tok = load_tokenizer(model)
     rows = pool.frame(["id", "kind", "messages", "text"]).to_dicts()

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import yaml
-from thresher.pipeline.card import render_card, write_card
+from thresher.pipeline.io.card import render_card, write_card
+from thresher.pipeline.io.writers import HF_DATA
 from thresher.pipeline.select import run_select
-from thresher.pipeline.writers import HF_DATA
 
 datasets = pytest.importorskip("datasets")   # in the dev extra, so `make test` always has it
 

@@ -37,7 +37,7 @@ def test_methods_are_listed():
 
 
 def test_s2l_draws_from_every_cluster(dyn_pool, tiny_lm_dir, work, tmp_path):
-    from thresher.pipeline.cluster import Clusters  # noqa: F401  (the stage S2L reads)
+    from thresher.pipeline.stages.cluster import Clusters  # noqa: F401  (the stage S2L reads)
 
     sel, m = select(dyn_pool, "s2l", "30%", tmp_path / "s.jsonl", work, model=str(tiny_lm_dir),
                     epochs=1, checkpoints=2, k=3, **FAST)
@@ -77,7 +77,7 @@ def test_s2l_per_source_splits_the_budget(dyn_pool, tiny_lm_dir, work, tmp_path)
 
 
 def test_el2n_published_is_the_seed_average_of_early_checkpoints(dyn_pool, tiny_lm_dir, work, tmp_path):
-    from thresher.pipeline.trajectories import checkpoint_fingerprint, trajectories
+    from thresher.pipeline.stages.trajectories import checkpoint_fingerprint, trajectories
 
     sel, m = select(dyn_pool, "el2n", "5", tmp_path / "e.jsonl", work, model=str(tiny_lm_dir),
                     seeds=2, early=0.5, **FAST)
@@ -95,9 +95,9 @@ def test_el2n_published_is_the_seed_average_of_early_checkpoints(dyn_pool, tiny_
 
 
 def test_grand_is_the_mean_gradient_norm_over_seeds(dyn_pool, tiny_lm_dir, work, tmp_path):
-    from thresher.pipeline.chat import encode
-    from thresher.pipeline.grad_stages import ModelRef
-    from thresher.pipeline.grads import grad_norms, select_params
+    from thresher.pipeline.models.chat import encode
+    from thresher.pipeline.models.grads import grad_norms, select_params
+    from thresher.pipeline.stages.grad_scores import ModelRef
 
     sel, m = select(dyn_pool, "grand", "5", tmp_path / "g.jsonl", work, model=str(tiny_lm_dir),
                     seeds=2, keep="bottom", **FAST)

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from thresher.pipeline import embed as embed_mod
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.cluster import cluster_matrix, kmeans
-from thresher.pipeline.embed import ShardEmbedder, embed_pool
-from thresher.pipeline.pool import Pool, ingest
-from thresher.pipeline.schema import row_text
+from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.schema import row_text
+from thresher.pipeline.stages import embed as embed_mod
+from thresher.pipeline.stages.cluster import cluster_matrix, kmeans
+from thresher.pipeline.stages.embed import ShardEmbedder, embed_pool
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_kmeans_matches_sklearn_inertia_on_a_float16_memory_map(tmp_path):
 
 
 def test_cluster_stage_cached_by_matrix_and_config(tmp_path, monkeypatch):
-    from thresher.pipeline import cluster as cluster_mod
+    from thresher.pipeline.stages import cluster as cluster_mod
 
     x, _ = blobs()
     store = ArtifactStore(tmp_path)
@@ -239,8 +239,8 @@ def test_cli_embed_and_cluster_print_paths(tmp_path, sample_pool, tiny_embedder)
 def test_embedding_dtype_is_part_of_the_cache_key(tmp_path, sharded_pool, tiny_embedder):
     """bf16 and fp32 vectors of the same rows are different artifacts; "auto" is resolved
     per device before the key is taken."""
-    from thresher.pipeline.embed import Embed
-    from thresher.pipeline.engine import engine_dtype
+    from thresher.pipeline.models.engine import engine_dtype
+    from thresher.pipeline.stages.embed import Embed
 
     auto = Embed(model=str(tiny_embedder)).bind("cpu")
     assert auto.dtype == str(engine_dtype("cpu", None)).removeprefix("torch.")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from thresher.pipeline.pool import Pool, ingest
+from thresher.pipeline.io.pool import Pool, ingest
 from thresher.pipeline.select import run_select
 
 
@@ -124,7 +124,7 @@ def test_selector_override_cuts_method_scores(tmp_path, sample_pool, tiny_lm_dir
 
 
 def test_random_plans_no_stage_and_loads_no_model(tmp_path, sample_pool, monkeypatch):
-    from thresher.pipeline import models
+    from thresher.pipeline.models import resolve as models
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded")

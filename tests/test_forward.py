@@ -7,13 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from thresher.pipeline import engine, forward
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.chat import encode
-from thresher.pipeline.engine import length_batches, run_forward
-from thresher.pipeline.forward import forward_signals
-from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
-from thresher.pipeline.pool import Pool, ingest
+from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.models import engine
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.engine import length_batches, run_forward
+from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
+from thresher.pipeline.stages import forward
+from thresher.pipeline.stages.forward import forward_signals
 
 ALL = {"loss", "entropy", "el2n", "token_loss", "token_entropy", "rds"}
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from thresher.pipeline.chat import Encoded
-from thresher.pipeline.grads import (
+from thresher.pipeline.models.chat import Encoded
+from thresher.pipeline.models.grads import (
     flatten,
     grad_dots,
     grad_norms,
@@ -113,7 +113,7 @@ def test_select_params_errors_name_the_model():
 
 def per_sample_hessians(model, enc, params) -> torch.Tensor:
     """[n, P, P] exact Hessians of each sample's loss (torch.autograd.functional.hessian)."""
-    from thresher.pipeline.grads import _loss_module, _pad
+    from thresher.pipeline.models.grads import _loss_module, _pad
     from torch.func import functional_call
 
     (name, w0), = params.items()

@@ -2,7 +2,7 @@
 
 import json
 
-from thresher.pipeline.pool import Pool, ingest
+from thresher.pipeline.io.pool import Pool, ingest
 
 
 def _write(path, ids, tag="x"):

@@ -4,8 +4,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from thresher.pipeline.pool import Pool, ingest
-from thresher.pipeline.schema import RowError, to_canonical
+from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.schema import RowError, to_canonical
 
 
 def write_lines(path, lines: list[bytes]):

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from thresher.pipeline import jsd as jsd_mod
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.chat import encode
-from thresher.pipeline.jsd import JsdWorker, jsd_from_logits, jsd_signals
-from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
-from thresher.pipeline.pool import Pool, ingest
-from thresher.pipeline.prune import prune_model
+from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
+from thresher.pipeline.stages import jsd as jsd_mod
+from thresher.pipeline.stages.jsd import JsdWorker, jsd_from_logits, jsd_signals
+from thresher.pipeline.training.prune import prune_model
 
 
 @pytest.fixture(scope="module")

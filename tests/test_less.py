@@ -12,7 +12,8 @@ import polars as pl
 import pytest
 import torch
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.grad_features import (
+from thresher.pipeline.plan import make_plan
+from thresher.pipeline.stages.grad_features import (
     ROW_BLOCK,
     GradFeatures,
     project,
@@ -20,8 +21,7 @@ from thresher.pipeline.grad_features import (
     rademacher_matrix,
     warmup_proxy,
 )
-from thresher.pipeline.plan import make_plan
-from thresher.pipeline.targets import TargetPool
+from thresher.pipeline.stages.targets import TargetPool
 from thresher.scoring.less import (
     less_representation,
     less_scores,
@@ -102,10 +102,10 @@ def _run(stages, pool, store):
 
 def _manual(ckpt, rows, adam: bool) -> np.ndarray:
     """Unit float64 features of `rows` at `ckpt`, computed here from the saved state."""
-    from thresher.pipeline.chat import encode
-    from thresher.pipeline.grads import flatten, iter_grads, select_params
-    from thresher.pipeline.safestate import load_state
-    from thresher.pipeline.train import load_trained
+    from thresher.pipeline.io.safestate import load_state
+    from thresher.pipeline.models.chat import encode
+    from thresher.pipeline.models.grads import flatten, iter_grads, select_params
+    from thresher.pipeline.training.train import load_trained
 
     model, tok = load_trained(ckpt, "cpu")
     params = select_params(model, "lora")
@@ -124,7 +124,7 @@ def _manual(ckpt, rows, adam: bool) -> np.ndarray:
 
 def test_features_are_adam_for_the_pool_sgd_for_targets_and_cached(dyn_pool, tiny_lm_dir,
                                                                     target_file, tmp_path):
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
 
     store = ArtifactStore(tmp_path / "w")
     (pool_fs, tgt_fs), stats = _run(_stages(dyn_pool, tiny_lm_dir, target_file), dyn_pool, store)

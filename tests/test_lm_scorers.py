@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 from conftest import mixed_pool
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.forward import forward_signals
 from thresher.pipeline.select import run_select
+from thresher.pipeline.stages.forward import forward_signals
 from thresher.scoring.eu_plane import eu_keep, eu_quadrants, search_alpha
 
 

@@ -1,6 +1,6 @@
 import pytest
-from thresher.pipeline.chat import encode, prompt_text
-from thresher.pipeline.models import DEFAULT_EMBEDDER, DEFAULT_LM, load_tokenizer, resolve
+from thresher.pipeline.models.chat import encode, prompt_text
+from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER, DEFAULT_LM, load_tokenizer, resolve
 
 
 def test_builtin_models_resolve_offline():

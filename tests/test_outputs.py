@@ -1,10 +1,10 @@
-"""pipeline/outputs.py: refuse outputs over inputs; commit a run's outputs as one unit."""
+"""pipeline/io/outputs.py: refuse outputs over inputs; commit a run's outputs as one unit."""
 
 import os
 import threading
 
 import pytest
-from thresher.pipeline.outputs import (
+from thresher.pipeline.io.outputs import (
     OutputSet,
     check_outputs,
     clean_stale,

@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import SAMPLE
-from thresher.pipeline.prune import prune_model
 from thresher.pipeline.select import run_select
+from thresher.pipeline.training.prune import prune_model
 from thresher.scoring.paser import (
     ConceptExtractor,
     ConceptGraph,
@@ -61,7 +61,7 @@ def test_concepts_are_capped_and_lower_cased():
 
 @pytest.fixture(scope="module")
 def labelled_pool(tmp_path_factory, sample_pool):
-    from thresher.pipeline.pool import Pool, ingest
+    from thresher.pipeline.io.pool import Pool, ingest
 
     frame = sample_pool.frame(["id", "source", "kind", "messages", "meta", "n_chars"])
     frame = frame.filter((pl.col("kind") == "chat") & (pl.col("n_chars") < 700))

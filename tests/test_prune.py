@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from thresher.pipeline import prune
-from thresher.pipeline.chat import encode
-from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
+from thresher.pipeline.training import prune
 from transformers import AutoModelForCausalLM
 
 

@@ -183,8 +183,8 @@ def test_offline_masks_on_tiny_model(tmp_path, tiny_lm_dir, sample_pool):
     masks = read_masks(out)
     assert set(masks) == {r["id"] for r in rows}
     # Q2 rows keep about half their label tokens, Q4 rows all of them
-    from thresher.pipeline.chat import encode
-    from thresher.pipeline.models import load_tokenizer, resolve
+    from thresher.pipeline.models.chat import encode
+    from thresher.pipeline.models.resolve import load_tokenizer, resolve
 
     tok = load_tokenizer(resolve(str(tiny_lm_dir)))
     by_id = {r["id"]: r for r in rows}

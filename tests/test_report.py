@@ -82,8 +82,8 @@ def _hover_text(page) -> str:
 def sample_run(tmp_path_factory, sample_pool, tiny_embedder, tiny_lm_dir):
     """The sample run: two selections of the bundled sample and verify on both."""
     from thresher.pipeline.select import run_select
-    from thresher.pipeline.train import TrainConfig
-    from thresher.pipeline.verify import run_verify
+    from thresher.pipeline.training.train import TrainConfig
+    from thresher.pipeline.training.verify import run_verify
 
     out = tmp_path_factory.mktemp("run")
     work = out / "work"
@@ -99,7 +99,7 @@ def sample_run(tmp_path_factory, sample_pool, tiny_embedder, tiny_lm_dir):
 
 @pytest.fixture(scope="module")
 def report(sample_run):
-    from thresher.pipeline.report import write_report
+    from thresher.pipeline.report.build import write_report
 
     return write_report([sample_run], sample_run / "report.html")
 
@@ -160,7 +160,7 @@ def scored_run(tmp_path_factory, sample_run, sample_pool):
 
 
 def test_scored_selection_renders_eu_plane_and_cluster_table(scored_run, sample_run):
-    from thresher.pipeline.report import write_report
+    from thresher.pipeline.report.build import write_report
 
     html = write_report([scored_run], sample_run / "scored.html")
     got = render(html, sample_run / "scored.png")
@@ -173,8 +173,8 @@ def test_scored_selection_renders_eu_plane_and_cluster_table(scored_run, sample_
     assert plots["hist-eu-ppl"]["shapes"] == 1           # the top-40 cut on ppl is marked
     assert "<td class='num'>2.5e+12</td>" in html.read_text()   # FLOPs from the stages
     # why a row was left out: its ppl lies below the cut on the selector's column
-    from thresher.pipeline.report_data import load_runs
-    from thresher.pipeline.report_map import _why
+    from thresher.pipeline.report.data import load_runs
+    from thresher.pipeline.report.map import _why
 
     sel = load_runs([scored_run])[0][0]
     lowest = sel.decisions.sort("ppl")["id"][0]
@@ -193,7 +193,7 @@ def test_report_html_is_self_contained(report):
 
 
 def test_report_reads_every_selection_and_the_verify(sample_run):
-    from thresher.pipeline.report_data import load_runs
+    from thresher.pipeline.report.data import load_runs
 
     sels, verifies = load_runs([sample_run])
     assert sorted(s.name for s in sels) == ["rand", "semdedup"]
@@ -207,7 +207,7 @@ def test_report_reads_every_selection_and_the_verify(sample_run):
 
 
 def test_recipe_layout_one_folder_per_selection(tmp_path, sample_run):
-    from thresher.pipeline.report_data import load_runs
+    from thresher.pipeline.report.data import load_runs
 
     for name in ("semdedup", "rand"):
         (tmp_path / name).mkdir()
@@ -239,7 +239,7 @@ def test_cli_report_and_user_errors(tmp_path, sample_run):
 # ------------------------------------------------------------------ units
 
 def test_cuts_mark_only_the_ends_inside_the_range():
-    from thresher.pipeline.report import cuts
+    from thresher.pipeline.report.build import cuts
 
     every = np.arange(100, dtype=float)
     assert cuts(every, every[60:]) == [60.0]                 # top band: one lower cut
@@ -250,8 +250,8 @@ def test_cuts_mark_only_the_ends_inside_the_range():
 
 
 def test_funnel_steps_count_dedup_from_the_method(tmp_path):
-    from thresher.pipeline.report import funnel_steps
-    from thresher.pipeline.report_data import Selection
+    from thresher.pipeline.report.build import funnel_steps
+    from thresher.pipeline.report.data import Selection
 
     m = {"counts": {"read": 100, "quarantined": 10, "candidates": 90, "selected": 40},
          "config": {"method": {"exact_duplicates": 5, "semantic_duplicates": 15}}}
@@ -262,7 +262,7 @@ def test_funnel_steps_count_dedup_from_the_method(tmp_path):
 
 
 def test_recorded_relative_paths_resolve_from_any_directory(tmp_path, monkeypatch):
-    from thresher.pipeline.report_data import _recorded_path
+    from thresher.pipeline.report.data import _recorded_path
 
     (tmp_path / "out" / "pool").mkdir(parents=True)
     manifest = tmp_path / "out" / "x.jsonl.manifest.json"
@@ -272,8 +272,8 @@ def test_recorded_relative_paths_resolve_from_any_directory(tmp_path, monkeypatc
 
 
 def test_projection_is_cached_and_subsampled(tmp_path, monkeypatch):
-    from thresher.pipeline import projection
     from thresher.pipeline.artifacts import ArtifactStore
+    from thresher.pipeline.stages import umap2d as projection
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(c, 0.05, size=(40, 8)) for c in (-1.0, 1.0)]).astype(np.float32)

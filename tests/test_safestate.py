@@ -4,7 +4,7 @@ import random
 
 import numpy as np
 import torch
-from thresher.pipeline.safestate import load_state, save_state
+from thresher.pipeline.io.safestate import load_state, save_state
 
 
 def test_round_trip_of_optimizer_scheduler_and_rng_state(tmp_path):

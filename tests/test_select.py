@@ -5,8 +5,8 @@ import sys
 import polars as pl
 import pytest
 from thresher.pipeline.budget import Budget
+from thresher.pipeline.io.writers import to_record, write_rows
 from thresher.pipeline.select import run_select
-from thresher.pipeline.writers import to_record, write_rows
 
 
 def test_budget_parsing():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from thresher.pipeline.cluster import kmeans
+from thresher.pipeline.stages.cluster import kmeans
 from thresher.scoring.semdedup import eps_for_fraction, exact_duplicates, id_ranks, semantic_matches
 
 

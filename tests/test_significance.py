@@ -1,4 +1,4 @@
-"""Paired bootstrap intervals and verdicts (`pipeline/significance.py`) and `verify --seeds`."""
+"""Paired bootstrap intervals and verdicts (`pipeline/training/significance.py`) and `verify --seeds`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from thresher.pipeline.significance import paired_bootstrap, seed_mean, spread, verdict
+from thresher.pipeline.training.significance import paired_bootstrap, seed_mean, spread, verdict
 
 
 def test_a_real_shift_is_called_and_noise_is_not():
@@ -42,8 +42,8 @@ def test_weights_nans_and_shapes():
 
 def test_verify_with_seeds(tmp_path, tiny_lm_dir, sample_pool):
     from thresher.pipeline.select import run_select
-    from thresher.pipeline.train import TrainConfig
-    from thresher.pipeline.verify import run_verify
+    from thresher.pipeline.training.train import TrainConfig
+    from thresher.pipeline.training.verify import run_verify
 
     from tests.test_verify import GSM8K_TEST
 

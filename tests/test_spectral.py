@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_mutual_info_score
-from thresher.pipeline import spectral
+from thresher.pipeline.stages import spectral
 
 
 def blobs(n, k=6, d=32, noise=0.8, seed=0):

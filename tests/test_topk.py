@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from thresher.pipeline.topk import BlockIndex
+from thresher.pipeline.stages.topk import BlockIndex
 from thresher.scoring.rds import FaissRanking
 
 
@@ -85,7 +85,7 @@ def _rss_file_mb() -> float:
 def test_memmap_reads_release_their_pages(tmp_path):
     """copy_rows / gather give x[rows] and leave the file's pages out of the process's resident
     memory (a plain read of the same memmap keeps them)."""
-    from thresher.pipeline.memmap import copy_rows, gather
+    from thresher.pipeline.io.memmap import copy_rows, gather
 
     x = np.random.default_rng(0).normal(size=(40_000, 512)).astype(np.float16)   # 40 MB
     np.save(tmp_path / "x.npy", x)
@@ -107,7 +107,7 @@ def test_memmap_reads_release_their_pages(tmp_path):
 
 _PEAK = """
 import sys, numpy as np
-from thresher.pipeline.memmap import copy_rows, gather
+from thresher.pipeline.io.memmap import copy_rows, gather
 
 def hwm_mb():   # this process's peak resident memory (VmHWM starts afresh at exec; ru_maxrss not)
     with open("/proc/self/status") as f:

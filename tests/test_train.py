@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from thresher.pipeline.train import (
+from thresher.pipeline.training.train import (
     TrainConfig,
     load_rows,
     load_trained,
@@ -32,14 +32,14 @@ def cfg(tiny_lm_dir, **kw):
 
 
 def _eval_loss(model, tok, rows):
-    from thresher.pipeline.engine import run_forward
+    from thresher.pipeline.models.engine import run_forward
 
     out = run_forward(model, tok, rows, {"loss"}, max_tokens=128)
     return float(np.mean(out["loss"]))
 
 
 def test_training_lowers_the_loss_on_a_repeated_set(tmp_path, tiny_lm_dir, rows):
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+    from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
 
     small = rows[:2] * 4   # a small set seen many times
     base = load_causal_lm(resolve(str(tiny_lm_dir)))
@@ -75,7 +75,7 @@ def test_checkpoints_at_chosen_steps_and_every_n(tmp_path, tiny_lm_dir, rows):
 
 
 def test_merged_model_is_saved_and_loads_as_a_plain_model(tmp_path, tiny_lm_dir, rows):
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+    from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
 
     train(rows[:2], tmp_path / "run", cfg(tiny_lm_dir, merge=True), progress=False)
     merged = resolve(str(tmp_path / "run" / "merged"))
@@ -201,9 +201,9 @@ def test_cli_train_and_bad_input(tmp_path, tiny_lm_dir, rows):
 def test_head_only_on_loss_positions_gives_the_full_logits_loss(tiny_lm_dir, rows):
     import torch
     from peft import LoraConfig, get_peft_model
-    from thresher.pipeline.engine import _body_and_head
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
-    from thresher.pipeline.train import collate, make_examples, masked_loss
+    from thresher.pipeline.models.engine import _body_and_head
+    from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
+    from thresher.pipeline.training.train import collate, make_examples, masked_loss
 
     tok = load_tokenizer(resolve(str(tiny_lm_dir)))
     torch.manual_seed(0)
@@ -229,9 +229,9 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tiny_lm_dir, rows):
     """Rows packed into one sequence (block-diagonal causal attention) = the padded batch."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from thresher.pipeline.engine import PACKED_ATTENTION, _body_and_head
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
-    from thresher.pipeline.train import collate, make_examples, masked_loss, packed_loss
+    from thresher.pipeline.models.engine import PACKED_ATTENTION, _body_and_head
+    from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
+    from thresher.pipeline.training.train import collate, make_examples, masked_loss, packed_loss
 
     tok = load_tokenizer(resolve(str(tiny_lm_dir)))
     torch.manual_seed(0)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from thresher.pipeline import trajectories as traj
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.engine import run_forward
-from thresher.pipeline.trajectories import (
+from thresher.pipeline.models.engine import run_forward
+from thresher.pipeline.stages import trajectories as traj
+from thresher.pipeline.stages.trajectories import (
     ProxySpec,
     planned_steps,
     proxy_rows,
@@ -38,7 +38,7 @@ def test_proxy_part_is_seeded(dyn_pool):
 
 
 def test_trajectories_equal_direct_forward_passes(tmp_path, dyn_pool, tiny_lm_dir, monkeypatch):
-    from thresher.pipeline.train import load_trained
+    from thresher.pipeline.training.train import load_trained
 
     store = ArtifactStore(tmp_path / "work")
     run = train_proxy(dyn_pool, store, spec(tiny_lm_dir, epochs=1, checkpoints=2), progress=False)

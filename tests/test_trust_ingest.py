@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from thresher.pipeline.pool import Pool, ingest, load_rows
-from thresher.pipeline.readers import expand_inputs, read_records
-from thresher.pipeline.writers import to_record
+from thresher.pipeline.io.pool import Pool, ingest, load_rows
+from thresher.pipeline.io.readers import expand_inputs, read_records
+from thresher.pipeline.io.writers import to_record
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 

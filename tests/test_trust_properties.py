@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from thresher.pipeline.pool import Pool, ingest
-from thresher.pipeline.schema import TURN_FIELDS
+from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.schema import TURN_FIELDS
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from thresher.pipeline.verify import predicted_answer, reference_answer
+from thresher.pipeline.training.verify import predicted_answer, reference_answer
 
 GSM8K_TEST = "data/sample/targets/gsm8k_test.jsonl"
 
@@ -50,8 +50,8 @@ def subsets(tmp_path_factory, sample_pool):
 
 
 def test_verify_on_tiny_model(tmp_path, tiny_lm_dir, subsets, sample_pool):
-    from thresher.pipeline.train import TrainConfig
-    from thresher.pipeline.verify import run_verify
+    from thresher.pipeline.training.train import TrainConfig
+    from thresher.pipeline.training.verify import run_verify
 
     paths, _ = subsets
     cfg = TrainConfig(model=str(tiny_lm_dir), batch_size=2, max_tokens=256, lr=1e-2)
@@ -84,8 +84,8 @@ def test_verify_on_tiny_model(tmp_path, tiny_lm_dir, subsets, sample_pool):
 
 
 def test_verify_refuses_unequal_budgets(tmp_path, tiny_lm_dir, subsets):
-    from thresher.pipeline.train import TrainConfig
-    from thresher.pipeline.verify import run_verify
+    from thresher.pipeline.training.train import TrainConfig
+    from thresher.pipeline.training.verify import run_verify
 
     paths, small = subsets
     with pytest.raises(ValueError, match="differ in size"):
@@ -94,8 +94,8 @@ def test_verify_refuses_unequal_budgets(tmp_path, tiny_lm_dir, subsets):
 
 
 def test_verify_needs_a_pool(tmp_path, tiny_lm_dir, subsets):
-    from thresher.pipeline.train import TrainConfig
-    from thresher.pipeline.verify import run_verify
+    from thresher.pipeline.training.train import TrainConfig
+    from thresher.pipeline.training.verify import run_verify
 
     lone = tmp_path / "lone.jsonl"
     lone.write_text(subsets[0][0].read_text())

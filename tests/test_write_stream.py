@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from thresher.pipeline.pool import Pool, ingest
-from thresher.pipeline.writers import FORMATS, HF_DATA, write_rows, write_selection
+from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.writers import FORMATS, HF_DATA, write_rows, write_selection
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import file_fingerprint, write_json_atomic
-from thresher.pipeline.outputs import check_outputs, clean_stale, replace_dir, temp_name
-from thresher.pipeline.readers import expand_inputs, read_records
-from thresher.pipeline.schema import POOL_SCHEMA, SHAPES, RowError, detect_shape, to_canonical
+from thresher.pipeline.io.outputs import check_outputs, clean_stale, replace_dir, temp_name
+from thresher.pipeline.io.readers import expand_inputs, read_records
+from thresher.pipeline.io.schema import POOL_SCHEMA, SHAPES, RowError, detect_shape, to_canonical
 
 FORMAT_VERSION = 2  # 2: per-shard entries {"name", "rows", "bytes", "sha256"} in pool.json
 READABLE_VERSIONS = (1, 2)

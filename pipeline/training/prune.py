@@ -109,7 +109,7 @@ def decoder_linears(model) -> dict:
 def input_norms(model, tok, rows: list[dict], max_tokens: int = 512) -> tuple[dict, int]:
     """||X_j||_2 per input feature of every decoder linear over the calibration rows' tokens."""
     import torch
-    from thresher.pipeline.chat import encode
+    from thresher.pipeline.models.chat import encode
 
     linears = decoder_linears(model)
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
@@ -173,7 +173,7 @@ def prune_model(model: str, ratio: float, out: Path | str, method: str = "struct
                 max_tokens: int = 512) -> dict:
     """Prune `model` (anything `models.resolve` accepts) and save a loadable HF directory at `out`."""
     import torch
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+    from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
 
     if method not in METHODS:
         raise ValueError(f"unknown prune method {method!r}; expected one of {', '.join(METHODS)}")

@@ -1,4 +1,4 @@
-"""The forward-pass stage: the engine (`pipeline/engine.py`) run over every pool shard, cached and
+"""The forward-pass stage: the engine (`pipeline/models/engine.py`) run over every pool shard, cached and
 resumable in the artifact store.
 
     Forward(model="smollm2-135m-instruct", stats=True, rds=True)    # the stage, as methods declare it
@@ -25,7 +25,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
-from thresher.pipeline.engine import (
+from thresher.pipeline.io.pool import Pool
+from thresher.pipeline.models.engine import (
     DEFAULT_MAX_TOKENS,
     ENGINE_VERSION,
     LOGIT_SIGNALS,
@@ -34,8 +35,7 @@ from thresher.pipeline.engine import (
     engine_dtype,
     run_forward,
 )
-from thresher.pipeline.models import DEFAULT_LM, model_identity
-from thresher.pipeline.pool import Pool
+from thresher.pipeline.models.resolve import DEFAULT_LM, model_identity
 from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class ForwardWorker:
 
 @dataclass(frozen=True)
 class Forward(Stage):
-    """One fused forward pass of a causal LM over every row (pipeline/engine.py)."""
+    """One fused forward pass of a causal LM over every row (pipeline/models/engine.py)."""
 
     kind: ClassVar[str] = "forward"
     loads_model: ClassVar[bool] = True
@@ -141,7 +141,7 @@ class Forward(Stage):
 
     def open_worker(self, device: str) -> ForwardWorker:
         import torch
-        from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+        from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
 
         if self.threads:
             torch.set_num_threads(int(self.threads))
@@ -182,7 +182,7 @@ def forward_signals(pool: Pool, store: ArtifactStore, model_name: str, signals,
                     response_only: bool = True, device: str | None = None,
                     dtype: str | None = None, threads: int | None = None) -> ForwardResult:
     """Run (or reuse) the forward stage over every shard of `pool` in this process."""
-    from thresher.pipeline.models import pick_device
+    from thresher.pipeline.models.resolve import pick_device
     from thresher.pipeline.plan import run_stage
 
     want = check_signals(signals)

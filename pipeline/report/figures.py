@@ -1,7 +1,7 @@
 """The report's figures (plotly), each titled, with labelled axes and a legend where it helps.
 
 Every function takes plain lists / arrays and returns a `plotly.graph_objects.Figure`; the
-report (`pipeline/report.py`) decides which to draw from the data that exists.
+report (`pipeline/report/build.py`) decides which to draw from the data that exists.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
-from thresher.pipeline.report_html import CATEGORICAL, CONTINUOUS, OTHER, SELECTED_SYMBOLS
+from thresher.pipeline.report.html import CATEGORICAL, CONTINUOUS, OTHER, SELECTED_SYMBOLS
 
 MAX_CATEGORIES = len(CATEGORICAL)
 INNER_LEGEND = {"x": 0.99, "xanchor": "right", "y": 0.98, "yanchor": "top",

@@ -24,15 +24,15 @@ from typing import ClassVar, Literal
 
 import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
-from thresher.pipeline.models import (
+from thresher.pipeline.io.pool import Pool
+from thresher.pipeline.io.schema import row_text
+from thresher.pipeline.models.resolve import (
     DEFAULT_EMBEDDER,
     ResolvedModel,
     model_identity,
     pick_device,
     resolve,
 )
-from thresher.pipeline.pool import Pool
-from thresher.pipeline.schema import row_text
 from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class ShardEmbedder:
                  device: str | None = None, dtype: str | None = None, batch_size: int = 64,
                  max_seq_length: int | None = None, normalize: bool = True):
         import torch
-        from thresher.pipeline.models import load_embedder
+        from thresher.pipeline.models.resolve import load_embedder
 
         if part not in PARTS:
             raise ValueError(f"unknown text part {part!r}; expected one of {', '.join(PARTS)}")
@@ -64,7 +64,7 @@ class ShardEmbedder:
         # GPU: bf16 where supported, else fp16 (pick_dtype). CPU: bf16 where the CPU has native
         # bf16 instructions (engine_dtype): 2.5-2.9x the float32 encode here at cosine >= 0.9998
         # to the float32 vectors (bench/RESULTS.md); else float32.
-        from thresher.pipeline.engine import engine_dtype
+        from thresher.pipeline.models.engine import engine_dtype
 
         self.dtype = engine_dtype(self.device, dtype)
         if self.dtype != torch.float32:
@@ -142,7 +142,7 @@ class Embed(Stage):
             raise ValueError(f"unknown text part {self.part!r}; expected one of {', '.join(PARTS)}")
 
     def bind(self, device: str) -> Embed:
-        from thresher.pipeline.engine import engine_dtype
+        from thresher.pipeline.models.engine import engine_dtype
 
         dtype = str(engine_dtype(device, self.dtype)).removeprefix("torch.")
         return dataclasses.replace(self, dtype=dtype)

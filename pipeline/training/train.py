@@ -13,7 +13,7 @@ attention, as the forward engine), the LM head only on loss positions, per-token
 Q-Tuning (`scoring/qtuning.py`, `qtuning=QTuningConfig(...)`) or an offline mask file may zero.
 
 Checkpoints: `OUT/checkpoint-<step>/` holds the adapter plus `state.json` + `state.safetensors`
-(`pipeline/safestate.py`: no pickle; optimizer, scheduler, grad scaler, python/numpy/torch RNG
+(`pipeline/io/safestate.py`: no pickle; optimizer, scheduler, grad scaler, python/numpy/torch RNG
 states, epoch and batch position, the log so far). They are
 written atomically at `save_steps` and every `every` steps; a rerun with `resume=True` continues
 from the newest one and reaches the same weights as an uninterrupted run. S2L trajectories and
@@ -37,16 +37,16 @@ from pathlib import Path
 
 import numpy as np
 from thresher.pipeline.artifacts import atomic_path, config_key, write_json_atomic
-from thresher.pipeline.chat import encode
-from thresher.pipeline.engine import _body_and_head, packing_supported
-from thresher.pipeline.models import DEFAULT_LM
-from thresher.pipeline.pool import load_rows
-from thresher.pipeline.safestate import load_state, save_state
+from thresher.pipeline.io.pool import load_rows
+from thresher.pipeline.io.safestate import load_state, save_state
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.engine import _body_and_head, packing_supported
+from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.scoring.qtuning import QTuningConfig, prune_batch, read_masks, score_tokens, summarize
 
 log = logging.getLogger(__name__)
 
-STATE = "state.json"   # + state.safetensors (pipeline/safestate.py)
+STATE = "state.json"   # + state.safetensors (pipeline/io/safestate.py)
 OLD_STATE = "state.pt"  # pickled by thresher before safestate; never loaded
 MEGABATCH = 50
 
@@ -184,7 +184,7 @@ def packed_loss(parts, batch: list[Example], device):
     row sees what it sees alone; no padding tokens go through the body. Returns (loss, tokens)."""
     import torch
     import torch.nn.functional as F
-    from thresher.pipeline.engine import _PackedAttention
+    from thresher.pipeline.models.engine import _PackedAttention
 
     body, head = parts
     lengths = np.array([len(e.input_ids) for e in batch])
@@ -243,10 +243,10 @@ def checkpoints(out: Path) -> list[Path]:
 def _amp(device: str, requested: str | None):
     """(autocast dtype or None, use a grad scaler)."""
     import torch
-    from thresher.pipeline.models import pick_dtype
+    from thresher.pipeline.models.resolve import pick_dtype
 
     if requested in (None, "auto") and device.startswith("cpu"):
-        from thresher.pipeline.engine import engine_dtype
+        from thresher.pipeline.models.engine import engine_dtype
 
         dt = engine_dtype(device)   # bf16 autocast on CPUs with native bf16 (bench/RESULTS.md)
     else:
@@ -271,7 +271,12 @@ def train(rows: list[dict], out: Path | str, cfg: TrainConfig | None = None, res
     import torch
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils import load_peft_weights
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
+    from thresher.pipeline.models.resolve import (
+        load_causal_lm,
+        load_tokenizer,
+        pick_device,
+        resolve,
+    )
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -465,7 +470,7 @@ def train_file(subset: Path | str, out: Path | str, cfg: TrainConfig | None = No
     """`train` on a file (any reader format) or pool directory; quarantined rows are counted in
     the summary and listed in OUT/quarantine.jsonl. OUT may not be or lie inside an input pool,
     its files may not be inputs, and one run at a time writes it (a second is refused)."""
-    from thresher.pipeline.outputs import check_outputs, output_lock
+    from thresher.pipeline.io.outputs import check_outputs, output_lock
 
     out = Path(out)
     inputs = [Path(subset)] + ([Path(kwargs["token_masks"])] if kwargs.get("token_masks") else [])
@@ -487,7 +492,12 @@ def load_trained(path: Path | str, device: str | None = None, merge: bool = Fals
     into the base weights (as fast as the base model for evaluation and generation)."""
     import torch
     from peft import PeftModel
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
+    from thresher.pipeline.models.resolve import (
+        load_causal_lm,
+        load_tokenizer,
+        pick_device,
+        resolve,
+    )
 
     path = Path(path)
     adapter = path / "adapter" if (path / "adapter").is_dir() else path

@@ -11,7 +11,7 @@ brute-force kernel (`faiss.knn`, the function IndexFlatIP.search calls, so the s
 same floats) and merges the block's top-k into a running top-k per query (`faiss.ResultHeap`).
 Memory: one block (block x dim float32) + queries x k, plus the int64 row positions: independent
 of the pool size apart from those O(N) scalars (a memmap's pages are released after each block,
-`pipeline/memmap.py`). The price is one pass over the rows per search.
+`pipeline/io/memmap.py`). The price is one pass over the rows per search.
 Which of several rows tied at the k-th score is returned may differ from IndexFlatIP's choice;
 the scores, and every row scoring above the k-th score, are the same.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-from thresher.pipeline.memmap import copy_rows
+from thresher.pipeline.io.memmap import copy_rows
 
 BLOCK = 16384   # a multiple of FAISS's database block (1024): the same BLAS tiles as one index
 

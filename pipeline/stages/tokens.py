@@ -11,15 +11,15 @@ from typing import ClassVar
 import polars as pl
 import pyarrow as pa
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
-from thresher.pipeline.chat import encode
-from thresher.pipeline.models import (
+from thresher.pipeline.io.pool import Pool
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.resolve import (
     DEFAULT_LM,
     ResolvedModel,
     load_tokenizer,
     model_identity,
     resolve,
 )
-from thresher.pipeline.pool import Pool
 from thresher.pipeline.stage import ShardResult, Stage, StageRun, shard_file
 
 NO_LIMIT = 1 << 30

@@ -30,9 +30,9 @@ from typing import ClassVar
 
 import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
-from thresher.pipeline.engine import engine_dtype, run_forward
-from thresher.pipeline.models import DEFAULT_LM
-from thresher.pipeline.pool import Pool
+from thresher.pipeline.io.pool import Pool
+from thresher.pipeline.models.engine import engine_dtype, run_forward
+from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.stage import Resources, Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,8 @@ def planned_steps(n_examples: int, spec: ProxySpec) -> tuple[int, tuple[int, ...
 def train_proxy(pool: Pool, store: ArtifactStore, spec: ProxySpec, device: str | None = None,
                 progress: bool = True) -> ProxyRun:
     """Train (or reuse) the proxy described by `spec`; returns its checkpoints."""
-    from thresher.pipeline.models import load_tokenizer, resolve
-    from thresher.pipeline.train import TrainConfig, checkpoints, make_examples, train
+    from thresher.pipeline.models.resolve import load_tokenizer, resolve
+    from thresher.pipeline.training.train import TrainConfig, checkpoints, make_examples, train
 
     resolved = resolve(spec.model)
     stage = store.dir("proxy", [pool.fingerprint], {**asdict(spec), "model": resolved.identity})
@@ -214,7 +214,7 @@ def trajectories(pool: Pool, store: ArtifactStore, ckpts: list[Path], max_tokens
     Each checkpoint is loaded once (base + adapter, merged, in the engine's dtype) and runs
     `engine.run_forward` over every pool shard not yet done for it."""
     import torch
-    from thresher.pipeline.models import pick_device
+    from thresher.pipeline.models.resolve import pick_device
 
     if not ckpts:
         raise ValueError("trajectories need at least one checkpoint")
@@ -249,7 +249,7 @@ def trajectories(pool: Pool, store: ArtifactStore, ckpts: list[Path], max_tokens
 
 def _one_checkpoint(pool, stage, j, ckpt, dev, torch_dtype, max_tokens, response_only,
                     token_budget, progress) -> None:
-    from thresher.pipeline.train import load_trained
+    from thresher.pipeline.training.train import load_trained
 
     model = tok = None
     for shard, rows in pool.iter_shards(["id", "kind", "messages", "text"]):
@@ -289,7 +289,7 @@ class Proxy(Stage, ProxySpec):
         return ProxySpec(**{n: getattr(self, n) for n in _spec_fields()})
 
     def key_extra(self) -> dict:
-        from thresher.pipeline.models import model_identity
+        from thresher.pipeline.models.resolve import model_identity
 
         return {"model": model_identity(self.model)}
 

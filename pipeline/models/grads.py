@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
-from thresher.pipeline.chat import Encoded
-from thresher.pipeline.engine import _body_and_head, length_batches
+from thresher.pipeline.models.chat import Encoded
+from thresher.pipeline.models.engine import _body_and_head, length_batches
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The fused forward-pass engine: one pass of a causal LM gives every per-sample signal the scorers need.
 
-This module is the engine only (any loaded model, rows in memory); `pipeline/forward.py` is the
+This module is the engine only (any loaded model, rows in memory); `pipeline/stages/forward.py` is the
 cached, resumable pool stage built on it.
 
     out = run_forward(model, tok, rows, {"loss", "el2n", "rds"})   # in memory, any loaded model
@@ -40,7 +40,7 @@ import itertools
 import logging
 
 import numpy as np
-from thresher.pipeline.chat import Encoded, encode
+from thresher.pipeline.models.chat import Encoded, encode
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ HEAD_CHUNK = 1 << 23             # logits one LM-head GEMM computes (170 positio
                                  # 49,152: a faster GEMM than 42 positions; bench/RESULTS.md)
 STATS_CHUNK = 1 << 19            # logits whose statistics are taken at once (a 2 MiB float32
                                  # block: cache-resident)
-LOGIT_CHUNK = 1 << 21            # float32 logits a caller holds at once (pipeline/jsd.py)
+LOGIT_CHUNK = 1 << 21            # float32 logits a caller holds at once (pipeline/stages/jsd.py)
 ENGINE_VERSION = 3               # bump when the numbers an unchanged configuration gives change
                                  # (2: packed rows on CPU; bf16 sums differ from padded batches;
                                  # 3: CPU batches on one intra-op thread each, `_in_workers`;
@@ -451,7 +451,7 @@ def engine_dtype(device: str, requested: str | None = None):
 
     Measured here (bench/RESULTS.md): on an AVX512-BF16 EPYC a bf16 matmul runs ~5x faster than
     fp32 and the transformer body ~3x; without the instructions bf16 is emulated and slower."""
-    from thresher.pipeline.models import pick_dtype
+    from thresher.pipeline.models.resolve import pick_dtype
 
     if (requested and requested != "auto") or not device.startswith("cpu"):
         return pick_dtype(device, requested)

@@ -1,4 +1,4 @@
-"""Pool-level gradient stages on top of `pipeline/grads.py`, cached in the artifact store:
+"""Pool-level gradient stages on top of `pipeline/models/grads.py`, cached in the artifact store:
 
     ref = ModelRef(model="smollm2-135m-instruct", lora_seed=3)        # base + a fresh seeded LoRA
     ref = ModelRef(checkpoint="proxy/.../checkpoint-40")              # a trained adapter
@@ -20,9 +20,9 @@ from typing import ClassVar
 
 import numpy as np
 from thresher.pipeline.artifacts import ArtifactStore, config_key
-from thresher.pipeline.chat import encode
-from thresher.pipeline.models import DEFAULT_LM
-from thresher.pipeline.pool import Pool
+from thresher.pipeline.io.pool import Pool
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.stage import Resources, Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ class ModelRef:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def key(self) -> dict:
-        from thresher.pipeline.models import resolve
-        from thresher.pipeline.trajectories import checkpoint_fingerprint
+        from thresher.pipeline.models.resolve import resolve
+        from thresher.pipeline.stages.trajectories import checkpoint_fingerprint
 
         if self.checkpoint:
             return {"checkpoint": checkpoint_fingerprint(self.checkpoint)}
@@ -54,8 +54,8 @@ class ModelRef:
     def load(self, device: str):
         """(model, tokenizer) in float32, eval mode, LoRA parameters present."""
         import torch
-        from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
-        from thresher.pipeline.train import load_trained
+        from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
+        from thresher.pipeline.training.train import load_trained
 
         if self.checkpoint:
             return load_trained(self.checkpoint, device)
@@ -80,8 +80,8 @@ def grad_norm_stage(pool: Pool, store: ArtifactStore, ref: ModelRef, params: str
                     device: str | None = None, progress=None) -> tuple[np.ndarray, dict]:
     """||grad_theta loss(x_i)||_2 over the chosen parameters for every pool row (float64 [N]);
     NaN where a row has no loss token. Returns (norms, info with seconds and parameter count)."""
-    from thresher.pipeline.grads import grad_norms, n_params, select_params
-    from thresher.pipeline.models import pick_device
+    from thresher.pipeline.models.grads import grad_norms, n_params, select_params
+    from thresher.pipeline.models.resolve import pick_device
 
     stage = store.dir("grad_norms", [pool.fingerprint], {"ref": ref.key(),
                                                            **_settings(max_tokens, response_only, params)})
@@ -115,8 +115,15 @@ def influence_stage(pool: Pool, store: ArtifactStore, ref: ModelRef, params: str
     """DEALRec's influence score IS_i = u . grad loss(x_i), u ~ (H + damp*scale I)^-1 v with
     v = (1/n) sum_j grad loss(x_j), by LiSSA over uniformly drawn pool rows (float64 [N]; NaN
     where a row has no loss token)."""
-    from thresher.pipeline.grads import grad_dots, hvp, lissa, mean_grad, n_params, select_params
-    from thresher.pipeline.models import pick_device
+    from thresher.pipeline.models.grads import (
+        grad_dots,
+        hvp,
+        lissa,
+        mean_grad,
+        n_params,
+        select_params,
+    )
+    from thresher.pipeline.models.resolve import pick_device
 
     cfg = {"ref": ref.key(), "depth": depth, "damp": damp, "scale": scale, "batch": batch,
            "seed": seed, **_settings(max_tokens, response_only, params)}

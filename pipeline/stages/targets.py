@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from thresher.pipeline.artifacts import file_fingerprint
-from thresher.pipeline.pool import Pool, ingest
+from thresher.pipeline.io.pool import Pool, ingest
 from thresher.pipeline.stage import Stage, StageRun
 
 log = logging.getLogger(__name__)

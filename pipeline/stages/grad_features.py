@@ -10,7 +10,7 @@ checkpoint, every row's LoRA gradient, randomly projected to `d` dimensions and 
 
 Per checkpoint theta_j (base + adapter from the trainer's `checkpoint-<step>/`):
 - g = per-sample gradient of the row's mean response-token loss over the LoRA matrices
-  (`pipeline/grads.py`, batched with vmap; LESS: one backward call per row);
+  (`pipeline/models/grads.py`, batched with vmap; LESS: one backward call per row);
 - pool rows (`grad="adam"`, the default without `source`): Gamma = m' / sqrt(v' + 1e-8) with
   m' = 0.9 m + 0.1 g and v' = 0.999 v + 0.001 g^2, m and v the checkpoint's AdamW moments
   (saved by the trainer in `state.safetensors`) (LESS `obtain_gradients_with_adam`); target rows
@@ -44,7 +44,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir, atomic_path, config_key, file_fingerprint
-from thresher.pipeline.grads import DEFAULT_GRAD_TOKENS
+from thresher.pipeline.models.grads import DEFAULT_GRAD_TOKENS
 from thresher.pipeline.stage import Resources, Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def adam_moments(checkpoint: Path, params: dict):
     The trainer's optimizer holds exactly the LoRA parameters in model order, which is the order
     `select_params(model, "lora")` gives for the reloaded model; shapes are checked."""
     import torch
-    from thresher.pipeline.safestate import load_state
+    from thresher.pipeline.io.safestate import load_state
 
     opt = load_state(checkpoint, "state")["optimizer"]
     order = [i for g in opt["param_groups"] for i in g["params"]]
@@ -142,7 +142,7 @@ def adam_precondition(g, m, v):
 def checkpoint_etas(checkpoints: list[Path]) -> np.ndarray:
     """eta_j: the mean learning rate over the steps after checkpoint j-1 up to checkpoint j
     (an epoch with one checkpoint per epoch), renormalised to sum 1 (LESS matching.py)."""
-    from thresher.pipeline.safestate import load_state
+    from thresher.pipeline.io.safestate import load_state
 
     history = load_state(checkpoints[-1], "state")["history"]
     lr = {int(r["step"]): float(r["lr"]) for r in history}
@@ -181,8 +181,8 @@ class FeatureJob:
 def shard_features(job: FeatureJob, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, int]:
     """(float16 [n, d] unit features, bool [n] rows without a loss token, tokens) for rows."""
     import torch
-    from thresher.pipeline.chat import encode
-    from thresher.pipeline.grads import flatten, iter_grads
+    from thresher.pipeline.models.chat import encode
+    from thresher.pipeline.models.grads import flatten, iter_grads
 
     enc = [encode(job.tok, r, job.max_tokens, job.response_only) for r in rows]
     no_loss = np.array([not e.loss_mask[1:].any() for e in enc], dtype=bool)
@@ -279,7 +279,7 @@ class GradFeatures(Stage):
         if self.dtype is not None:
             return self
         import torch
-        from thresher.pipeline.engine import engine_dtype
+        from thresher.pipeline.models.engine import engine_dtype
 
         return dataclasses.replace(self, dtype="bf16" if engine_dtype(device) == torch.bfloat16 else "fp32")
 
@@ -304,8 +304,8 @@ class GradFeatures(Stage):
 
     def _job(self, ckpt: Path, device: str) -> FeatureJob:
         import torch
-        from thresher.pipeline.grads import select_params
-        from thresher.pipeline.train import load_trained
+        from thresher.pipeline.models.grads import select_params
+        from thresher.pipeline.training.train import load_trained
 
         model, tok = load_trained(ckpt, device)
         params = select_params(model, self.params)
@@ -384,8 +384,8 @@ def warmup_proxy(n_rows: int, model: str | None = None, part: float = 0.05, min_
                  max_tokens: int = 512, dtype: str | None = None) -> Stage:
     """LESS's warm-up as a `Proxy` stage: LoRA on a seeded random `part` of the pool (at least
     `min_rows` rows), `epochs` epochs, a checkpoint at the end of each epoch."""
-    from thresher.pipeline.models import DEFAULT_LM
-    from thresher.pipeline.trajectories import Proxy
+    from thresher.pipeline.models.resolve import DEFAULT_LM
+    from thresher.pipeline.stages.trajectories import Proxy
 
     if not 0 < part <= 1 or min_rows < 1 or epochs < 1:
         raise ValueError(f"warm-up: need 0 < part <= 1, min_rows >= 1, epochs >= 1; got "

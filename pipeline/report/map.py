@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from thresher.pipeline import report_figures as figs
-from thresher.pipeline.report_data import Selection, first_user_turn
+from thresher.pipeline.report import figures as figs
+from thresher.pipeline.report.data import Selection, first_user_turn
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def pool_embeddings(ctx) -> tuple[np.ndarray, str] | None:
     store = ctx.store()
     got = cached_embeddings(ctx.pool, store)
     if got is None and ctx.compute_embeddings:
-        from thresher.pipeline.embed import embed_pool
-        from thresher.pipeline.models import DEFAULT_EMBEDDER
+        from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER
+        from thresher.pipeline.stages.embed import embed_pool
 
         emb = embed_pool(ctx.pool, store, ctx.embedder or DEFAULT_EMBEDDER, part="conversation")
         got = emb.matrix(), emb.fingerprint
@@ -59,7 +59,7 @@ def cluster_labels(ctx, x: np.ndarray, fingerprint: str) -> np.ndarray:
             labels = np.load(Path(d) / "labels.npy")
             if len(labels) == x.shape[0]:
                 return labels
-    from thresher.pipeline.cluster import cluster_matrix, default_k
+    from thresher.pipeline.stages.cluster import cluster_matrix, default_k
 
     return cluster_matrix(ctx.store(), x, default_k(x.shape[0]), fingerprint=fingerprint).labels
 
@@ -73,7 +73,7 @@ def _wrap(text: str, width: int = HOVER_WRAP) -> str:
 
 def _beyond_cut(sel: Selection) -> dict[str, str]:
     """Unselected ids whose value of the selector's column lies beyond the selection's cut."""
-    from thresher.pipeline.report import cuts
+    from thresher.pipeline.report.build import cuts
 
     col = (sel.manifest.get("config", {}).get("selector") or {}).get("column")
     d = sel.decisions
@@ -124,7 +124,7 @@ def _why(sel: Selection, ids: list[str]) -> list[str]:
 
 def map_score(ctx, ids: list[str]) -> tuple[str, np.ndarray] | None:
     """The first selection's first score column over the mapped rows (NaN where unknown)."""
-    from thresher.pipeline.report import score_columns
+    from thresher.pipeline.report.build import score_columns
 
     for sel in ctx.selections:
         frame = sel.decisions if sel.decisions is not None and score_columns(sel.decisions) \
@@ -142,7 +142,7 @@ def map_score(ctx, ids: list[str]) -> tuple[str, np.ndarray] | None:
 def _scores(sel: Selection, ids: list[str], most: int = 3) -> list[str]:
     """Per id: its score columns ("ppl=12.3, entropy=1.1"), from the score frame when the
     method saved one for every candidate, else from the sidecar (selected rows only)."""
-    from thresher.pipeline.report import score_columns
+    from thresher.pipeline.report.build import score_columns
 
     frame = sel.decisions if sel.decisions is not None and "id" in sel.decisions.columns \
         else sel.chosen
@@ -172,7 +172,7 @@ def _hover(ctx, picked: pl.DataFrame, labels: np.ndarray) -> list[str]:
 
 def map_figure(ctx):
     """The map figure, the number of points drawn, and the total pool rows (or None)."""
-    from thresher.pipeline.projection import project_umap
+    from thresher.pipeline.stages.umap2d import project_umap
 
     if ctx.pool is None:
         return None

@@ -37,8 +37,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
-from thresher.pipeline.chat import encode
-from thresher.pipeline.engine import (
+from thresher.pipeline.io.pool import Pool
+from thresher.pipeline.models.chat import encode
+from thresher.pipeline.models.engine import (
     DEFAULT_MAX_TOKENS,
     LOGIT_CHUNK,
     _body_and_head,
@@ -46,8 +47,7 @@ from thresher.pipeline.engine import (
     engine_dtype,
     length_batches,
 )
-from thresher.pipeline.models import DEFAULT_LM, model_identity
-from thresher.pipeline.pool import Pool
+from thresher.pipeline.models.resolve import DEFAULT_LM, model_identity
 from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class Jsd(Stage):
 
     def open_worker(self, device: str) -> JsdWorker:
         import torch
-        from thresher.pipeline.models import load_causal_lm, load_tokenizer, resolve
+        from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
 
         if self.threads:
             torch.set_num_threads(int(self.threads))
@@ -232,7 +232,7 @@ def jsd_signals(pool: Pool, store: ArtifactStore, original: str, pruned: str,
                 response_only: bool = True, device: str | None = None, dtype: str | None = None,
                 threads: int | None = None) -> JsdResult:
     """Run (or reuse) the jsd stage over every shard of `pool` in this process."""
-    from thresher.pipeline.models import pick_device
+    from thresher.pipeline.models.resolve import pick_device
     from thresher.pipeline.plan import run_stage
 
     stage = Jsd(original=str(original), pruned=str(pruned), max_tokens=max_tokens,

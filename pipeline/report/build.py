@@ -8,7 +8,7 @@ appear when their data exists; what each reads (RUN arguments: see `report_data.
 | section | reads |
 |---|---|
 | Funnel | pool `pool.json` (read, quarantined, duplicate_ids), `quarantine.jsonl` (reasons), each manifest's `counts` (candidates, selected) and, when a method reports them (top level, `counts`, `notes`, `stats` or `config.method`), `exact_duplicates` and `near_duplicates` (or `semantic_duplicates`); per source and per `capability` (an original field) from the pool and the sidecar ids |
-| Map | the pool's embeddings artifact (`embed` stage in the manifest's `workdir`; computed with `--embedder` when missing), projected by the cached UMAP stage (`pipeline/projection.py`); clusters from the manifest's `artifacts` (a k-means output directory with `labels.npy`; or `config.method.clusters`) or a k-means over the same embeddings; scores from the sidecar / score frame |
+| Map | the pool's embeddings artifact (`embed` stage in the manifest's `workdir`; computed with `--embedder` when missing), projected by the cached UMAP stage (`pipeline/stages/umap2d.py`); clusters from the manifest's `artifacts` (a k-means output directory with `labels.npy`; or `config.method.clusters`) or a k-means over the same embeddings; scores from the sidecar / score frame |
 | Scores | numeric columns of the sidecar `X.jsonl.selection.parquet` (id, rank, reason, scores) and, for every candidate, of the score frame the manifest names under `scores` (or `config.method.decisions`): a Parquet of id + score columns (+ optional `reason`, `kept`) |
 | Error-uncertainty plane | `ppl` and `entropy` columns (+ `quadrant`), alpha from `alpha_found` / `alpha` |
 | Clusters | the map's cluster labels vs selected rows; a method's `cluster_table` (list of {cluster, size, and any of budget, selected, degradation, label}; `cluster_table_kind`: "capability" for PASER, "trajectory" for S2L) |
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from thresher.pipeline import report_figures as figs
-from thresher.pipeline.report_data import (
+from thresher.pipeline.report import figures as figs
+from thresher.pipeline.report.data import (
     Selection,
     VerifyRun,
     count_lines,
@@ -36,7 +36,7 @@ from thresher.pipeline.report_data import (
     quarantine_reasons,
     workdir,
 )
-from thresher.pipeline.report_html import (
+from thresher.pipeline.report.html import (
     details,
     esc,
     figure,
@@ -61,8 +61,8 @@ def write_report(runs: list[Path], out: Path, *, embedder: str | None = None,
     `compute_embeddings=False` draws the map only from embeddings already cached (verify uses
     this so it never embeds the pool just for a picture); `max_points` caps the map's sample."""
     from thresher.pipeline.artifacts import atomic_path
-    from thresher.pipeline.outputs import check_outputs
-    from thresher.pipeline.projection import MAX_POINTS
+    from thresher.pipeline.io.outputs import check_outputs
+    from thresher.pipeline.stages.umap2d import MAX_POINTS
 
     selections, verifies = load_runs([Path(r) for r in runs])
     out = Path(out)
@@ -87,7 +87,7 @@ class ReportContext:
 
     def __init__(self, selections: list[Selection], verifies: list[VerifyRun],
                  embedder: str | None, compute_embeddings: bool, max_points: int):
-        from thresher.pipeline.pool import Pool
+        from thresher.pipeline.io.pool import Pool
 
         self.selections, self.verifies = selections, verifies
         self.embedder, self.compute_embeddings, self.max_points = embedder, compute_embeddings, max_points
@@ -302,7 +302,7 @@ def examples_section(ctx: ReportContext):
 # ------------------------------------------------------------------ map and clusters
 
 def map_section(ctx: ReportContext):
-    from thresher.pipeline.report_map import map_figure
+    from thresher.pipeline.report.map import map_figure
 
     got = map_figure(ctx)
     if got is None:
@@ -476,7 +476,7 @@ def default_out(runs: list[Path]) -> Path:
     first = Path(runs[0]) if runs else Path(".")
     if first.is_dir():
         return first / "report.html"
-    from thresher.pipeline.report_data import selection_base
+    from thresher.pipeline.report.data import selection_base
 
     base = selection_base(first)
     return Path(f"{base}.report.html") if base else first.with_name("report.html")

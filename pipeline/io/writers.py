@@ -8,7 +8,7 @@ Formats
     sharegpt  JSONL {"id", "conversations": [{"from", "value"}]}      LLaMA-Factory, FastChat
     parquet   the canonical rows (id, source, kind, messages, text, n_chars, meta)
     hf        a Hugging Face dataset directory: OUT/data/train-00000-of-00001.parquet (the
-              canonical rows); its dataset card OUT/README.md (pipeline/card.py) names the
+              canonical rows); its dataset card OUT/README.md (pipeline/io/card.py) names the
               files, so `datasets.load_dataset(OUT)` and the Hub read it as is
 Plain-text rows are written as {"id", "text"} in every JSONL shape (pretraining format).
 Output is a pure function of the rows and their order: the same selection gives the same bytes.
@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
-from thresher.pipeline.schema import POOL_SCHEMA, TURN_FIELDS
+from thresher.pipeline.io.schema import POOL_SCHEMA, TURN_FIELDS
 
 FORMATS = ("messages", "alpaca", "sharegpt", "parquet", "hf")
 HF_DATA = "data/train-00000-of-00001.parquet"   # the Hub's file naming for one train shard

@@ -4,7 +4,7 @@
 
 For every subset (one per method, all of the same size), for a seeded random subset of that size
 from the same pool, and optionally for the whole pool (`full=True`), train a LoRA adapter with
-the same `TrainConfig` (`pipeline/train.py`); then evaluate each adapter and the untrained base
+the same `TrainConfig` (`pipeline/training/train.py`); then evaluate each adapter and the untrained base
 model on every eval set:
     loss / ppl     held-out NLL over the response tokens (token-weighted over rows), exp(loss)
     exact_match    greedy generation scored against the reference's final answer, for eval rows
@@ -17,7 +17,7 @@ Both use the first `max_eval` rows of each eval set; generation stops at `max_ne
 
 Writes OUT/verify.json, OUT/verify.md (the comparison table, also returned) and OUT/verify.png
 when matplotlib is installed (it is not a dependency; the table says when the plot is skipped),
-and OUT/report.html (`pipeline/report.py`: the table, loss curves and the subsets' report).
+and OUT/report.html (`pipeline/report/build.py`: the table, loss curves and the subsets' report).
 Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones and their evaluations
 (RUN/evals.json, keyed by the run, the eval rows and the settings).
 
@@ -25,7 +25,7 @@ Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones and thei
 twin afresh for each seed; runs live in OUT/runs/<name>/seed-<s>/, each run's evals are the mean
 over seeds with the spread (`loss_sd`, `exact_match_sd`), and `comparisons` holds, per subset and
 eval set, the paired bootstrap interval over eval rows of (subset - random)
-(`pipeline/significance.py`); the table calls a subset better or worse than random only when
+(`pipeline/training/significance.py`); the table calls a subset better or worse than random only when
 that interval excludes zero.
 """
 
@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
-from thresher.pipeline.chat import prompt_text
-from thresher.pipeline.pool import load_rows
-from thresher.pipeline.train import TrainConfig, load_trained, train
+from thresher.pipeline.io.pool import load_rows
+from thresher.pipeline.models.chat import prompt_text
+from thresher.pipeline.training.train import TrainConfig, load_trained, train
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _reference(row: dict) -> str | None:
 
 def heldout_loss(model, tok, rows: list[dict], max_tokens: int) -> dict:
     """Response-only NLL, token-weighted over rows, through the fused forward engine."""
-    from thresher.pipeline.engine import run_forward
+    from thresher.pipeline.models.engine import run_forward
 
     out = run_forward(model, tok, rows, {"loss"}, max_tokens=max_tokens)
     n = out["n_loss_tokens"].astype(np.float64)
@@ -195,7 +195,7 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
                pool: Path | str | None = None, full: bool = False, seed: int = 0,
                cfg: TrainConfig | None = None, max_eval: int = 100, max_new_tokens: int = 256,
                progress: bool = True, reference: str | None = None, seeds: int = 1) -> dict:
-    from thresher.pipeline.pool import Pool
+    from thresher.pipeline.io.pool import Pool
 
     t_start = time.perf_counter()
     cfg = cfg or TrainConfig(seed=seed)
@@ -247,7 +247,12 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
                     "subsets": {nm: str(s) for nm, s in zip(names, subsets)},
                     "quarantined": quarantine, "runs": {}}
 
-    from thresher.pipeline.models import load_causal_lm, load_tokenizer, pick_device, resolve
+    from thresher.pipeline.models.resolve import (
+        load_causal_lm,
+        load_tokenizer,
+        pick_device,
+        resolve,
+    )
 
     resolved = resolve(cfg.model)
     device = pick_device(cfg.device)
@@ -294,7 +299,7 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
     with atomic_path(out / "verify.md") as tmp:
         tmp.write_text(table)
     report["markdown"] = table
-    from thresher.pipeline.report import write_report
+    from thresher.pipeline.report.build import write_report
 
     # the HTML report; its map uses cached embeddings only (verify never embeds for a picture)
     report["report"] = str(write_report([out], out / "report.html", compute_embeddings=False))
@@ -324,7 +329,7 @@ def _cached_evals(run_dir: Path, summary: dict, eval_sets: dict, max_tokens: int
 def _over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
     """One run's record over K seeds: the first seed's fields, evals averaged with their spread
     and per-row values averaged over seeds; every seed's record under `per_seed`."""
-    from thresher.pipeline.significance import seed_mean, spread
+    from thresher.pipeline.training.significance import seed_mean, spread
 
     rec = {k: v for k, v in per_seed[0].items() if k != "evals"}
     rec["train_seconds"] = round(sum(r["train_seconds"] for r in per_seed), 2)
@@ -352,7 +357,7 @@ def _over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
 def compare_to_random(report: dict) -> dict:
     """Per subset and eval set: paired bootstrap over eval rows of (subset - random), for the
     held-out loss (token-weighted; lower is better) and exact match where there is one."""
-    from thresher.pipeline.significance import paired_bootstrap, verdict
+    from thresher.pipeline.training.significance import paired_bootstrap, verdict
 
     rand = report["runs"]["random"]["evals"]
     out: dict = {}

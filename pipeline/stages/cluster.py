@@ -14,7 +14,7 @@ On a CPU, `kmeans` is torch: greedy k-means++ seeding on a sample, Lloyd on at m
 `max_points_per_centroid * k` sampled rows with the distance GEMM in bf16 (on CPUs with native
 bf16), one Lloyd update over every row, then every row assigned block by block (a float16
 memory map is read in blocks, never whole, and its pages are released after each block:
-`pipeline/memmap.py`). Why not faiss on a CPU: faiss.Kmeans and
+`pipeline/io/memmap.py`). Why not faiss on a CPU: faiss.Kmeans and
 scikit-learn both spend their time in the same float32 BLAS GEMM, so faiss was no faster than
 scikit-learn here (and much slower with OpenMP's spinning threads on a shared CPU); bf16 GEMM
 and sampled training are where the speed comes from (bench/RESULTS.md). With faiss-gpu and a GPU,
@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
-from thresher.pipeline.memmap import copy_rows, gather
+from thresher.pipeline.io.memmap import copy_rows, gather
 from thresher.pipeline.stage import Resources, Stage, StageRun
 
 BLOCK = 65_536
@@ -64,7 +64,7 @@ def _rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
 def _gemm_dtype():
     """bf16 on CPUs with native bf16 instructions (AVX512-BF16, AMX, Arm BF16), else float32."""
     import torch
-    from thresher.pipeline.engine import _cpu_has_native_bf16
+    from thresher.pipeline.models.engine import _cpu_has_native_bf16
 
     return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
 
@@ -347,7 +347,7 @@ class KMeans(Stage):
 def embed_and_cluster(p, n_rows: int) -> dict[str, Stage]:
     """`emb` (sentence embeddings) and `km` (k-means over them) from a method's parameters
     (embedder, part, k, spherical, niter): what prototypes and semdedup both declare."""
-    from thresher.pipeline.embed import Embed
+    from thresher.pipeline.stages.embed import Embed
 
     emb = Embed(model=p.embedder, part=p.part)
     return {"emb": emb, "km": KMeans(of=emb, k=p.k or default_k(n_rows), spherical=p.spherical,

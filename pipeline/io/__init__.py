@@ -1,0 +1,1 @@
+"""Files in and out: the canonical row schema, readers, the pool, writers, output guards."""

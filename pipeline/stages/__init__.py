@@ -1,0 +1,1 @@
+"""Stages: cached, derived data over a pool (embeddings, clusters, forward signals, gradients...)."""

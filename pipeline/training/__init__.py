@@ -1,0 +1,1 @@
+"""Training: the LoRA trainer, verification against random subsets, pruning."""
