@@ -452,9 +452,19 @@ def methods(
             continue
         typer.echo(f"  cost: {r['cost']}; targets: {r['targets']}; score column: {r['score_column']}")
         typer.echo("  needs: " + ("; ".join(n["describe"] for n in r["needs"]) or "nothing"))
+        typer.echo("  method parameters (--param KEY=VALUE, or method.KEY=VALUE):")
         for prm in r["params"]:
             flag = f"--param {prm['name']}={prm['default']}"
-            typer.echo(f"  {flag:<40} {prm['type']:<34} {prm['help']}")
+            typer.echo(f"    {flag:<40} {prm['type']:<34} {prm['help']}")
+        if r["score_column"] is None:
+            typer.echo("  selector parameters: none (this method makes its own cut)")
+            continue
+        typer.echo(f"  selector parameters (with --selector NAME cutting {r['score_column']}; "
+                   "--param selector.KEY=VALUE):")
+        for sel in describe_selectors():
+            for prm in sel["params"]:
+                flag = f"{sel['selector']}: --param selector.{prm['name']}={prm['default']}"
+                typer.echo(f"    {flag:<50} {prm['type']:<24} {prm['help']}")
     if not name:
         typer.echo("\n`thresher methods NAME` shows a method's parameters and needs; --json for programs.")
 

@@ -17,9 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
+
+
+def check_share(value: float, name: str = "max_share") -> float:
+    """A share of the budget: in (0, 1]. The one check of every diversity guard's cap."""
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+# A parameter that is a share of the budget (`max_share`): declared once, checked when parsed.
+Share = Annotated[float, pydantic.AfterValidator(lambda v, info: check_share(v, info.field_name))]
 
 
 def _type_text(tp: Any) -> str:
@@ -58,7 +69,7 @@ def parse_params(cls: type, raw: dict[str, Any] | None, what: str = "parameter")
         return pydantic.TypeAdapter(cls).validate_python(_split_lists(cls, raw))
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        if not err["loc"]:      # raised by the class's own checks (__post_init__): its message
+        if not err["loc"] or err["type"] == "value_error":   # the class's own checks: their message
             msg = err["msg"].removeprefix("Value error, ")
             raise ValueError(f"bad {what}: {msg}") from None
         key = ".".join(str(p) for p in err["loc"])
@@ -81,17 +92,43 @@ def describe_params(cls: type) -> list[dict]:
     return out
 
 
-def split_params(raw: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
-    """Route each key to the first class that declares it; unknown keys are an error naming
-    every class's keys."""
-    raw = {k.replace("-", "_"): v for k, v in (raw or {}).items()}
-    parts: list[dict[str, Any]] = [{} for _ in classes]
-    for k, v in raw.items():
-        for i, cls in enumerate(classes):
-            if k in {f.name for f in dataclasses.fields(cls)}:
-                parts[i][k] = v
-                break
-        else:
-            valid = sorted({f.name for c in classes for f in dataclasses.fields(c)})
-            raise ValueError(f"unknown parameter {k!r}; valid: {', '.join(valid) or '(none)'}")
-    return parts
+NAMESPACES = ("method", "selector")
+
+
+def route_params(raw: dict[str, Any] | None, method: type, selector: type | None,
+                 names: tuple[str, str] = ("the method", "the selector")) -> tuple[dict, dict]:
+    """(method keys, selector keys) of `--param`s. `method.KEY` and `selector.KEY` name their
+    owner; a bare KEY goes to the one class that declares it, and a bare KEY that both declare is
+    an error asking for the qualified form (scikit-learn's `step__param` idea: one key never
+    reaches the wrong class silently). `selector` is None when no `--selector` was named: the
+    method's own cut takes its settings from method parameters.
+
+        route_params({"keep": "bottom"}, PerplexityParams, ScoreBand)          # ValueError
+        route_params({"selector.keep": "bottom"}, PerplexityParams, ScoreBand)  # ({}, {"keep": ...})
+    """
+    owners = {"method": method, "selector": selector}
+    declared = {ns: {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
+                for ns, cls in owners.items()}
+    out: dict[str, dict] = {"method": {}, "selector": {}}
+    for key, value in (raw or {}).items():
+        ns, _, name = key.replace("-", "_").rpartition(".")
+        if ns and ns not in NAMESPACES:
+            raise ValueError(f"parameter {key!r}: unknown namespace {ns!r}; write method.KEY or "
+                             "selector.KEY")
+        if ns == "selector" and selector is None:
+            raise ValueError(f"parameter {key!r}: no --selector is named; the method's own cut "
+                             "takes its settings from method parameters")
+        if not ns:
+            owning = [n for n in NAMESPACES if name in declared[n]]
+            if len(owning) > 1:
+                raise ValueError(f"parameter {name!r} is declared by both {names[0]} and "
+                                 f"{names[1]}; write method.{name} or selector.{name}")
+            ns = owning[0] if owning else "method"
+        if name not in declared[ns]:
+            valid = sorted(declared["method"]) + sorted(f"selector.{k}" for k in declared["selector"])
+            raise ValueError(f"unknown {'selector ' if ns == 'selector' else ''}parameter "
+                             f"{name!r}; valid: {', '.join(valid) or '(none)'}")
+        if name in out[ns]:
+            raise ValueError(f"parameter {name!r} is given twice")
+        out[ns][name] = value
+    return out["method"], out["selector"]

@@ -93,21 +93,12 @@ class SelectionSpec(_Strict):
     def _params(self) -> SelectionSpec:
         """The method's (and selector's) typed parameters, checked as `--param` checks them."""
         from thresher.pipeline import registry
-        from thresher.pipeline.method import NoParams
-        from thresher.pipeline.params import parse_params, split_params
 
-        impl = registry.get(self.method)
         try:
-            sel_cls = registry.selector_class(self.selector) if self.selector else None
+            impl = registry.choose(self.method, self.params, self.selector).method
         except ValueError as e:
-            raise ValueError(f"selector: {e}") from None
-        try:
-            method_raw, sel_raw = split_params(self.params, impl.Params, sel_cls or NoParams)
-            parse_params(impl.Params, method_raw)
-            if sel_cls is not None:
-                parse_params(sel_cls, {"column": impl.score_column, **sel_raw}, "selector parameter")
-        except ValueError as e:
-            raise ValueError(f"params: {e}") from None
+            where = "selector" if str(e).startswith("unknown selector ") else "params"
+            raise ValueError(f"{where}: {e}") from None
         if self.targets and not impl.needs_targets:
             raise ValueError(f"targets: method {self.method} does not use a target set")
         if impl.needs_targets and not self.targets:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from thresher.pipeline.method import Method, Request
-from thresher.pipeline.params import describe_params
+from thresher.pipeline.params import describe_params, parse_params, route_params
 
 METHODS: dict[str, str] = {
     "random": "thresher.scoring.random_baseline:RandomMethod",
@@ -47,7 +49,8 @@ def method_for(method: str | None, targets, params: dict) -> tuple[str, dict]:
         raise ValueError("--method is required (or give --target FILE for the default "
                          "target-aware selection)")
     name, defaults = TARGET_DEFAULT
-    return name, {**defaults, **params}
+    given = {k.removeprefix("method.") for k in params}
+    return name, {**{k: v for k, v in defaults.items() if k not in given}, **params}
 
 
 SELECTORS: dict[str, str] = {
@@ -74,6 +77,37 @@ def selector_class(name: str) -> type:
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; expected one of {', '.join(SELECTORS)}")
     return _load(SELECTORS[name])
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A method with its typed parameters and its cut, checked before any work: what `select`,
+    recipes and the Python API run. `selector_params` (raw, the score column filled in) are
+    typed again when the cut is made; None for `selector_cls` means the method's own cut."""
+
+    name: str
+    method: Method
+    params: Any
+    selector_cls: type | None = None
+    selector_params: dict = dataclasses.field(default_factory=dict)
+
+
+def choose(method: str, params: dict | None = None, selector: str | None = None) -> Choice:
+    """Resolve and check a method, its parameters and an optional `--selector`: each key goes to
+    the class that declares it (`pipeline/params.route_params`); mistakes are one-line errors."""
+    impl = get(method)
+    sel_cls = selector_class(selector) if selector else None
+    method_raw, sel_raw = route_params(params, impl.Params, sel_cls,
+                                       (f"method {method}", f"selector {selector}"))
+    p = parse_params(impl.Params, method_raw)
+    if sel_cls is None:
+        return Choice(method, impl, p)
+    if impl.score_column is None and "column" not in sel_raw:
+        raise ValueError(f"--selector: method {method} has no score column to cut; "
+                         "give --param selector.column=NAME or use its own selector")
+    sel_raw = {"column": impl.score_column, **sel_raw}
+    parse_params(sel_cls, sel_raw, "selector parameter")
+    return Choice(method, impl, p, sel_cls, sel_raw)
 
 
 class _Sketch:

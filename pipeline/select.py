@@ -29,9 +29,9 @@ from thresher.pipeline.executors import make_executor
 from thresher.pipeline.io.outputs import OutputSet, check_outputs
 from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.io.writers import FORMATS, HF_DATA, manifest_path, write_selection
-from thresher.pipeline.method import Inputs, Method, NoParams, Request
+from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models.resolve import DEFAULT_LM, pick_device
-from thresher.pipeline.params import parse_params, split_params
+from thresher.pipeline.params import parse_params
 from thresher.pipeline.plan import Plan, make_plan
 from thresher.pipeline.stage import Stage, StageStats
 from thresher.pipeline.stages.tokens import TokenCounts
@@ -71,16 +71,8 @@ class Prepared:
 def prepare(pool: Pool, method: str, params: dict | None = None, selector: str | None = None,
             targets=(), seed: int = 0, device: str | None = None,
             token_budget: bool = False) -> Prepared:
-    impl = registry.get(method)
-    sel_cls = registry.selector_class(selector) if selector else None
-    method_raw, sel_raw = split_params(params or {}, impl.Params, sel_cls or NoParams)
-    p = parse_params(impl.Params, method_raw)
-    if sel_cls is not None:
-        if impl.score_column is None and "column" not in sel_raw:
-            raise ValueError(f"--selector: method {method} has no score column to cut; "
-                             "give --param column=NAME or use its own selector")
-        sel_raw = {"column": impl.score_column, **sel_raw}
-        parse_params(sel_cls, sel_raw, "selector parameter")        # fail before any work
+    choice = registry.choose(method, params, selector)       # fails before any work
+    impl, p = choice.method, choice.params
     req = Request(pool, tuple(Path(t) for t in targets or ()), seed, pick_device(device))
     if targets and not impl.needs_targets:
         raise ValueError(f"--target: method {method} does not use a target set")
@@ -90,7 +82,7 @@ def prepare(pool: Pool, method: str, params: dict | None = None, selector: str |
     if token_budget:    # token budgets need per-row counts: the tokenizer only, no weights
         needs["tokens"] = TokenCounts(tokenizer=getattr(p, "model", DEFAULT_LM))
     plan = make_plan(needs.values(), req.device)
-    return Prepared(impl, p, sel_cls, sel_raw, req, needs, plan)
+    return Prepared(impl, p, choice.selector_cls, choice.selector_params, req, needs, plan)
 
 
 def candidates_of(pool: Pool, tokens=None) -> pl.DataFrame:

@@ -36,6 +36,7 @@ import numpy as np
 import polars as pl
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models.resolve import DEFAULT_LM
+from thresher.pipeline.params import Share
 from thresher.pipeline.stage import Stage
 from thresher.pipeline.stages.grad_features import GradFeatures, warmup_proxy
 from thresher.pipeline.stages.targets import TargetPool
@@ -126,12 +127,9 @@ class LessParams:
         "help": "warm-up autocast: bf16 or fp32 (default by CPU)"})
     grad_tokens: int = field(default=512, metadata={
         "help": "padded tokens per per-sample-gradient batch (peak memory grows with it; scores do not change)"})
-    max_share: float = field(default=1.0, metadata={
+    max_share: Share = field(default=1.0, metadata={
         "help": "diversity guard: at most this share of the budget from one source (1 = off, as LESS)"})
 
-    def __post_init__(self):
-        if not 0 < self.max_share <= 1:
-            raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
 
 
 class LessMethod(Method):

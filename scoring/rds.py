@@ -46,6 +46,7 @@ import polars as pl
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models.engine import DEFAULT_MAX_TOKENS
 from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER, DEFAULT_LM
+from thresher.pipeline.params import Share
 from thresher.pipeline.stage import Stage
 from thresher.pipeline.stages.cluster import KMeans, default_k
 from thresher.pipeline.stages.embed import Embed
@@ -127,7 +128,7 @@ class RdsParams:
     max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"help": "truncate rows to this many tokens"})
     retry_duplicates: bool = field(default=False, metadata={
         "help": "a list whose best row is taken walks down instead of losing its turn"})
-    max_share: float = field(default=1.0, metadata={
+    max_share: Share = field(default=1.0, metadata={
         "help": "diversity guard: at most this share of the budget from one source (1 = off, as RDS+)"})
     guard_by: Literal["source", "cluster"] = field(default="source", metadata={
         "help": "what max_share caps: a pool source, or a k-means cluster of the pool's vectors"})
@@ -135,8 +136,6 @@ class RdsParams:
         "help": "clusters for guard_by=cluster (default N/100, within [8, 1000])"})
 
     def __post_init__(self):
-        if not 0 < self.max_share <= 1:
-            raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
         if self.guard_k is not None and self.guard_k < 2:
             raise ValueError(f"guard_k must be at least 2, got {self.guard_k}")
 

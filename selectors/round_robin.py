@@ -33,6 +33,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 from thresher.pipeline.budget import Budget
+from thresher.pipeline.params import check_share
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ class RoundRobin:
                  unbound_hint: str = ""):
         if not lists:
             raise ValueError("round-robin needs at least one ranked list")
-        if not 0 < max_share <= 1:
-            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+        check_share(max_share)
         self.lists = lists
         self.names = names or [str(i) for i in range(len(lists))]
         if len(self.names) != len(lists):

@@ -118,3 +118,46 @@ def test_eu_plane_method(lm_pool, work, tiny_lm_dir, tmp_path):
     assert set(sel2.filter(~pl.col("reason").str.starts_with("fill"))["quadrant"]) <= {"Q1"}
     with pytest.raises(ValueError, match="keep_quadrants"):
         select(lm_pool, "eu-plane", "8", tmp_path / "o3.jsonl", work, model=str(tiny_lm_dir), keep_quadrants="Q5")
+
+
+def test_a_key_two_classes_declare_must_be_qualified(lm_pool, work, tiny_lm_dir, tmp_path):
+    """`--method perplexity --selector band --param keep=bottom` once gave `keep` to the method
+    and cut the top band; now the bare key is an error and `selector.keep` reaches the band."""
+    with pytest.raises(ValueError, match="declared by both method perplexity and selector band; "
+                                         "write method.keep or selector.keep"):
+        run_select(lm_pool.path, "perplexity", "10", tmp_path / "a.jsonl", workdir=work,
+                   params={"model": str(tiny_lm_dir), "keep": "bottom"}, selector="band")
+    m = run_select(lm_pool.path, "perplexity", "10", tmp_path / "b.jsonl", workdir=work,
+                   params={"model": str(tiny_lm_dir), "selector.keep": "bottom"}, selector="band")
+    sel = pl.read_parquet(str(tmp_path / "b.jsonl") + ".selection.parquet")
+    ppl = dict(scores(lm_pool, work, str(tiny_lm_dir)).select("id", "ppl").iter_rows())
+    chosen = [ppl[i] for i in sel["id"]]
+    assert max(chosen) <= min(v for k, v in ppl.items() if k not in set(sel["id"]))
+    assert m["config"]["selector"]["keep"] == "bottom"
+    assert m["config"]["method"]["keep"] == "middle"      # the method's own, untouched
+
+
+def test_parameter_namespaces_name_their_mistakes():
+    from thresher.pipeline.registry import choose
+
+    with pytest.raises(ValueError, match="no --selector is named"):
+        choose("perplexity", {"selector.keep": "top"})
+    with pytest.raises(ValueError, match="unknown namespace 'sel'"):
+        choose("perplexity", {"sel.keep": "top"}, "band")
+    with pytest.raises(ValueError, match="unknown selector parameter 'eps'"):
+        choose("perplexity", {"selector.eps": "1"}, "band")
+    c = choose("perplexity", {"method.keep": "top", "selector.keep": "bottom"}, "band")
+    assert c.params.keep == "top" and c.selector_params["keep"] == "bottom"
+
+
+def test_methods_shows_method_and_selector_namespaces():
+    from thresher.pipeline.cli import app
+    from typer.testing import CliRunner
+
+    out = CliRunner().invoke(app, ["methods", "perplexity"]).output
+    method_part, selector_part = out.split("selector parameters")
+    assert "--param keep=middle" in method_part
+    assert "band: --param selector.keep=top" in selector_part
+    s2l = CliRunner().invoke(app, ["methods", "s2l"]).output
+    assert "selector parameters: none (this method makes its own cut)" in s2l
+    assert "--param selector." not in s2l

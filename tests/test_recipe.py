@@ -96,3 +96,16 @@ def test_globs_expand_sorted(tmp_path):
     (tmp_path / "r.yaml").write_text(GOOD.replace("[pool]", "['in/*.jsonl.*', pool]"))
     r = load_recipe(tmp_path / "r.yaml")
     assert [Path(s).name for s in r.sources] == ["a.jsonl.gz", "b.jsonl.gz", "c.jsonl.zst", "pool"]
+
+
+def test_recipe_params_are_routed_by_namespace(tmp_path):
+    """A key that the method and the selector both declare must be qualified, as on the CLI."""
+    _layout(tmp_path)
+    pick = GOOD.replace("    method: semdedup\n    params: {eps: 0.05}\n",
+                        "    method: perplexity\n    selector: band\n    params: {keep: bottom}\n")
+    (tmp_path / "r.yaml").write_text(pick)
+    with pytest.raises(RecipeError, match=r"r.yaml:\d+: selections\[0\].*write method.keep or "
+                                          r"selector.keep"):
+        load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text(pick.replace("{keep: bottom}", "{selector.keep: bottom}"))
+    assert load_recipe(tmp_path / "r.yaml").selections[0].params == {"selector.keep": "bottom"}
