@@ -6,7 +6,7 @@ bf16 GEMM roofline, measured in the same run.
         [--fp32-reference]
 
 Same model (the real SmolLM2-135M-Instruct) and the same rows (a fixed, seeded mix of math,
-code, general, safety and plain-text rows from /work/shared/data/pool, falling back to the
+code, general, safety and plain-text rows from ../shared/data/pool, falling back to the
 bundled sample). Each round runs, back to back:
   (g) large bf16 GEMMs (1024^3 and 2048^3, `torch.mm`, all threads, warmed up; the median
       time of repeated calls at the faster of the two sizes), the roofline: the best this CPU

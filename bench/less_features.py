@@ -1,5 +1,5 @@
 """LESS gradient features on a realistic slice: seconds per row per checkpoint, projection share,
-peak memory. A seeded uniform sample of --rows rows from every file of /work/shared/data/pool
+peak memory. A seeded uniform sample of --rows rows from every file of ../shared/data/pool
 (shards of 50 rows), --targets GSM8K test rows as the target task, SmolLM2-135M-Instruct.
 
     nice -n 19 /usr/bin/time -v .venv/bin/python bench/less_features.py --out out/less-bench \
@@ -49,13 +49,14 @@ def build(out: Path, n_rows: int, n_targets: int, seed: int = 0) -> tuple[Path, 
 
 def probe(out: Path, token_budget: int, max_tokens: int) -> dict:
     from thresher.pipeline.io.pool import Pool
-    from thresher.pipeline.stages.grad_features import GradFeatures, shard_features, warmup_proxy
+    from thresher.pipeline.stages.grad_features import GradFeatures, shard_features
+    from thresher.pipeline.stages.proxy import warmup_proxy
 
     ckpt = max((out / "work" / "proxy").glob("*/run/checkpoint-*"),
                key=lambda c: int(c.name.split("-")[1]))
     stage = GradFeatures(proxy=warmup_proxy(1), d=8192, max_tokens=max_tokens, dtype="bf16",
                          token_budget=token_budget)
-    job = stage._job(ckpt, "cpu")
+    job = stage.open_worker("cpu", ("checkpoint", str(ckpt)))
     rows = list(Pool(out / "pool").iter_rows(["id", "kind", "messages", "text"]))[:16]
     t0 = time.perf_counter()
     _, _, tokens = shard_features(job, rows)

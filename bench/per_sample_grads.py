@@ -6,7 +6,7 @@ one forward + backward call per sample, on the same rows and parameters.
 
 Model: the real SmolLM2-135M-Instruct with a fresh seeded LoRA adapter (r=8 on q/k/v/o; the
 state DEALRec's effort score and GraNd-at-init differentiate), float32, eval mode. Rows: a
-seeded mix of GSM8K, code and general rows from /work/shared/data/pool (the bundled sample when
+seeded mix of GSM8K, code and general rows from ../shared/data/pool (the bundled sample when
 absent), response-only loss, max 512 tokens. Both ways run in the same process, interleaved
 over rounds, best time kept (the machine is shared). Prints rows/s of each, the ratio
 loop/vmap, and the largest relative difference between the two ways' gradient norms.

@@ -19,8 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from thresher.pipeline.training.train import TrainConfig, load_rows, train
-from thresher.scoring.qtuning import QTuningConfig
+from thresher.pipeline.io.pool import load_rows
+from thresher.pipeline.training.qtuning import QTuningConfig
+from thresher.pipeline.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -47,8 +47,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data"))
-               if (d / "pool").is_dir()), Path("/work/shared/data"))   # not shipped: --data DIR
+SHARED = next((p / "shared" / "data" for p in (REPO.parent, REPO.parent.parent)
+               if (p / "shared" / "data" / "pool").is_dir()),
+              REPO.parent / "shared" / "data")   # not shipped: ../shared/data, or --data DIR
 FAMILIES = {   # name -> (where the rows come from, file)
     "gsm8k": ("eval", "gsm8k_test.jsonl"),
     "mbpp": ("eval", "mbpp_test.jsonl"),
@@ -62,7 +63,7 @@ METHODS = {   # label -> (method, params); random is always run
     "rds-cap25": ("rds", {"vectors": "hidden", "max_share": 0.25}),
     "rds-embed": ("rds", {"vectors": "embed", "max_share": 1.0}),
     "rds-embed-cap50": ("rds", {"vectors": "embed", "max_share": 0.5}),     # the --target default
-    "rds-embed-cap25": ("rds", {"vectors": "embed", "max_share": 0.25}),   # default until session 3
+    "rds-embed-cap25": ("rds", {"vectors": "embed", "max_share": 0.25}),   # an earlier default
     "less": ("less", {"epochs": 2}),        # LESS gradient features, 2 warm-up checkpoints (LESS: 4)
     "less-cap50": ("less", {"epochs": 2, "max_share": 0.5}),
 }
@@ -163,8 +164,8 @@ def select_all(a, out: Path) -> dict:
 
 def train_eval(rows: list[dict], run_dir: Path, seed: int, evals: dict[str, list[dict]], a) -> dict:
     """Train (cached by the trainer) and evaluate on each eval set (cached in run_dir)."""
+    from thresher.pipeline.training.evaluate import heldout_loss
     from thresher.pipeline.training.train import TrainConfig, load_trained, train
-    from thresher.pipeline.training.verify import heldout_loss
 
     cfg = TrainConfig(epochs=a.epochs, max_tokens=a.max_tokens, seed=seed, batch_size=8)
     summary = train(rows, run_dir, cfg, progress=False)
@@ -197,7 +198,7 @@ def base_losses(evals: dict[str, list[dict]], a) -> dict:
         pick_device,
         resolve,
     )
-    from thresher.pipeline.training.verify import heldout_loss
+    from thresher.pipeline.training.evaluate import heldout_loss
 
     resolved = resolve(DEFAULT_LM)
     model, tok = load_causal_lm(resolved, pick_device(None)), load_tokenizer(resolved)

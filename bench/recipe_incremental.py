@@ -77,7 +77,7 @@ def main() -> None:
     t_d, _ = timed_run(write_recipe(fresh, a.rds))
 
     ing = next(s for s in run_c["steps"] if s["step"] == "ingest")
-    stages = [s for s in run_c["steps"] if s["step"] == "stage" and s["shards_computed"] + s["shards_cached"]]
+    stages = [s for s in run_c["steps"] if s["step"] == "stage" and s["units_computed"] + s["units_cached"]]
     names = [s["name"] for s in run_c["steps"] if s["step"] == "select"]
     same = all((grow / "out" / n / f"{n}.jsonl").read_bytes() == (fresh / "out" / n / f"{n}.jsonl").read_bytes()
                for n in names)
@@ -87,7 +87,7 @@ def main() -> None:
     print(f"D from scratch (5 files)  {t_d:8.1f} s   C/D = {t_c / t_d:.3f}")
     print(f"C ingest: {ing['files_read']} file read ({ing['read_now']} rows), {ing['files_reused']} reused")
     for s in stages:
-        print(f"C stage {s['stage']}: {s['shards_computed']} of {s['shards_computed'] + s['shards_cached']} "
+        print(f"C stage {s['stage']}: {s['units_computed']} of {s['units_computed'] + s['units_cached']} "
               f"shards computed, {s['rows_computed']} rows")
     print(f"C subsets byte-identical to D: {same} ({', '.join(names)})")
     if not a.keep:

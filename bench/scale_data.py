@@ -9,7 +9,7 @@ Writes under OUT/<N>/ (bench/out/ is git-ignored; nothing here is committed):
     targets_rds.npy       float16 [50, 576]: target-set vectors for RDS+
     info.json             counts of planted duplicates, sizes, the command
 
-Rows: recombined from /work/shared/data/pool (every source file): a chat row takes the prompt
+Rows: recombined from ../shared/data/pool (every source file): a chat row takes the prompt
 turns of one conversation and the final assistant answer of another conversation of the same
 source (so lengths stay realistic and nearly every row is new); a plain-text row joins two texts
 of its source. Each row keeps `origin` (its source file) as a meta field for balanced selection.

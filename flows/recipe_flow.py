@@ -55,44 +55,46 @@ def publish(recipe_name: str, step: dict) -> None:
                           description=describe_step(step))
 
 
-# -- per-shard tasks: the local executor's unit, one Prefect task run per missing shard ------------
-# A stage task registers its StageRun here and maps `shard_task` over the missing shards, so each
-# shard is retried alone and shows in the UI; tasks pass only the registration key and the shard
-# path. The worker (the model) is opened once per stage and used by one shard at a time. (With
-# `--executor ray` the stage task hands its shards to Ray actors instead.)
+# -- unit tasks: the local executor's units, one Prefect task run per missing unit ----------------
+# A stage task registers its StageRun here and maps `unit_task` over the missing units, so each
+# unit is retried alone and shows in the UI; tasks pass only the registration key and the unit.
+# Workers (models) are opened once per stage and worker key, and used by one unit at a time.
+# (With `--executor ray` the stage task hands its units to Ray actors instead.)
 _RUNS: dict[str, dict] = {}
 
 
-class MappedShards:
-    """The flow's local executor: the same per-shard unit (`compute_shard`), one task per shard."""
+class PrefectTasks:
+    """The flow's in-process executor: the same unit code (`executors.run_one`), one task each."""
 
-    name = "local"
+    name = "prefect-tasks"
 
-    def fill(self, run, missing: list[Path], update) -> None:
+    def run(self, run, units, update) -> None:
         key = uuid.uuid4().hex
-        _RUNS[key] = {"run": run, "worker": None, "lock": threading.Lock()}
+        _RUNS[key] = {"run": run, "workers": {}, "lock": threading.Lock()}
         try:
-            for future in shard_task.map(key, [str(s) for s in missing]):
-                update(future.result())
+            for unit, future in zip(units, unit_task.map(key, units)):
+                update(unit, future.result())
         finally:
             _RUNS.pop(key, None)
 
 
-@task(name="shard", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def shard_task(key: str, shard: str) -> int:
-    from thresher.pipeline.executors import compute_shard
+@task(name="unit", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def unit_task(key: str, unit) -> dict:
+    from thresher.pipeline.executors import open_worker, run_one
 
     entry = _RUNS[key]
     with entry["lock"]:
-        if entry["worker"] is None:
-            entry["worker"] = entry["run"].stage.open_worker(entry["run"].device)
-        return compute_shard(entry["run"], Path(shard), entry["worker"])
+        workers = entry["workers"]
+        if unit.worker not in workers:
+            workers.clear()                  # one loaded worker at a time
+            workers[unit.worker] = open_worker(entry["run"], unit)
+        return run_one(entry["run"], unit, workers[unit.worker])
 
 
 def _executor(name: str):
     from thresher.pipeline.executors import make_executor
 
-    return MappedShards() if name == "local" else make_executor(name)
+    return PrefectTasks() if name == "local" else make_executor(name)
 
 
 def _published(recipe_name: str, step: dict | None) -> dict | None:
@@ -164,7 +166,7 @@ def serve(recipe: str, cron: str, executor: str = "local", name: str | None = No
 
     if not PREFECT_API_URL.value():
         raise ValueError("thresher serve needs a Prefect server: start one with "
-                         "`prefect server start` and set PREFECT_API_URL (see the README)")
+                         "`prefect server start` and set PREFECT_API_URL (see docs/recipes.md)")
     spec = load_recipe(recipe)   # fail now on a bad recipe, not at 3 a.m.
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError

@@ -91,6 +91,14 @@ class ArtifactDir:
     def info(self) -> dict:
         return json.loads((self.dir / DONE).read_text())
 
+    def save_array(self, name: str, arr) -> Path:
+        """Save one array here as `name` (.npy), atomically."""
+        import numpy as np
+
+        with self.writing(name) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
+        return self.path(name)
+
     def concat_arrays(self, parts: list[Path], name: str) -> tuple[int, int]:
         """Stack per-shard `.npy` matrices (in the order given) into one `.npy` here, streamed
         through a memory map so the whole matrix is never in RAM; returns its shape."""

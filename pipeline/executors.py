@@ -1,67 +1,85 @@
-"""Executors fill a per-shard stage's missing shards; the plan (`pipeline/plan.py`) does the rest.
+"""Executors run a stage's missing units; the plan (`pipeline/plan.py`) does the rest.
 
-    LocalExecutor()                      in this process: the stage's model loaded once
+    LocalExecutor()                      in this process: each worker (model) loaded once per
+                                         `Unit.worker` key
     RayExecutor(address=None)            Ray actors sized by the stage's `resources()`, each
-                                         holding the model once; a local cluster unless an
-                                         address (or RAY_ADDRESS) names one
+                                         holding its worker; a local cluster unless an address
+                                         (or RAY_ADDRESS) names one
 
-Both write through the same artifact store with the same per-shard code (`Stage.run_shard` then
-`write_shard`), so their artifacts and the subsets built on them are the same bytes. (Float
-reductions depend on the CPU thread count, so actors run torch with the driver's thread count:
-Ray would otherwise give each actor one thread per CPU it holds, and the last bits would differ.)
+Both run every unit through the same code (`run_one`: `Stage.run_unit`, then `write_unit`, which
+records the unit's rows, tokens, FLOPs and seconds), so their artifacts and the subsets built on
+them are the same bytes. Units are handed out one worker key at a time (every unit of checkpoint
+1, then of checkpoint 2...), so an actor loads each checkpoint's model at most once per group.
+(Float reductions depend on the CPU thread count, so actors run torch with the driver's thread
+count: Ray would otherwise give each actor one thread per CPU it holds, and the last bits would
+differ.)
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
+import time
 from collections.abc import Callable
-from pathlib import Path
 
-import pyarrow.parquet as pq
-from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.stage import Stage, StageRun, write_shard
+from thresher.pipeline.stage import WHOLE, StageRun, Unit, write_unit
+
+log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
 
-
-def read_shard(shard: Path, columns: list[str]) -> list[dict]:
-    schema = pq.read_schema(shard)
-    return pq.read_table(shard, columns=[c for c in columns if c in schema.names]).to_pylist()
+Update = Callable[[Unit, dict], object]     # called once per finished unit with its statistics
 
 
-def compute_shard(run: StageRun, shard: Path, worker) -> int:
-    """The per-shard unit every executor runs: read the shard, run the stage, write its files."""
-    rows = read_shard(shard, run.stage.columns())
-    write_shard(run, shard, run.stage.run_shard(worker, rows))
-    return len(rows)
+def run_one(run: StageRun, unit: Unit, worker) -> dict:
+    """The unit every executor runs: compute it, write its files and statistics."""
+    t0 = time.perf_counter()
+    result = run.stage.run_unit(run, worker, unit)
+    return write_unit(run, unit, result, time.perf_counter() - t0)
+
+
+def open_worker(run: StageRun, unit: Unit):
+    """The stage's worker for this unit's key (stages without per-unit workers take no key);
+    None for a whole-pool unit, which loads what it needs itself."""
+    if unit.key == WHOLE:
+        return None
+    return run.stage.open_worker(run.device, unit.worker) if unit.worker else \
+        run.stage.open_worker(run.device)
+
+
+def by_worker(units: list[Unit]) -> list[list[Unit]]:
+    """Consecutive groups of units that share a worker key, in the order given."""
+    return [list(g) for _, g in itertools.groupby(units, key=lambda u: u.worker)]
 
 
 class LocalExecutor:
     name = "local"
 
-    def fill(self, run: StageRun, missing: list[Path], update: Callable[[int], object]) -> None:
-        worker = None
-        for shard in missing:
-            if worker is None:               # loaded only when some shard is missing
-                worker = run.stage.open_worker(run.device)
-            update(compute_shard(run, shard, worker))
+    def run(self, run: StageRun, units: list[Unit], update: Update) -> None:
+        for group in by_worker(units):
+            worker, opened = None, False         # loaded only when some unit is missing
+            for unit in group:
+                if not opened:
+                    worker, opened = open_worker(run, unit), True
+                update(unit, run_one(run, unit, worker))
+            del worker
 
 
-class ShardActor:
-    """One Ray actor: the stage's worker (model) loaded once, then one shard per call."""
+class UnitActor:
+    """One Ray actor: a stage's run, its worker loaded once per worker key, one unit per call."""
 
-    def __init__(self, stage: Stage, pool_path: str, store_root: str, device: str, threads: int):
+    def __init__(self, run: StageRun, threads: int):
         import torch
-        from thresher.pipeline.io.pool import Pool
 
         torch.set_num_threads(threads)
-        self.stage, self.device = stage, device
-        self.pool, self.store = Pool(pool_path), ArtifactStore(store_root)
-        self.worker = stage.open_worker(device)
+        self.run_, self.key, self.worker, self.opened = run, None, None, False
 
-    def run(self, shard: str) -> int:
-        run = StageRun(self.stage, self.pool, self.store, self.device)
-        return compute_shard(run, Path(shard), self.worker)
+    def run(self, unit: Unit) -> tuple[Unit, dict]:
+        if not self.opened or unit.worker != self.key:
+            self.worker, self.key = None, unit.worker
+            self.worker, self.opened = open_worker(self.run_, unit), True
+        return unit, run_one(self.run_, unit, self.worker)
 
 
 class RayExecutor:
@@ -81,26 +99,27 @@ class RayExecutor:
                      configure_logging=False)
         return ray
 
-    def fill(self, run: StageRun, missing: list[Path], update: Callable[[int], object]) -> None:
-        if not missing:
+    def run(self, run: StageRun, units: list[Unit], update: Update) -> None:
+        if not units:
             return
         ray = self._init()
+        import torch
         from ray.util import ActorPool
 
         res = run.stage.resources()
         cluster = ray.cluster_resources()
         gpus = res.gpus if cluster.get("GPU", 0) > 0 else 0
-        device = run.device if gpus else "cpu"
-        n = max(1, min(len(missing), int(cluster.get("CPU", 1) // max(res.cpus, 1e-9))))
+        if not gpus:
+            run = StageRun(run.stage, run.pool, run.store, "cpu", run.deps, run.notes)
+        n = max(1, min(len(units), int(cluster.get("CPU", 1) // max(res.cpus, 1e-9))))
         actor = ray.remote(num_cpus=res.cpus, num_gpus=gpus,
-                           memory=int(res.memory_gb * 2**30))(ShardActor)
-        import torch
-
-        actors = [actor.remote(run.stage, str(run.pool.path), str(run.store.root), device,
-                               torch.get_num_threads()) for _ in range(n)]
+                           memory=int(res.memory_gb * 2**30))(UnitActor)
+        actors = [actor.remote(run, torch.get_num_threads()) for _ in range(n)]
         try:
-            for rows in ActorPool(actors).map_unordered(lambda a, s: a.run.remote(str(s)), missing):
-                update(rows)
+            pool = ActorPool(actors)
+            for group in by_worker(units):
+                for unit, info in pool.map_unordered(lambda a, u: a.run.remote(u), group):
+                    update(unit, info)
         finally:
             for a in actors:
                 ray.kill(a)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import polars as pl
 from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.stage import Stage
@@ -85,3 +86,14 @@ class Method:
 
     def selector(self, p: Any, inputs: Inputs, scores: pl.DataFrame):
         raise NotImplementedError
+
+
+def seed_average(candidates: pl.DataFrame, column: str, per_seed: np.ndarray) -> pl.DataFrame:
+    """id, the mean over seeds (rows of per_seed) as `column` and its spread as `column_seed_std`;
+    rows without a score (no response token) are left out. EL2N's and GraNd's score."""
+    out = candidates.select("id").with_columns(
+        pl.Series(column, per_seed.mean(0)), pl.Series(f"{column}_seed_std", per_seed.std(0)))
+    out = out.filter(pl.col(column).is_not_nan())
+    if out.height == 0:
+        raise ValueError("no row has a response token to score; check the pool and --param max_tokens")
+    return out

@@ -13,16 +13,18 @@ every stage (rows, tokens, seconds, device, FLOPs, what was cached).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.progress import stage_bar
-from thresher.pipeline.stage import Stage, StageRun, StageStats, shard_done
+from thresher.pipeline.stage import Stage, StageRun, StageStats, Unit, unit_done
+
+log = logging.getLogger(__name__)
 
 
 def _bind(stage: Stage, device: str) -> Stage:
@@ -41,7 +43,7 @@ class Plan:
     device: str = "cpu"
 
     def _run_for(self, stage: Stage, pool: Pool, store: ArtifactStore, outputs: dict) -> StageRun:
-        stage_pool = outputs[stage.source] if stage.source is not None else pool
+        stage_pool = outputs[stage.over] if stage.over is not None else pool
         return StageRun(stage, stage_pool, store, self.device,
                         deps={d: outputs[d] for d in stage.deps()})
 
@@ -58,12 +60,10 @@ class Plan:
             if stage.done(run):
                 outputs[stage] = stage.load(run)
                 lines.append(f"{i}. {stage.describe()}: cached ({run.dir.dir})")
-            elif stage.per_shard:
-                have = sum(shard_done(run, s) is not None for s in run.pool.shards)
-                lines.append(f"{i}. {stage.describe()}: to run ({have} of "
-                             f"{len(run.pool.shards)} shards cached)")
             else:
-                lines.append(f"{i}. {stage.describe()}: to run")
+                units = stage.units(run)
+                have = sum(unit_done(run, u) is not None for u in units)
+                lines.append(f"{i}. {stage.describe()}: to run ({have} of {len(units)} units cached)")
         return lines
 
     def run(self, pool: Pool, store: ArtifactStore, executor) -> tuple[dict[Stage, Any], list[StageStats]]:
@@ -107,42 +107,45 @@ def _run_stage(run: StageRun, executor) -> StageStats:
         info = run.dir.info()
         st.cached, st.rows_out = True, int(info.get("rows", 0))
         st.tokens = int(info.get("tokens", 0))
-        st.shards_cached = len(run.pool.shards) if stage.per_shard else 0
+        st.units_cached = int(info.get("units", 0))
         st.seconds = time.perf_counter() - t0
         return st
-    if stage.per_shard:
-        _fill_shards(run, executor, st)
-        extra = stage.assemble(run)
-    else:
-        total = run.pool.n_rows if stage.uses_pool else 1
-        with stage_bar(stage.kind, total, stage.unit) as bar:
-            extra = stage.run_whole(run) or {}
-            bar.update(total)
-        st.tokens, st.flops = int(extra.pop("tokens", 0)), float(extra.pop("flops", 0.0))
-        for name in ("shards_computed", "shards_cached", "rows_computed"):   # if it reports them
-            setattr(st, name, int(extra.get(name, 0)))
+    units = stage.units(run)
+    _run_units(run, units, executor, st)
+    extra = stage.assemble(run)
     st.rows_out = int(extra.get("rows", run.pool.n_rows))
-    run.dir.complete({"rows": st.rows_out, "tokens": st.tokens, **run.notes, **extra})
+    run.dir.complete({"rows": st.rows_out, "tokens": st.tokens, "units": len(units),
+                      **run.notes, **extra})
     st.seconds = time.perf_counter() - t0
     return st
 
 
-def _fill_shards(run: StageRun, executor, st: StageStats) -> None:
-    missing = [s for s in run.pool.shards if shard_done(run, s) is None]
-    st.shards_cached = len(run.pool.shards) - len(missing)
-    st.shards_computed = len(missing)
-    total = sum(pq.ParquetFile(s).metadata.num_rows for s in missing)
-    st.rows_computed = total
-    with stage_bar(run.stage.kind, total, "rows") as bar:
-        executor.fill(run, missing, bar.update)
-    for s in run.pool.shards:
-        info = shard_done(run, s)
-        st.tokens += info["tokens"]
-        if s in missing:
+def _run_units(run: StageRun, units: list[Unit], executor, st: StageStats) -> None:
+    """Hand the missing units to the executor; count what was computed and what was cached.
+    A progress line per unit goes to the log, a bar to a terminal."""
+    done = {u.key: unit_done(run, u) for u in units}
+    missing = [u for u in units if done[u.key] is None]
+    st.units_cached, st.units_computed = len(units) - len(missing), len(missing)
+    st.rows_computed = sum(u.size for u in missing)
+    kind, n = run.stage.kind, len(missing)
+    with stage_bar(kind, st.rows_computed, run.stage.counts) as bar:
+        def finished(unit: Unit, info: dict) -> None:
+            finished.count += 1
+            bar.update(unit.size)
             st.flops += info["flops"]
+            log.info("%s: unit %d/%d %s done (%d %s, %.1fs)", kind, finished.count, n,
+                     unit.label or unit.key, unit.size, run.stage.counts, info["seconds"])
+
+        finished.count = 0
+        executor.run(run, missing, finished)
+    for u in units:
+        info = unit_done(run, u)
+        if info is None:
+            raise RuntimeError(f"{kind}: unit {u.label or u.key} has no output after the executor ran it")
+        st.tokens += int(info["tokens"])
 
 
-def run_one(plan: Plan, index: int, pool: Pool, store: ArtifactStore, executor) -> StageStats:
+def run_stage_at(plan: Plan, index: int, pool: Pool, store: ArtifactStore, executor) -> StageStats:
     """Run stage `index` of a plan alone (as a Prefect task does): the outputs of the stages it
     reads were computed by earlier steps and are only loaded here."""
     stage = plan.stages[index]

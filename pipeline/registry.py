@@ -36,7 +36,7 @@ METHODS: dict[str, str] = {
 
 # What `thresher select --target F` runs when no --method is given: the combination that won
 # most often on bench/quality.py (LESS gradient features, two warm-up checkpoints), with the
-# diversity guard kept on at the loosest measured cap (README, "Target-aware selection").
+# diversity guard kept on at the loosest measured cap (docs/target-aware.md).
 TARGET_DEFAULT: tuple[str, dict] = ("less", {"epochs": 2, "max_share": 0.5})
 
 

@@ -8,8 +8,8 @@ A run is a list of steps, and `thresher run` (this module's `run_recipe`) and th
     ingest_step       sources -> OUT/pool; unchanged input files are copied, not read again
     plan_of           every selection's needs resolved into ONE plan (stages deduplicated: two
                       selections over MiniLM embeddings share one embedding pass)
-    stage_step        one stage of that plan (per-shard stages fill only shards not cached, so
-                      a pool that gained a file computes the new file's shards alone)
+    stage_step        one stage of that plan (only its units not cached run, so a pool that
+                      gained a file computes the new file's shards alone)
     selection_step    score, cut, write OUT/<name>/..., its manifest and dataset card
     verify_step       optional: `thresher verify` of the chosen subsets
     report_step       optional: the HTML report (pipeline/report/build.py, when installed)
@@ -104,9 +104,9 @@ def _seed(recipe: Recipe, sel: SelectionSpec) -> int:
 
 def stage_step(planned: Planned, index: int, executor) -> dict:
     """Run stage `index` of the plan (its dependencies are earlier stages, already done)."""
-    from thresher.pipeline.plan import run_one
+    from thresher.pipeline.plan import run_stage_at
 
-    stats = run_one(planned.plan, index, planned.pool, planned.store, executor)
+    stats = run_stage_at(planned.plan, index, planned.pool, planned.store, executor)
     return {"step": "stage", "index": index, "describe": planned.plan.stages[index].describe(),
             **stats.as_dict()}
 
@@ -148,20 +148,29 @@ def _ran_by_key(stage_stats: list[dict]) -> dict[str, dict]:
     return {stage_key(s["stage"], s["config"]): s for s in stage_stats}
 
 
+def verify_with_report(subsets, eval_files, out: Path, **kw) -> dict:
+    """`run_verify`, then its HTML report in OUT/report.html (the map from cached embeddings
+    only: verify never embeds for a picture); the report's path is `["report"]`."""
+    from thresher.pipeline.report.build import write_report
+    from thresher.pipeline.training.verify import run_verify
+
+    report = run_verify(subsets, eval_files, out, **kw)
+    report["report"] = str(write_report([out], out / "report.html", compute_embeddings=False))
+    return report
+
+
 def verify_step(recipe: Recipe) -> dict | None:
     if recipe.verify is None:
         return None
     from thresher.pipeline.io.card import write_card
     from thresher.pipeline.training.train import TrainConfig
-    from thresher.pipeline.training.verify import run_verify
-
     v = recipe.verify
     names = v.selections or [s.name for s in recipe.selections]
     subsets = [subset_path(recipe, recipe.selection(n)) for n in names]
     out = Path(recipe.out) / "verify"
-    report = run_verify(subsets, v.eval, out, full=v.full, seed=recipe.seed,
-                        cfg=TrainConfig(seed=recipe.seed, **v.train), max_eval=v.max_eval,
-                        max_new_tokens=v.max_new_tokens)
+    report = verify_with_report(subsets, v.eval, out, full=v.full, seed=recipe.seed,
+                                cfg=TrainConfig(seed=recipe.seed, **v.train), max_eval=v.max_eval,
+                                max_new_tokens=v.max_new_tokens)
     table = report["markdown"]
     for n in names:   # the cards of verified subsets gain the verify table
         sel = recipe.selection(n)
@@ -175,10 +184,8 @@ def verify_step(recipe: Recipe) -> dict | None:
 def report_step(recipe: Recipe) -> dict | None:
     if recipe.report is None:
         return None
-    try:
-        from thresher.pipeline.report.build import write_report
-    except ModuleNotFoundError:
-        return {"step": "report", "skipped": "this thresher has no pipeline/report/build.py yet"}
+    from thresher.pipeline.report.build import write_report
+
     t0 = time.perf_counter()
     runs = [subset_path(recipe, s) for s in recipe.selections]
     if recipe.verify is not None:
@@ -252,10 +259,10 @@ def describe_step(s: dict) -> str:
                 f"{s['files_read']} read: {s['read_now']} rows) -> {s['kept']} rows kept, "
                 f"{s['quarantined']} quarantined{gone} [{s['seconds']:.1f}s]")
     if s["step"] == "stage":
-        shards = s["shards_computed"] + s["shards_cached"]
+        units = s["units_computed"] + s["units_cached"]
         how = "cached" if s["cached"] else (
-            f"{s['shards_computed']} of {shards} shards computed ({s['rows_computed']} rows), "
-            f"{s['shards_cached']} cached" if shards else "computed")
+            f"{s['units_computed']} of {units} units computed ({s['rows_computed']} rows), "
+            f"{s['units_cached']} cached")
         return f"stage {s['describe']}: {how} [{s['seconds']:.1f}s]"
     if s["step"] == "select":
         return (f"select {s['name']} ({s['method']}): {s['selected']} of {s['candidates']} -> "

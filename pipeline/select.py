@@ -70,7 +70,7 @@ class Prepared:
 
 def prepare(pool: Pool, method: str, params: dict | None = None, selector: str | None = None,
             targets=(), seed: int = 0, device: str | None = None,
-            token_budget: bool = False) -> Prepared:
+            count_tokens: bool = False) -> Prepared:
     choice = registry.choose(method, params, selector)       # fails before any work
     impl, p = choice.method, choice.params
     req = Request(pool, tuple(Path(t) for t in targets or ()), seed, pick_device(device))
@@ -79,7 +79,7 @@ def prepare(pool: Pool, method: str, params: dict | None = None, selector: str |
     if impl.needs_targets and not targets:
         raise ValueError(f"--method {method} needs --target FILE (repeat --target for several tasks)")
     needs = dict(impl.needs(p, req))
-    if token_budget:    # token budgets need per-row counts: the tokenizer only, no weights
+    if count_tokens:    # token budgets need per-row counts: the tokenizer only, no weights
         needs["tokens"] = TokenCounts(tokenizer=getattr(p, "model", DEFAULT_LM))
     plan = make_plan(needs.values(), req.device)
     return Prepared(impl, p, choice.selector_cls, choice.selector_params, req, needs, plan)

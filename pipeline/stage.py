@@ -1,4 +1,4 @@
-"""A stage: one kind of derived data, declared as a frozen config, run per shard or per pool.
+"""A stage: one kind of derived data, declared as a frozen config; its work is units an executor runs.
 
     @dataclass(frozen=True)
     class Embed(Stage):
@@ -7,18 +7,23 @@
         part: str = "conversation"
 
         def resources(self): return Resources(cpus=1, gpus=0.25, memory_gb=2)
-        def open_worker(self, env): return ShardEmbedder(...)      # the model, once per process / actor
+        def open_worker(self, device): return ShardEmbedder(...)      # the model, once per process / actor
         def run_shard(self, worker, rows): return ShardResult({"vectors": ...}, tokens=..., flops=...)
-        def assemble(self, run): ...                                # per-shard files -> pool-level output
+        def assemble(self, run): ...                                # unit files -> pool-level output
         def load(self, run): return Embeddings(...)                  # what methods receive
 
 The stage's fields are its cache key (with the model's identity, not its name: `key_config`).
-A per-shard stage (`per_shard = True`) writes one file set per pool shard, keyed by the shard's
-content hash, so a killed run resumes at the first missing shard, a pool that gains a file only
-computes the new shards, and any executor (in-process, Ray actors) can fill the shards; then
-`assemble` builds the pool-level output. A whole-pool stage implements `run_whole` instead.
-`deps()` names the stages whose outputs it reads; `source` (a TargetPool stage or None for the
-main pool) says which pool it runs over. Every stage reports the same `StageStats`.
+Its work is a list of `Unit`s (`units(run)`): by default one per pool shard (`per_shard = True`),
+keyed by the shard's content, or one unit for the whole pool (`run_whole`). A stage with phases
+declares them as stages it depends on (LESS: the warm-up proxy, then gradient features as
+(checkpoint x row chunk) units, assembled per checkpoint), and a stage whose units need
+something loaded per unit (a checkpoint's model) names it in `Unit.worker`. An executor
+(`pipeline/executors.py`: in-process or Ray actors) runs the missing units through `run_unit`;
+each unit's files and its statistics (rows, tokens, FLOPs, seconds) are written here
+(`write_unit`), atomically, its marker last, so a killed run resumes at the first missing unit
+and a pool that gains a shard computes only that shard's units. Then `assemble` builds the
+pool-level output from the unit files. `deps()` names the stages whose outputs it reads; `over`
+(a TargetPool stage, or None for the main pool) names the pool it runs over.
 """
 
 from __future__ import annotations
@@ -45,14 +50,37 @@ class Resources:
     memory_gb: float = 1.0
 
 
+WHOLE = "whole"     # the key of a whole-pool stage's one unit
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of a stage's work that an executor runs.
+
+    `key` names its files in the stage's unit directory (a shard's content hash, with whatever
+    else its output depends on: a checkpoint's fingerprint, a row range); `shard` and `rows` say
+    what it reads (a pool shard, a half-open row range of it; None: all of it); units whose
+    `worker` is equal share one loaded worker (a checkpoint's model); `size` is what its
+    progress counts; `label` names it in logs."""
+
+    key: str
+    shard: str | None = None
+    rows: tuple[int, int] | None = None
+    worker: tuple = ()
+    size: int = 1
+    label: str = ""
+
+
 @dataclass
 class ShardResult:
-    """One shard's output: named arrays (saved as .npy) and/or tables (saved as .parquet)."""
+    """One unit's output: named arrays (saved as .npy) and/or tables (saved as .parquet)."""
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)      # name -> pyarrow.Table
     tokens: int = 0
     flops: float = 0.0
+    rows: int | None = None        # rows it covers (default: the first array's or table's length)
+    info: dict = field(default_factory=dict)   # more statistics for its marker (JSON values)
 
 
 @dataclass
@@ -66,9 +94,9 @@ class StageStats:
     device: str = "cpu"
     flops: float = 0.0
     cached: bool = False
-    shards_computed: int = 0
-    shards_cached: int = 0
-    rows_computed: int = 0      # rows of the shards computed (not found cached) by this run
+    units_computed: int = 0
+    units_cached: int = 0
+    rows_computed: int = 0      # rows of the units computed (not found cached) by this run
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -95,15 +123,24 @@ class StageRun:
             [fingerprint_of(v) for v in self.deps.values()]
         return self.store.dir(self.stage.kind, inputs, self.stage.key_config())
 
-    def shard_dir(self) -> Path:
-        """Per-shard outputs, shared by every pool holding the same shard content."""
-        d = self.store.root / self.stage.kind / config_key(self.stage.key_config()) / "shards"
+    def unit_dir(self) -> Path:
+        """Unit outputs, keyed by the stage's config and each unit's own key: shared by every
+        pool holding the same shard content."""
+        d = self.store.root / self.stage.kind / config_key(self.stage.key_config()) / "units"
         if not self.store.read_only:
             d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def shard_prefix(self, shard: Path) -> Path:
-        return self.shard_dir() / self.pool.shard_fingerprint(shard)[:32]
+    def unit_prefix(self, unit: Unit) -> Path:
+        """Where a unit's files live: the pool-level directory for the whole-pool unit."""
+        if unit.key == WHOLE:
+            return self.dir.path("unit")
+        return self.unit_dir() / unit.key
+
+    def shard_unit(self, shard: Path | str) -> Unit:
+        """A per-shard stage's unit of one pool shard."""
+        return Unit(self.pool.shard_fingerprint(shard)[:32], str(shard),
+                    size=self.pool.shard_rows(shard), label=Path(shard).stem)
 
 
 def fingerprint_of(output: Any) -> str:
@@ -121,15 +158,15 @@ class Stage:
     kind: ClassVar[str]
     per_shard: ClassVar[bool] = True
     loads_model: ClassVar[bool] = False      # False: planning it never loads model weights
-    unit: ClassVar[str] = "rows"              # what its progress bar counts
+    counts: ClassVar[str] = "rows"            # what its progress bar counts
     uses_pool: ClassVar[bool] = True          # False: the output does not depend on the pool
     requires: ClassVar[tuple[tuple[str, str], ...]] = ()   # (module, pip requirement) it imports
 
-    source: Any = field(default=None, kw_only=True)   # a TargetPool stage, or None: the main pool
+    over: Any = field(default=None, kw_only=True)   # the pool it runs over: a TargetPool stage, or None (the main pool)
 
     # -- declaration ----------------------------------------------------------------------
     def deps(self) -> tuple[Stage, ...]:
-        return (self.source,) if self.source is not None else ()
+        return (self.over,) if self.over is not None else ()
 
     def resources(self) -> Resources:
         return Resources()
@@ -160,24 +197,43 @@ class Stage:
 
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                           if f.name != "source" and f.repr)
-        over = f" over {self.source.describe()}" if self.source is not None else ""
+                           if f.name != "over" and f.repr)
+        over = f" over {self.over.describe()}" if self.over is not None else ""
         return f"{self.kind}({fields}){over}"
 
-    # -- per-shard stages -----------------------------------------------------------------
-    def open_worker(self, device: str) -> Any:
+    # -- units ---------------------------------------------------------------------------
+    def units(self, run: StageRun) -> list[Unit]:
+        """The stage's work: one unit per pool shard, or one for the whole pool."""
+        if self.per_shard:
+            return [run.shard_unit(s) for s in run.pool.shards]
+        return [Unit(WHOLE, size=run.pool.n_rows if self.uses_pool else 1, label="whole")]
+
+    def open_worker(self, device: str, key: tuple = ()) -> Any:
+        """What units need loaded (a model), once per process or actor and `Unit.worker` key."""
         return None
 
+    def run_unit(self, run: StageRun, worker: Any, unit: Unit) -> ShardResult | dict:
+        """One unit's output: a shard's `run_shard`, or the whole-pool `run_whole` (which writes
+        into `run.dir` and returns its statistics)."""
+        if unit.key == WHOLE:
+            return self.run_whole(run) or {}
+        return self.run_shard(worker, read_unit_rows(unit, self.columns()))
+
+    # -- per-shard stages -----------------------------------------------------------------
     def run_shard(self, worker: Any, rows: list[dict]) -> ShardResult:
         raise NotImplementedError
 
     def columns(self) -> list[str]:
-        """Pool columns a shard's rows need."""
+        """Pool columns a unit's rows need."""
         return ["id", "kind", "messages", "text"]
 
     def assemble(self, run: StageRun) -> dict:
-        """Build pool-level outputs from the shard files; returns extra statistics."""
-        return {}
+        """Build pool-level outputs from the unit files; returns extra statistics (by default,
+        the whole-pool unit's own)."""
+        if self.per_shard:
+            return {}
+        info = unit_done(run, Unit(WHOLE)) or {}
+        return {k: v for k, v in info.items() if k not in UNIT_STATS}
 
     # -- whole-pool stages ----------------------------------------------------------------
     def run_whole(self, run: StageRun) -> dict:
@@ -192,30 +248,64 @@ class Stage:
         return run.dir.done
 
 
-def write_shard(run: StageRun, shard: Path, result: ShardResult) -> None:
-    """Save one shard's result atomically, the marker file (last suffix) last."""
+UNIT_STATS = ("rows", "tokens", "flops", "seconds")
+
+
+def read_unit_rows(unit: Unit, columns: list[str]) -> list[dict]:
+    """The rows a unit reads: its shard's `columns` (those present), its row range only."""
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(unit.shard)
+    table = pq.read_table(unit.shard, columns=[c for c in columns if c in schema.names])
+    if unit.rows is not None:
+        table = table.slice(unit.rows[0], unit.rows[1] - unit.rows[0])
+    return table.to_pylist()
+
+
+def write_unit(run: StageRun, unit: Unit, result: ShardResult | dict, seconds: float) -> dict:
+    """Save one unit's result atomically, the marker (with its statistics) last."""
     import pyarrow.parquet as pq
     from thresher.pipeline.artifacts import atomic_path
 
-    prefix = run.shard_prefix(shard)
-    for name, arr in result.arrays.items():
-        with atomic_path(Path(f"{prefix}.{name}.npy")) as tmp, open(tmp, "wb") as f:
-            np.save(f, arr)
-    for name, table in result.tables.items():
-        with atomic_path(Path(f"{prefix}.{name}.parquet")) as tmp:
-            pq.write_table(table, tmp)
-    info = {"rows": int(next(iter(result.arrays.values())).shape[0]) if result.arrays
-            else int(next(iter(result.tables.values())).num_rows),
-            "tokens": int(result.tokens), "flops": float(result.flops)}
+    prefix = run.unit_prefix(unit)
+    if isinstance(result, dict):          # a whole-pool unit wrote its own files: its statistics
+        info = {"rows": int(result.get("rows", unit.size)), "tokens": int(result.get("tokens", 0)),
+                "flops": float(result.get("flops", 0.0)),
+                **{k: v for k, v in result.items() if k not in UNIT_STATS}}
+    else:
+        for name, arr in result.arrays.items():
+            with atomic_path(Path(f"{prefix}.{name}.npy")) as tmp, open(tmp, "wb") as f:
+                np.save(f, arr)
+        for name, table in result.tables.items():
+            with atomic_path(Path(f"{prefix}.{name}.parquet")) as tmp:
+                pq.write_table(table, tmp)
+        rows = (result.rows if result.rows is not None
+                else int(next(iter(result.arrays.values())).shape[0]) if result.arrays
+                else int(next(iter(result.tables.values())).num_rows) if result.tables else 0)
+        info = {**result.info, "rows": int(rows), "tokens": int(result.tokens),
+                "flops": float(result.flops)}
+    info["seconds"] = round(float(seconds), 4)
     with atomic_path(Path(f"{prefix}.done.json")) as tmp:
         tmp.write_text(json.dumps(info))
+    return info
 
 
-def shard_done(run: StageRun, shard: Path) -> dict | None:
-    marker = Path(f"{run.shard_prefix(shard)}.done.json")
+def unit_done(run: StageRun, unit: Unit) -> dict | None:
+    """A finished unit's statistics, or None."""
+    marker = Path(f"{run.unit_prefix(unit)}.done.json")
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
+def unit_file(run: StageRun, unit: Unit, name: str) -> Path:
+    """Path of one of a unit's outputs (`name` is e.g. "vectors.npy")."""
+    return Path(f"{run.unit_prefix(unit)}.{name}")
+
+
+def gather_units(run: StageRun, units: list[Unit], name: str) -> np.ndarray:
+    """One array made of every unit's `name` file (e.g. "norms.npy"), in the units' order."""
+    return np.concatenate([np.load(unit_file(run, u, name)) for u in units])
+
+
 def shard_file(run: StageRun, shard: Path, name: str) -> Path:
-    """Path of one of a shard's outputs (`name` is e.g. "vectors.npy")."""
-    return Path(f"{run.shard_prefix(shard)}.{name}")
+    """Path of one output of a per-shard stage's unit for `shard`."""
+    return unit_file(run, run.shard_unit(shard), name)

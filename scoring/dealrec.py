@@ -15,7 +15,7 @@ target's effort, then coverage-enhanced stratified sampling.
 5. `selectors/stratified.py`: drop the top `hard_prune` (0.1, the released code) of the scores,
    `bins` (50) equal-width score bins, the budget over the bins smallest first.
 
-Deviations (README): the surrogate is a LoRA proxy of the target family, not a separate small
+Deviations (docs/training-dynamics.md): the surrogate is a LoRA proxy of the target family, not a separate small
 architecture (SASRec), and its loss is the response-token cross-entropy (SASRec: BCE with one
 random negative); the effort loss is response-only by default (the code includes prompt tokens:
 `effort_response_only=false`) and not doubled; u is divided by scale (a constant); v is the mean
@@ -31,7 +31,7 @@ import polars as pl
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.stage import Stage
 from thresher.pipeline.stages.grad_scores import GradNorms, Influence
-from thresher.scoring.s2l import ProxyParams, proxy_stage
+from thresher.pipeline.stages.proxy import ProxyParams, proxy_stage
 from thresher.selectors.stratified import Stratified
 
 INFLUENCE_PARAMS = "*layers.{last}.self_attn.o_proj.lora_B*"

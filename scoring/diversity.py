@@ -9,7 +9,7 @@ quality scores (two 7B scorer models, not shipped here); `--param score=<field>`
 numeric original field instead (highest first). Without one, the default order is a seeded
 random permutation (`--param order=random`): neutral, so the filter alone only removes
 redundancy; `--param order=longest` visits the longest rows (n_chars) first. Embeddings are
-all-MiniLM-L6-v2 (DEITA uses the last hidden state of a 7B LM; deviation, see README).
+all-MiniLM-L6-v2 (DEITA uses the last hidden state of a 7B LM; deviation, see docs/methods.md).
 """
 
 from __future__ import annotations

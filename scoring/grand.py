@@ -8,7 +8,7 @@ every LoRA matrix; else fnmatch patterns over parameter names, `{last}` = the la
 Per-sample gradients are batched with torch.func (`pipeline/models/grads.py`); the loss is the mean
 response-token NLL. Keep `top` (Data Diet: the largest norms) by default, `middle` or `bottom`.
 
-Deviations (README): theta is a parameter subset (the paper: all weights of a network trained
+Deviations (docs/training-dynamics.md): theta is a parameter subset (the paper: all weights of a network trained
 from scratch); with peft's LoRA init (B = 0) the gradient at init reaches only the B matrices.
 """
 
@@ -19,10 +19,10 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.method import Inputs, Method, Request, seed_average
 from thresher.pipeline.stage import Stage
 from thresher.pipeline.stages.grad_scores import GradNorms
-from thresher.scoring.el2n import EarlyParams, early_proxies, seed_average, seed_list
+from thresher.pipeline.stages.proxy import EarlyParams, early_proxies, seed_list
 from thresher.selectors.score_band import ScoreBand
 
 

@@ -2,7 +2,7 @@
 LoRA gradients point where the target examples' gradients point, over the warm-up checkpoints.
 
 1. Warm-up (`Proxy` stage via `grad_features.warmup_proxy`): LoRA on a seeded random
-   `warmup_part` (5%) of the pool, at least `warmup_min_rows` rows, `epochs` (4) epochs, one
+   `proxy_part` (5%) of the pool, at least `proxy_min_rows` rows, `epochs` (4) epochs, one
    checkpoint per epoch.
 2. Features (`GradFeatures` stage, `pipeline/stages/grad_features.py`): per checkpoint, each pool row's
    Adam-preconditioned gradient and each target row's SGD gradient, Rademacher-projected to `d`
@@ -20,7 +20,7 @@ LoRA gradients point where the target examples' gradients point, over the warm-u
 arithmetic for other methods (RDS+ with gradient representations): the representation is the
 concatenation of sqrt(eta_i) * feature_i, unit length, whose inner products are LESS's sum.
 
-Deviations (README "LESS"): the trainer's LoRA (r=8, alpha 16, lr 2e-4, cosine schedule, batch 8)
+Deviations (docs/target-aware.md, "LESS"): the trainer's LoRA (r=8, alpha 16, lr 2e-4, cosine schedule, batch 8)
 instead of r=128, alpha 512, lr 2e-5, linear schedule, batch 32; max_tokens 512 instead of 2048;
 rows with no response token within max_tokens are not scored (counted as `unscored_rows`).
 """
@@ -38,7 +38,8 @@ from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.params import Share
 from thresher.pipeline.stage import Stage
-from thresher.pipeline.stages.grad_features import GradFeatures, warmup_proxy
+from thresher.pipeline.stages.grad_features import GradFeatures
+from thresher.pipeline.stages.proxy import warmup_proxy
 from thresher.pipeline.stages.targets import TargetPool
 from thresher.selectors.round_robin import RoundRobin, StaticList
 from thresher.selectors.score_band import ScoreBand
@@ -117,14 +118,16 @@ class LessParams:
     proj_seed: int = field(default=0, metadata={"help": "seed of the Rademacher projection"})
     proj_dtype: Literal["bf16", "fp32"] | None = field(default=None, metadata={
         "help": "projection product dtype: bf16 (default on CPUs with native bf16) or fp32"})
-    warmup_part: float = field(default=0.05, metadata={"help": "fraction of the pool the warm-up trains on"})
-    warmup_min_rows: int = field(default=32, metadata={"help": "at least this many warm-up rows"})
+    proxy_part: float = field(default=0.05, metadata={"help": "fraction of the pool the warm-up trains on"})
+    proxy_min_rows: int = field(default=32, metadata={"help": "at least this many warm-up rows"})
     epochs: int = field(default=4, metadata={"help": "warm-up epochs, one checkpoint each (LESS: 4)"})
     proxy_lr: float = field(default=2e-4, metadata={"help": "warm-up learning rate (LESS: 2e-5 at r=128)"})
     proxy_batch_size: int = field(default=8, metadata={"help": "warm-up batch size"})
     proxy_seed: int = field(default=0, metadata={"help": "warm-up seed (init, order, part)"})
     proxy_dtype: str | None = field(default=None, metadata={
         "help": "warm-up autocast: bf16 or fp32 (default by CPU)"})
+    unit_rows: int = field(default=256, metadata={
+        "help": "rows per unit of gradient work (a progress line and a resume point each)"})
     grad_tokens: int = field(default=512, metadata={
         "help": "padded tokens per per-sample-gradient batch (peak memory grows with it; scores do not change)"})
     max_share: Share = field(default=1.0, metadata={
@@ -143,13 +146,13 @@ class LessMethod(Method):
     needs_targets = True
 
     def needs(self, p: LessParams, req: Request) -> dict[str, Stage]:
-        warm = warmup_proxy(req.n_rows, p.model, p.warmup_part, p.warmup_min_rows, p.epochs,
+        warm = warmup_proxy(req.n_rows, p.model, p.proxy_part, p.proxy_min_rows, p.epochs,
                             p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens, p.proxy_dtype)
         feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,
-                 "dtype": p.proj_dtype, "token_budget": p.grad_tokens}
+                 "dtype": p.proj_dtype, "token_budget": p.grad_tokens, "unit_rows": p.unit_rows}
         out = {"pool": GradFeatures(**feats)}
         for i, t in enumerate(req.targets):
-            out[f"target{i}"] = GradFeatures(**feats, source=TargetPool(path=str(t)))
+            out[f"target{i}"] = GradFeatures(**feats, over=TargetPool(path=str(t)))
         return out
 
     def _tasks(self, inputs: Inputs) -> tuple[list[list[np.ndarray]], list[str]]:

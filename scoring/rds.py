@@ -100,12 +100,6 @@ class _View:
         return self.ranking.ranked(self.members, n)
 
 
-def build_index(vectors: np.ndarray, rows: np.ndarray) -> BlockIndex:
-    """Exact inner-product search over vectors[rows] (float16 memmap ok), re-normalised in
-    float32, streamed in blocks on every search (nothing is loaded here)."""
-    return BlockIndex(vectors, rows)
-
-
 def rds_lists(index, tasks: list[np.ndarray], names: list[str], n_budget: int):
     """Round-robin lists: one per target example (one task) or one per task (several)."""
     if len(tasks) == 1:
@@ -150,11 +144,11 @@ class RdsMethod(Method):
 
     def needs(self, p: RdsParams, req: Request) -> dict[str, Stage]:
 
-        def stage(source=None) -> Stage:
+        def stage(over=None) -> Stage:
             if p.vectors == "embed":
-                return Embed(model=p.embedder, part="conversation", source=source)
+                return Embed(model=p.embedder, part="conversation", over=over)
             return Forward(model=p.model, stats=False, rds=True, max_tokens=p.max_tokens,
-                           source=source)
+                           over=over)
 
         need = {"pool_vectors": stage()}
         for i, t in enumerate(req.targets):
@@ -188,7 +182,7 @@ class RdsMethod(Method):
 
     def selector(self, p: RdsParams, inputs: Inputs, scored: pl.DataFrame) -> RoundRobin:
         tasks, names = self._tasks(inputs)
-        index = build_index(inputs["pool_vectors"].matrix(),
+        index = BlockIndex(inputs["pool_vectors"].matrix(),
                             scored["row"].to_numpy().astype(np.int64))
         lists, list_names, what = rds_lists(index, tasks, names, 64)
         if "guard_clusters" in inputs.outputs:

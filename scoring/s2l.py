@@ -16,7 +16,7 @@ small proxy and sample the budget evenly across the clusters.
    smaller than its share is taken whole) and clusters within each source, as the released
    code does when the data has a source field.
 
-Deviations (README "Training dynamics"): the proxy is the target family with a LoRA adapter
+Deviations (docs/training-dynamics.md): the proxy is the target family with a LoRA adapter
 (SmolLM2-135M by default), not a separately pre-trained smaller model (Pythia-70M), trained with
 the trainer's LoRA defaults (lr 2e-4) rather than full fine-tuning at 2e-5; checkpoints are spread
 evenly over the run instead of every 500 steps; sampling and k-means are seeded (the released
@@ -31,10 +31,10 @@ import numpy as np
 import polars as pl
 from thresher.pipeline.budget import Budget
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.stage import Stage
 from thresher.pipeline.stages.cluster import KMeans, kmeans
-from thresher.pipeline.stages.trajectories import Proxy, TrajectoryStage
+from thresher.pipeline.stages.proxy import ProxyParams, proxy_stage
+from thresher.pipeline.stages.trajectories import TrajectoryStage
 from thresher.selectors.balanced import Balanced
 
 K_MAX = 100          # released S2L config
@@ -42,30 +42,8 @@ ROWS_PER_CLUSTER = 20
 SET_ASIDE = 2        # clusters with <= 2 members wait until the end (schedules/s2l.py)
 
 
-def default_k(n: int) -> int:
+def trajectory_k(n: int) -> int:
     return max(1, min(K_MAX, n // ROWS_PER_CLUSTER))
-
-
-@dataclass(frozen=True)
-class ProxyParams:
-    """The proxy options S2L and DEALRec (its surrogate) share."""
-
-    model: str = field(default=DEFAULT_LM, metadata={"help": "proxy causal LM (LoRA-trained)"})
-    epochs: int = field(default=3, metadata={"help": "proxy epochs over the pool (S2L: 3)"})
-    checkpoints: int = field(default=12, metadata={"help": "evenly spaced proxy checkpoints (S2L: 12)"})
-    proxy_part: float = field(default=1.0, metadata={"help": "fraction of the pool the proxy trains on"})
-    proxy_seed: int = field(default=0, metadata={"help": "proxy seed (init, order, part)"})
-    proxy_lr: float = field(default=2e-4, metadata={"help": "proxy learning rate"})
-    proxy_batch_size: int = field(default=8, metadata={"help": "proxy batch size"})
-    proxy_dtype: str | None = field(default=None, metadata={
-        "help": "proxy autocast: bf16 (fast on CPUs with native bf16) or fp32 (CPU default)"})
-    max_tokens: int = field(default=512, metadata={"help": "truncate rows (training and passes)"})
-
-
-def proxy_stage(p: ProxyParams, **over) -> Proxy:
-    return Proxy(model=p.model, part=p.proxy_part, seed=p.proxy_seed, epochs=p.epochs, lr=p.proxy_lr,
-                 batch_size=p.proxy_batch_size, max_tokens=p.max_tokens,
-                 checkpoints=p.checkpoints, dtype=p.proxy_dtype, **over)
 
 
 @dataclass(frozen=True)
@@ -112,7 +90,7 @@ class S2LMethod(Method):
                                max_tokens=p.max_tokens)
         if p.per_source:
             return {"traj": traj}
-        k = min(p.k or default_k(req.n_rows), req.n_rows)
+        k = min(p.k or trajectory_k(req.n_rows), req.n_rows)
         return {"traj": traj, "km": KMeans(of=traj, k=k, niter=20, seed=p.kmeans_seed)}
 
     def score(self, p: S2LParams, inputs: Inputs) -> pl.DataFrame:
@@ -133,7 +111,7 @@ class S2LMethod(Method):
         for src in sorted(set(cand["source"])):
             sub = cand.filter(pl.col("source") == src)
             rows = sub["row"].to_numpy()
-            k = min(p.k or default_k(len(rows)), len(rows))
+            k = min(p.k or trajectory_k(len(rows)), len(rows))
             labels = kmeans(X[rows], k, niter=20, seed=p.kmeans_seed)[1]
             self._note_sizes(inputs, f"source={src}", labels)
             out.append(sub.select("id", "source").with_columns(

@@ -24,7 +24,7 @@ non-duplicate is kept; if the budget is smaller than the survivors, a seeded ran
 them fills it (the reason says so).
 
 Deviation from the spec: default eps is 0.05, not NeMo's 0.01: with MiniLM on chat data,
-scripted near-duplicates differ by more than 0.01 (see README).
+scripted near-duplicates differ by more than 0.01 (see docs/methods.md).
 """
 
 from __future__ import annotations

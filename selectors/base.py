@@ -14,14 +14,7 @@ the manifest carries.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import polars as pl
-from thresher.pipeline.budget import Budget
-
-
-class Selector(Protocol):
-    def select(self, candidates: pl.DataFrame, budget: Budget, seed: int) -> pl.DataFrame: ...
 
 
 def check_selection(chosen: pl.DataFrame, candidates: pl.DataFrame) -> pl.DataFrame:

@@ -77,7 +77,8 @@ def test_s2l_per_source_splits_the_budget(dyn_pool, tiny_lm_dir, work, tmp_path)
 
 
 def test_el2n_published_is_the_seed_average_of_early_checkpoints(dyn_pool, tiny_lm_dir, work, tmp_path):
-    from thresher.pipeline.stages.trajectories import checkpoint_fingerprint, trajectories
+    from thresher.pipeline.stages.proxy import checkpoint_fingerprint
+    from thresher.pipeline.stages.trajectories import trajectories
 
     sel, m = select(dyn_pool, "el2n", "5", tmp_path / "e.jsonl", work, model=str(tiny_lm_dir),
                     seeds=2, early=0.5, **FAST)

@@ -74,7 +74,7 @@ def test_embedding_resumes_only_missing_shards(tmp_path, sharded_pool, tiny_embe
     try:
         with pytest.raises(KeyboardInterrupt):
             embed_pool(sharded_pool, store, tiny_embedder)
-        assert len(list((tmp_path / "w" / "embed").glob("*/shards/*.done.json"))) == 3
+        assert len(list((tmp_path / "w" / "embed").glob("*/units/*.done.json"))) == 3
         assert not list((tmp_path / "w" / "embed").glob("*/embeddings.npy"))
         calls.clear()
         kill[0] = False

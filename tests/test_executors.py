@@ -62,21 +62,21 @@ def test_ray_executor_is_byte_identical_to_local(tmp_path, sharded_sample, small
     assert sel_l == Path(str(remote) + ".selection.parquet").read_bytes()
     # the artifacts themselves are the same bytes, shard by shard
     kind = "embed" if method == "semdedup" else "forward"
-    shards_l = sorted((tmp_path / "work-local" / kind).glob("*/shards/*"))
-    shards_r = sorted((tmp_path / "work-ray" / kind).glob("*/shards/*"))
+    shards_l = sorted((tmp_path / "work-local" / kind).glob("*/units/*"))
+    shards_r = sorted((tmp_path / "work-ray" / kind).glob("*/units/*"))
     assert [p.name for p in shards_l] == [p.name for p in shards_r] and len(shards_l) >= 8
     for a, b in zip(shards_l, shards_r):
         if a.suffix != ".json":
             assert a.read_bytes() == b.read_bytes(), a.name
     first = next(s for s in mr["stages"] if s["stage"] == kind)
-    assert mr["executor"] == "ray" and first["shards_computed"] == len(pool.shards)
+    assert mr["executor"] == "ray" and first["units_computed"] == len(pool.shards)
 
 
 def test_dry_run_shows_plan_then_cached(tmp_path, sharded_sample, tiny_embedder):
     kw = {"workdir": tmp_path / "w", "params": {"embedder": tiny_embedder}}
     plan = run_select(sharded_sample.path, "semdedup", "50%", tmp_path / "o.jsonl", dry_run=True, **kw)
     assert [line.split(".", 1)[0] for line in plan["plan"]] == ["1", "2"]
-    assert "to run (0 of 9 shards cached)" in plan["plan"][0] and "kmeans" in plan["plan"][1]
+    assert "to run (0 of 9 units cached)" in plan["plan"][0] and "kmeans" in plan["plan"][1]
     assert not (tmp_path / "o.jsonl").exists()
     assert not (tmp_path / "w").exists()                   # a dry run writes nothing, not even specs
     m = run_select(sharded_sample.path, "semdedup", "50%", tmp_path / "o.jsonl", **kw)
@@ -92,7 +92,7 @@ def test_dry_run_shows_plan_then_cached(tmp_path, sharded_sample, tiny_embedder)
     assert stages["embed"]["tokens"] > sharded_sample.n_rows and stages["embed"]["seconds"] > 0
     rerun = run_select(sharded_sample.path, "semdedup", "50%", tmp_path / "o2.jsonl", **kw)
     cached = {s["stage"]: s for s in rerun["stages"]}
-    assert cached["embed"]["cached"] and cached["embed"]["shards_computed"] == 0
+    assert cached["embed"]["cached"] and cached["embed"]["units_computed"] == 0
     assert cached["embed"]["flops"] == 0 and cached["kmeans"]["cached"]
 
 
@@ -148,18 +148,19 @@ def test_missing_optional_dependency_names_the_install_command(tmp_path, sample_
 
 
 def test_readme_worked_example_is_a_working_method(tmp_path, small_sample, tiny_lm_dir, monkeypatch):
-    """The README's "Writing a method" example, run as written: one file + one registry line."""
+    """docs/architecture.md's "Writing a method" example, run as written: one file + one registry
+    line."""
     import re
     import sys
     import types
 
     from thresher.pipeline import registry
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
     code = re.search(r"```python\n# scoring/hard_tokens.py\n(.*?)```", readme, re.DOTALL).group(1)
     module = types.ModuleType("hard_tokens_example")
     monkeypatch.setitem(sys.modules, "hard_tokens_example", module)   # dataclasses look it up
-    exec(compile(code, "README.md", "exec"), module.__dict__)  # noqa: S102 (our own README)
+    exec(compile(code, "architecture.md", "exec"), module.__dict__)  # noqa: S102 (our own docs)
     monkeypatch.setitem(registry.METHODS, "hard-tokens", "hard_tokens_example:HardTokensMethod")
     m = run_select(small_sample.path, "hard-tokens", "5", tmp_path / "h.jsonl", workdir=tmp_path / "w",
                    params={"model": str(tiny_lm_dir), "keep": "top"})

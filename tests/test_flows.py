@@ -31,11 +31,11 @@ def test_flow_and_thresher_run_give_the_same_outputs(tmp_path, sample_pool_dir, 
 
     def shape(summary):
         return [(s["step"], s.get("stage"), s.get("name"), s.get("selected"),
-                 s.get("shards_computed")) for s in summary["steps"]]
+                 s.get("units_computed")) for s in summary["steps"]]
 
     assert shape(flowed) == shape(ran)
     embed = next(s for s in flowed["steps"] if s.get("stage") == "embed")
-    assert (embed["shards_computed"], embed["rows_computed"]) == (2, 24)   # one task per shard
+    assert (embed["units_computed"], embed["rows_computed"]) == (2, 24)   # one task per shard
     for rel in ("dedup/dedup.jsonl", "pick/pick.parquet"):
         assert (tmp_path / "flow" / rel).read_bytes() == (tmp_path / "cli" / rel).read_bytes()
     assert json.loads((tmp_path / "flow" / "run.json").read_text())["recipe"] == "flowtest"

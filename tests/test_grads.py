@@ -70,6 +70,7 @@ def test_per_sample_grads_match_one_by_one_backward(how):
     assert all("lora_" in n for n in params) and len(params) == 2 * 3 * 2
     enc = examples()
     seen = np.zeros(len(enc), dtype=bool)
+    was_training = model.training
     for idx, g in iter_grads(model, enc, params, how=how, token_budget=40):
         flat = flatten(g)
         for j, i in enumerate(idx):
@@ -77,7 +78,8 @@ def test_per_sample_grads_match_one_by_one_backward(how):
             torch.testing.assert_close(flat[j], ref, rtol=1e-4, atol=1e-6)
             seen[i] = True
     assert seen.all()
-    assert True    # mode restored below
+    assert model.training == was_training                  # the model's mode restored
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
     norms = grad_norms(model, enc, params, how=how, token_budget=40)
     ref = [float(hf_grads(model, e, params).norm()) for e in enc]
     np.testing.assert_allclose(norms, ref, rtol=1e-4)

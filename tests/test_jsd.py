@@ -102,7 +102,7 @@ def test_pool_stage_is_cached_and_resumes_per_shard(tmp_path, pair, rows, monkey
     mem = JsdWorker(orig, pruned, tok)(rows)
     np.testing.assert_allclose(first["jsd_sum"].to_numpy(), mem["jsd_sum"], rtol=1e-4)
 
-    markers = sorted((tmp_path / "work" / "jsd").glob("*/shards/*.done.json"))
+    markers = sorted((tmp_path / "work" / "jsd").glob("*/units/*.done.json"))
     assert len(markers) == len(pool.shards) == 3
     markers[-1].unlink()                                       # as if killed before one shard
     for done in (tmp_path / "work" / "jsd").glob("*/_COMPLETE.json"):

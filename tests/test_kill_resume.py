@@ -1,43 +1,46 @@
 """Kill and resume: `select` SIGKILLed in the middle of the embedding stage and of the
 forward-pass stage, then rerun, writes byte-identical outputs to an uninterrupted run, and no
-shard finished before the kill is computed again.
+unit finished before the kill is computed again.
 
-The killed run is slowed (a pause after each finished shard, patched in the child process
-only) so the kill reliably lands mid-stage on any machine; the rerun is not patched."""
+The killed run kills itself (SIGKILL) right after writing its second unit of the stage, patched
+in the child process only: the kill always lands mid-stage, with no timing involved; the rerun is
+not patched."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-SLOW = textwrap.dedent("""
-    import sys, time
+DYING = textwrap.dedent("""
+    import os, signal, sys
     import thresher.pipeline.executors as ex
-    real = ex.write_shard
-    def slow(*args, **kwargs):
-        real(*args, **kwargs)
-        time.sleep(0.4)
-    ex.write_shard = slow
+    kind, real, done = sys.argv.pop(1), ex.write_unit, []
+    def dying(run, unit, *args, **kwargs):
+        info = real(run, unit, *args, **kwargs)
+        if run.stage.kind == kind:
+            done.append(unit.key)
+            if len(done) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return info
+    ex.write_unit = dying
     from thresher.pipeline.cli import main
     main()
 """)
 
 
-def _select(pool, out, workdir, method, params, slow=False):
+def _select(pool, out, workdir, method, params, kill_in=None):
     args = ["select", str(pool), "--method", method, "--budget", "50%", "--out", str(out),
             "--workdir", str(workdir), *[a for p in params for a in ("--param", p)]]
-    code = SLOW if slow else "from thresher.pipeline.cli import main; main()"
-    return [sys.executable, "-c", code, *args]
+    if kill_in:
+        return [sys.executable, "-c", DYING, kill_in, *args]
+    return [sys.executable, "-c", "from thresher.pipeline.cli import main; main()", *args]
 
 
 def _markers(workdir: Path, kind: str) -> dict[str, int]:
-    return {str(p): p.stat().st_mtime_ns for p in workdir.glob(f"{kind}/*/shards/*.done.json")}
+    return {str(p): p.stat().st_mtime_ns for p in workdir.glob(f"{kind}/*/units/*.done.json")}
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
@@ -77,18 +80,12 @@ def test_sigkill_mid_stage_then_rerun_is_byte_identical(tmp_path, shard_pool, me
     assert r.returncode == 0, r.stderr[-3000:]
 
     out, work = tmp_path / "run" / "o.jsonl", tmp_path / "work"
-    proc = subprocess.Popen(_select(shard_pool, out, work, method, params, slow=True),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600
-    while len(_markers(work, kind)) < 2:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the stage never finished two shards"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    r = subprocess.run(_select(shard_pool, out, work, method, params, kill_in=kind),
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == -9, r.stderr[-3000:]
     before = _markers(work, kind)
-    assert 2 <= len(before) < n_shards  # killed in the middle of the stage
-    assert not out.exists()              # nothing final written by the killed run
+    assert len(before) == 2 < n_shards    # killed in the middle of the stage
+    assert not out.exists()               # nothing final written by the killed run
 
     r = subprocess.run(_select(shard_pool, out, work, method, params),
                        capture_output=True, text=True, check=False)

@@ -19,8 +19,8 @@ from thresher.pipeline.stages.grad_features import (
     project,
     rademacher_block,
     rademacher_matrix,
-    warmup_proxy,
 )
+from thresher.pipeline.stages.proxy import warmup_proxy
 from thresher.pipeline.stages.targets import TargetPool
 from thresher.scoring.less import (
     less_representation,
@@ -89,14 +89,14 @@ def _stages(pool, tiny_lm_dir, target):
     warm = warmup_proxy(pool.n_rows, str(tiny_lm_dir), part=0.05, min_rows=8, epochs=2, lr=2e-2,
                         batch_size=4, max_tokens=256)
     common = {"proxy": warm, "d": D, "seed": 5, "max_tokens": 256, "dtype": "fp32", "project_rows": 4}
-    return GradFeatures(**common), GradFeatures(**common, source=TargetPool(path=str(target)))
+    return GradFeatures(**common), GradFeatures(**common, over=TargetPool(path=str(target)))
 
 
 def _run(stages, pool, store):
     plan = make_plan(stages, "cpu")
     outputs, stats = plan.run(pool, store, __import__(
         "thresher.pipeline.executors", fromlist=["LocalExecutor"]).LocalExecutor())
-    pool_stats = {s.stage: s for s in stats if s.config.get("source") is None}
+    pool_stats = {s.stage: s for s in stats if s.config.get("over") is None}
     return [outputs[s] for s in plan.roots], pool_stats
 
 
@@ -144,21 +144,21 @@ def test_features_are_adam_for_the_pool_sgd_for_targets_and_cached(dyn_pool, tin
     assert ok.any() and not np.asarray(tgt_fs.features(1))[~ok].any()
     assert np.allclose(tgt_fs.features(1)[ok], _manual(ckpt, target_rows, adam=False)[ok], atol=2e-3)
     assert not np.allclose(pool_fs.features(1)[:3], _manual(ckpt, rows[:3], adam=False), atol=2e-2)
-    assert st.shards_computed == 2 * len(dyn_pool.shards) and st.rows_computed == 2 * dyn_pool.n_rows
+    assert st.units_computed == 2 * len(dyn_pool.shards) and st.rows_computed == 2 * dyn_pool.n_rows
 
-    # a rerun computes nothing; a lost shard file is the only one recomputed
+    # a rerun computes nothing; a lost unit is the only one recomputed
     _, stats = _run(_stages(dyn_pool, tiny_lm_dir, target_file), dyn_pool, store)
-    assert stats["grad_features"].cached and stats["grad_features"].shards_computed == 0
-    shard_files = sorted(p for p in (tmp_path / "w" / "grad_features").glob("*/shards/*.npy")
-                         if not p.name.endswith(".noloss.npy"))
-    assert len(shard_files) == 2 * len(dyn_pool.shards) + 2        # + the target's, per checkpoint
+    assert stats["grad_features"].cached and stats["grad_features"].units_computed == 0
+    unit_files = sorted((tmp_path / "w" / "grad_features").glob("*/units/*.features.npy"))
+    assert len(unit_files) == 2 * len(dyn_pool.shards) + 2         # + the target's, per checkpoint
     before = np.array(pool_fs.features(1))
     (pool_fs.dir.dir / "_COMPLETE.json").unlink()
-    victim = next(f for f in shard_files if np.load(f).shape[0] == 8)
+    victim = next(f for f in unit_files if np.load(f).shape[0] == 8)
     victim.unlink()
+    Path(str(victim).replace(".features.npy", ".done.json")).unlink()
     (again, _), stats = _run(_stages(dyn_pool, tiny_lm_dir, target_file), dyn_pool, store)
     st = stats["grad_features"]
-    assert st.shards_computed == 1 and st.shards_cached == 2 * len(dyn_pool.shards) - 1
+    assert st.units_computed == 1 and st.units_cached == 2 * len(dyn_pool.shards) - 1
     assert np.array_equal(np.asarray(again.features(1)), before)
 
 
@@ -170,7 +170,7 @@ def test_select_less_end_to_end(dyn_pool, tiny_lm_dir, target_file, tmp_path):
     args = ["select", str(dyn_pool.path), "--method", "less", "--budget", "5", "--out", str(out),
             "--workdir", str(work)]
     params = ["--param", f"model={tiny_lm_dir}", "--param", f"d={D}", "--param", "max_tokens=256",
-              "--param", "epochs=2", "--param", "warmup_min_rows=8", "--param", "proxy_lr=2e-2",
+              "--param", "epochs=2", "--param", "proxy_min_rows=8", "--param", "proxy_lr=2e-2",
               "--param", "proxy_batch_size=4"]
     res = CliRunner().invoke(app, [*args, "--target", str(target_file), *params])
     assert res.exit_code == 0, res.output
@@ -224,7 +224,7 @@ def test_methods_lists_less_parameters():
 
     res = CliRunner().invoke(app, ["methods", "less"])
     assert res.exit_code == 0, res.output
-    for name in ("d=8192", "warmup_part=0.05", "epochs=4", "proj_seed=0", "grad_features"):
+    for name in ("d=8192", "proxy_part=0.05", "epochs=4", "proj_seed=0", "grad_features"):
         assert name in res.output
 
 
@@ -241,7 +241,7 @@ def test_target_without_method_runs_the_measured_default(dyn_pool, tiny_lm_dir, 
     monkeypatch.setattr(sys, "argv", [
         "thresher", "select", str(dyn_pool.path), "--budget", "8", "--target", str(target_file),
         "--out", str(out), "--workdir", str(tmp_path / "w"), "--param", f"model={tiny_lm_dir}",
-        "--param", f"d={D}", "--param", "max_tokens=256", "--param", "warmup_min_rows=8",
+        "--param", f"d={D}", "--param", "max_tokens=256", "--param", "proxy_min_rows=8",
         "--param", "proxy_lr=2e-2", "--param", "proxy_batch_size=4"])
     with pytest.raises(SystemExit) as e:
         cli.main()

@@ -9,7 +9,7 @@ from conftest import mixed_pool
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.select import run_select
 from thresher.pipeline.stages.forward import forward_signals
-from thresher.scoring.eu_plane import eu_keep, eu_quadrants, search_alpha
+from thresher.selectors.quadrants import eu_keep, eu_quadrants, search_alpha
 
 
 @pytest.fixture(scope="module")

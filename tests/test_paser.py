@@ -109,7 +109,7 @@ def test_paser_end_to_end_on_tiny_models(tmp_path, labelled_pool, tiny_lm_dir):
 
 
 def test_paser_needs_a_pruned_model(tmp_path, labelled_pool):
-    with pytest.raises(ValueError, match="--pruned-model"):
+    with pytest.raises(ValueError, match="--param pruned_model=DIR"):
         run_select(labelled_pool.path, "paser", "5", tmp_path / "x.jsonl", workdir=tmp_path / "w")
 
 

@@ -10,8 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from thresher.scoring.eu_plane import eu_keep
-from thresher.scoring.qtuning import (
+from thresher.pipeline.training.qtuning import (
     QTuningConfig,
     prune_batch,
     read_masks,
@@ -19,6 +18,7 @@ from thresher.scoring.qtuning import (
     smoothed_token_scores,
     summarize,
 )
+from thresher.selectors.quadrants import eu_keep
 
 PPL8 = np.arange(1.0, 9.0)                               # samples 0..7 have PPL 1..8
 ENT8 = np.array([8.0, 3.0, 2.0, 4.0, 5.0, 6.0, 1.0, 7.0])
@@ -119,7 +119,7 @@ def test_prune_batch_per_sample_budget_keeps_exactly_the_spec_tokens():
 def test_prune_batch_global_budget_of_released_code():
     nll, ent, mask, att = _batch()
     res = prune_batch(nll, ent, mask, att,
-                      QTuningConfig(sample_ratio=0.25, token_ratio=0.5, token_budget="batch"))
+                      QTuningConfig(sample_ratio=0.25, token_ratio=0.5, prune_scope="batch"))
     # T_total = 8 * 5 = 40, keep = round(40 * .25 * .5) = 5, removed = 6 * 5 = 30,
     # drop_need = 5 >= the 4 Q2 candidates: the Q2 sample loses every token, Q4 keeps all 4
     assert np.flatnonzero(res.keep).tolist() == [0, 6]
@@ -158,8 +158,8 @@ def test_summarize_fractions():
 def test_bad_config_and_empty_samples_are_errors():
     with pytest.raises(ValueError, match="sample_ratio"):
         QTuningConfig(sample_ratio=0)
-    with pytest.raises(ValueError, match="token_budget"):
-        QTuningConfig(token_budget="global")
+    with pytest.raises(ValueError, match="prune_scope"):
+        QTuningConfig(prune_scope="global")
     nll, ent, mask, att = _batch()
     mask[3] = False
     with pytest.raises(ValueError, match="no loss tokens"):
@@ -167,7 +167,7 @@ def test_bad_config_and_empty_samples_are_errors():
 
 
 def test_offline_masks_on_tiny_model(tmp_path, tiny_lm_dir, sample_pool):
-    from thresher.scoring.qtuning import write_masks
+    from thresher.pipeline.training.qtuning import write_masks
 
     rows = sample_pool.rows(sample_pool.frame(["id"])["id"].to_list()[:16])
     out = tmp_path / "masks.jsonl"

@@ -96,7 +96,7 @@ def test_a_new_file_is_the_only_work_and_the_selection_equals_a_fresh_run(tmp_pa
     ing = _steps(second, "ingest")[0]
     assert (ing["files_read"], ing["files_reused"], ing["read_now"]) == (1, 2, 15)
     embed = next(s for s in _steps(second, "stage") if s["stage"] == "embed")
-    assert (embed["shards_computed"], embed["shards_cached"]) == (1, 2)
+    assert (embed["units_computed"], embed["units_cached"]) == (1, 2)
     assert embed["rows_computed"] == 15                     # only the new file's rows embedded
 
     fresh = tmp_path / "fresh"

@@ -131,7 +131,7 @@ def scored_run(tmp_path_factory, sample_run, sample_pool):
     """A selection as the model-based methods write it: a score frame for every candidate
     (named by the manifest's `scores`), EU-plane columns, a PASER-style cluster table and
     per-stage statistics; rows from the sample pool, cut to the top 40 by `ppl`."""
-    from thresher.scoring.eu_plane import eu_quadrants
+    from thresher.selectors.quadrants import eu_quadrants
 
     out = tmp_path_factory.mktemp("scored")
     rng = np.random.default_rng(0)
@@ -239,7 +239,7 @@ def test_cli_report_and_user_errors(tmp_path, sample_run):
 # ------------------------------------------------------------------ units
 
 def test_cuts_mark_only_the_ends_inside_the_range():
-    from thresher.pipeline.report.build import cuts
+    from thresher.pipeline.report.data import cuts
 
     every = np.arange(100, dtype=float)
     assert cuts(every, every[60:]) == [60.0]                 # top band: one lower cut

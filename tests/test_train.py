@@ -8,15 +8,10 @@ import re
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from thresher.pipeline.training.train import (
-    TrainConfig,
-    load_rows,
-    load_trained,
-    plan_batches,
-    train,
-    train_file,
-)
-from thresher.scoring.qtuning import QTuningConfig
+from thresher.pipeline.io.pool import load_rows
+from thresher.pipeline.training.batches import plan_batches
+from thresher.pipeline.training.qtuning import QTuningConfig
+from thresher.pipeline.training.train import TrainConfig, load_trained, train, train_file
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +155,7 @@ def test_qtuning_hook_reports_each_batch(tmp_path, tiny_lm_dir, sample_pool):
 
 
 def test_token_mask_file_is_applied(tmp_path, tiny_lm_dir, rows):
-    from thresher.scoring.qtuning import write_masks
+    from thresher.pipeline.training.qtuning import write_masks
 
     masks = tmp_path / "masks.jsonl"
     info = write_masks(rows, masks, str(tiny_lm_dir), QTuningConfig(sample_ratio=0.5), max_tokens=128)
@@ -203,7 +198,7 @@ def test_head_only_on_loss_positions_gives_the_full_logits_loss(tiny_lm_dir, row
     from peft import LoraConfig, get_peft_model
     from thresher.pipeline.models.engine import _body_and_head
     from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
-    from thresher.pipeline.training.train import collate, make_examples, masked_loss
+    from thresher.pipeline.training.batches import collate, make_examples, masked_loss
 
     tok = load_tokenizer(resolve(str(tiny_lm_dir)))
     torch.manual_seed(0)
@@ -231,7 +226,7 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tiny_lm_dir, rows):
     from peft import LoraConfig, get_peft_model
     from thresher.pipeline.models.engine import PACKED_ATTENTION, _body_and_head
     from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
-    from thresher.pipeline.training.train import collate, make_examples, masked_loss, packed_loss
+    from thresher.pipeline.training.batches import collate, make_examples, masked_loss, packed_loss
 
     tok = load_tokenizer(resolve(str(tiny_lm_dir)))
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from thresher.pipeline.training.verify import predicted_answer, reference_answer
+from thresher.pipeline.training.evaluate import predicted_answer, reference_answer
 
 GSM8K_TEST = "data/sample/targets/gsm8k_test.jsonl"
 

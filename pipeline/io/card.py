@@ -87,7 +87,7 @@ def render_card(manifest: dict, data_files: str, verify_md: str | None = None) -
         f"{tok.get('selected_loss', '?')} of them response tokens) selected by **{manifest['method']}** "
         f"from {c.get('eligible', c['candidates'])} candidates under a budget of {manifest['budget']}, with thresher. "
         f"{manifest.get('summary', '')}\n"),
-        f"Format: `{manifest.get('format')}` (see the thresher README, *Data formats*).\n",
+        f"Format: `{manifest.get('format')}` (see thresher's docs/formats.md).\n",
         "## Source data\n",
         (f"Pool `{inputs.get('pool')}` (fingerprint `{inputs.get('pool_fingerprint')}`): "
         f"{c['read']} rows read, {c['quarantined']} quarantined, {c.get('duplicate_ids', 0)} "

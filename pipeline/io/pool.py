@@ -109,6 +109,15 @@ class Pool:
             entry["sha256"] = file_fingerprint(self.path / "shards" / entry["name"])
         return entry["sha256"]
 
+    def shard_rows(self, shard: Path | str) -> int:
+        """Rows of one shard (from pool.json; the Parquet footer for version-1 pools)."""
+        entry = self._by_path.get(str(shard))
+        if entry is None:
+            raise ValueError(f"{shard}: not a shard of pool {self.path}")
+        if "rows" not in entry:
+            entry["rows"] = pq.read_metadata(shard).num_rows
+        return int(entry["rows"])
+
     @property
     def fingerprint(self) -> str:
         return self.info["fingerprint"]

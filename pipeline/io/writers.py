@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from thresher.pipeline.artifacts import atomic_path, write_json_atomic
+from thresher.pipeline.artifacts import atomic_path
 from thresher.pipeline.io.schema import POOL_SCHEMA, TURN_FIELDS
 
 FORMATS = ("messages", "alpaca", "sharegpt", "parquet", "hf")
@@ -86,12 +86,8 @@ def _canonical_table(rows: list[dict]) -> pa.Table:
                                 schema=POOL_SCHEMA)
 
 
-def write_hf(rows: list[dict], out: Path) -> None:
+def write_hf(table: pa.Table, out: Path) -> None:
     """A Hugging Face dataset directory at `out`, replacing an earlier one written here."""
-    _write_hf_table(_canonical_table(rows), out)
-
-
-def _write_hf_table(table: pa.Table, out: Path) -> None:
     out = Path(out)
     if out.exists() and not (out / HF_DATA).exists():
         raise FileExistsError(f"{out} exists and is not a dataset directory written by thresher; "
@@ -109,7 +105,7 @@ def write_rows(rows: list[dict], out: Path, fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "hf":
-        return write_hf(rows, out)
+        return write_hf(_canonical_table(rows), out)
     records = None if fmt == "parquet" else [to_record(r, fmt) for r in rows]  # fail before writing
     with atomic_path(Path(out)) as tmp:
         if fmt == "parquet":
@@ -159,7 +155,7 @@ def _write_selection_table(pool, ids: list[str], out: Path, fmt: str, on_row) ->
     if parts:
         table = table.take(pa.array(np.argsort(np.concatenate(where)))).combine_chunks()
     if fmt == "hf":
-        _write_hf_table(table, out)
+        write_hf(table, out)
     else:
         with atomic_path(Path(out)) as tmp:
             pq.write_table(table, tmp)
@@ -169,9 +165,3 @@ def _write_selection_table(pool, ids: list[str], out: Path, fmt: str, on_row) ->
 def manifest_path(out: Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".manifest.json")
-
-
-def write_manifest(out: Path, manifest: dict) -> Path:
-    path = manifest_path(out)
-    write_json_atomic(path, manifest)
-    return path

@@ -1,5 +1,9 @@
 """The fused forward-pass engine: one pass of a causal LM gives every per-sample signal the scorers need.
 
+(Over 400 lines: packing, the packed attention, the LM-head statistics and the batch loops are
+one kernel, measured together in bench/forward_throughput.py; split, a reader would chase one
+pass across files.)
+
 This module is the engine only (any loaded model, rows in memory); `pipeline/stages/forward.py` is the
 cached, resumable pool stage built on it.
 

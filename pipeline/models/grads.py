@@ -220,14 +220,20 @@ def grad_norms(model, encoded: list[Encoded], params: dict, how: How = "auto",
     return out
 
 
-def mean_grad(model, encoded: list[Encoded], params: dict, how: How = "auto",
-              token_budget: int = DEFAULT_GRAD_TOKENS):
-    """(1/n) sum_i grad loss(x_i), flat [P] float32 (DEALRec's v)."""
+def sum_grad(model, encoded: list[Encoded], params: dict, how: How = "auto",
+             token_budget: int = DEFAULT_GRAD_TOKENS):
+    """sum_i grad loss(x_i), flat [P] float32 (DEALRec's v is the pool's sum over its count)."""
     total = None
     for _, g in iter_grads(model, encoded, params, how, token_budget):
         s = flatten(g).sum(0)
         total = s if total is None else total + s
-    return total / len(encoded)
+    return total
+
+
+def mean_grad(model, encoded: list[Encoded], params: dict, how: How = "auto",
+              token_budget: int = DEFAULT_GRAD_TOKENS):
+    """(1/n) sum_i grad loss(x_i), flat [P] float32 (DEALRec's v)."""
+    return sum_grad(model, encoded, params, how, token_budget) / len(encoded)
 
 
 def grad_dots(model, encoded: list[Encoded], params: dict, u, how: How = "auto",

@@ -30,10 +30,12 @@ from thresher.pipeline.report.data import (
     Selection,
     VerifyRun,
     count_lines,
+    cuts,
     first_user_turn,
     load_runs,
     pool_path,
     quarantine_reasons,
+    score_columns,
     workdir,
 )
 from thresher.pipeline.report.html import (
@@ -48,8 +50,6 @@ from thresher.pipeline.report.html import (
 
 log = logging.getLogger(__name__)
 
-NOT_SCORES = {"rank", "row", "n_chars", "n_tokens", "n_loss_tokens", "cluster", "tier",
-              "index", "shard", "group"}
 MAX_SCORE_PLOTS = 4
 EXAMPLES = 5
 
@@ -178,32 +178,11 @@ def funnel_section(ctx: ReportContext):
 
 # ------------------------------------------------------------------ scores
 
-def score_columns(frame: pl.DataFrame) -> list[str]:
-    return [c for c, t in frame.schema.items() if t.is_numeric() and c not in NOT_SCORES]
-
-
 def all_scores(sel: Selection) -> pl.DataFrame | None:
     """Every candidate's scores when the method saved them (the score frame / decisions)."""
     if sel.decisions is None or "id" not in sel.decisions.columns:
         return None
     return sel.decisions
-
-
-def cuts(all_values: np.ndarray | None, chosen: np.ndarray) -> list[float]:
-    """Where the selection cut a score: the selected range's ends that lie inside the range of
-    all candidates (none when rows were chosen across the whole range)."""
-    chosen = chosen[np.isfinite(chosen)]
-    if all_values is None or chosen.size == 0:
-        return []
-    all_values = all_values[np.isfinite(all_values)]
-    lo, hi = float(chosen.min()), float(chosen.max())
-    span = float(all_values.max() - all_values.min()) or 1.0
-    out = []
-    if lo > all_values.min() + 1e-9 * span and (all_values < lo).sum() > 0.02 * all_values.size:
-        out.append(lo)
-    if hi < all_values.max() - 1e-9 * span and (all_values > hi).sum() > 0.02 * all_values.size:
-        out.append(hi)
-    return out
 
 
 def _values(frame: pl.DataFrame | None, column: str) -> np.ndarray | None:

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 log = logging.getLogger(__name__)
@@ -217,3 +218,28 @@ def first_user_turn(row: dict, limit: int = 240) -> str:
         s = next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
     s = " ".join(str(s).split())
     return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+NOT_SCORES = {"rank", "row", "n_chars", "n_tokens", "n_loss_tokens", "cluster", "tier",
+              "index", "shard", "group"}
+
+
+def score_columns(frame: pl.DataFrame) -> list[str]:
+    return [c for c, t in frame.schema.items() if t.is_numeric() and c not in NOT_SCORES]
+
+
+def cuts(all_values: np.ndarray | None, chosen: np.ndarray) -> list[float]:
+    """Where the selection cut a score: the selected range's ends that lie inside the range of
+    all candidates (none when rows were chosen across the whole range)."""
+    chosen = chosen[np.isfinite(chosen)]
+    if all_values is None or chosen.size == 0:
+        return []
+    all_values = all_values[np.isfinite(all_values)]
+    lo, hi = float(chosen.min()), float(chosen.max())
+    span = float(all_values.max() - all_values.min()) or 1.0
+    out = []
+    if lo > all_values.min() + 1e-9 * span and (all_values < lo).sum() > 0.02 * all_values.size:
+        out.append(lo)
+    if hi < all_values.max() - 1e-9 * span and (all_values > hi).sum() > 0.02 * all_values.size:
+        out.append(hi)
+    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from thresher.pipeline.report import figures as figs
-from thresher.pipeline.report.data import Selection, first_user_turn
+from thresher.pipeline.report.data import Selection, cuts, first_user_turn, score_columns
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ def _wrap(text: str, width: int = HOVER_WRAP) -> str:
 
 def _beyond_cut(sel: Selection) -> dict[str, str]:
     """Unselected ids whose value of the selector's column lies beyond the selection's cut."""
-    from thresher.pipeline.report.build import cuts
 
     col = (sel.manifest.get("config", {}).get("selector") or {}).get("column")
     d = sel.decisions
@@ -124,7 +123,6 @@ def _why(sel: Selection, ids: list[str]) -> list[str]:
 
 def map_score(ctx, ids: list[str]) -> tuple[str, np.ndarray] | None:
     """The first selection's first score column over the mapped rows (NaN where unknown)."""
-    from thresher.pipeline.report.build import score_columns
 
     for sel in ctx.selections:
         frame = sel.decisions if sel.decisions is not None and score_columns(sel.decisions) \
@@ -142,7 +140,6 @@ def map_score(ctx, ids: list[str]) -> tuple[str, np.ndarray] | None:
 def _scores(sel: Selection, ids: list[str], most: int = 3) -> list[str]:
     """Per id: its score columns ("ppl=12.3, entropy=1.1"), from the score frame when the
     method saved one for every candidate, else from the sidecar (selected rows only)."""
-    from thresher.pipeline.report.build import score_columns
 
     frame = sel.decisions if sel.decisions is not None and "id" in sel.decisions.columns \
         else sel.chosen

@@ -56,11 +56,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
-def _rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of x as float32, copied (a memory map's pages released after)."""
-    return copy_rows(x, slice(start, stop))
-
-
 def _gemm_dtype():
     """bf16 on CPUs with native bf16 instructions (AVX512-BF16, AMX, Arm BF16), else float32."""
     import torch
@@ -159,7 +154,7 @@ def _full_step(x: np.ndarray, C, spherical: bool):
     sums = torch.zeros_like(C)
     counts = torch.zeros(C.shape[0], dtype=torch.long)
     for start in range(0, x.shape[0], BLOCK):
-        X = torch.from_numpy(_rows(x, start, start + BLOCK))
+        X = torch.from_numpy(copy_rows(x, slice(start, start + BLOCK)))
         labels = _assign_torch(X, C)[0]
         sums.index_add_(0, labels, X)
         counts += torch.bincount(labels, minlength=C.shape[0])
@@ -180,7 +175,7 @@ def assign(x: np.ndarray, centroids: np.ndarray):
     cos_dist = np.empty(n, dtype=np.float32)
     l2_dist = np.empty(n, dtype=np.float32)
     for start in range(0, n, BLOCK):
-        block = _rows(x, start, start + BLOCK)
+        block = copy_rows(x, slice(start, start + BLOCK))
         lab = _assign_torch(torch.from_numpy(block), C)[0].numpy()
         stop = start + len(block)
         labels[start:stop] = lab
@@ -207,7 +202,7 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: 
     train_n = min(n, max_points_per_centroid * k)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(n, train_n, replace=False)) if train_n < n else None
-    train = _rows(x, 0, n) if idx is None else gather(x, idx)
+    train = copy_rows(x, slice(0, n)) if idx is None else gather(x, idx)
     if use_gpu:
         import faiss
 

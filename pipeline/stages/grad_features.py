@@ -3,7 +3,7 @@ checkpoint, every row's LoRA gradient, randomly projected to `d` dimensions and 
 
     warm = warmup_proxy(n_rows=pool.n_rows)                     # a `Proxy`: 5% of the pool, 4 epochs
     pool_feats = GradFeatures(proxy=warm, d=8192)               # Adam-preconditioned (pool rows)
-    target_feats = GradFeatures(proxy=warm, d=8192, source=TargetPool(path="t.jsonl"))   # SGD
+    target_feats = GradFeatures(proxy=warm, d=8192, over=TargetPool(path="t.jsonl"))   # SGD
     fs = run_stage(pool_feats, pool, store)                     # -> GradFeatureSet
     fs.features(j)   # float16 [N, d] memmap for checkpoint j, pool order, unit rows (0: no loss token)
     fs.etas          # float64 [K]: each checkpoint's mean learning rate over its epoch, sum 1
@@ -11,10 +11,10 @@ checkpoint, every row's LoRA gradient, randomly projected to `d` dimensions and 
 Per checkpoint theta_j (base + adapter from the trainer's `checkpoint-<step>/`):
 - g = per-sample gradient of the row's mean response-token loss over the LoRA matrices
   (`pipeline/models/grads.py`, batched with vmap; LESS: one backward call per row);
-- pool rows (`grad="adam"`, the default without `source`): Gamma = m' / sqrt(v' + 1e-8) with
+- pool rows (`grad="adam"`, the default without `over`): Gamma = m' / sqrt(v' + 1e-8) with
   m' = 0.9 m + 0.1 g and v' = 0.999 v + 0.001 g^2, m and v the checkpoint's AdamW moments
   (saved by the trainer in `state.safetensors`) (LESS `obtain_gradients_with_adam`); target rows
-  (`grad="sgd"`, the default with a `source`): g itself;
+  (`grad="sgd"`, the default with an `over` target): g itself;
 - x R with R a [P, d] Rademacher (+-1) matrix, seeded, never built whole: rows of R come in
   blocks of `ROW_BLOCK` parameters, block b drawn from numpy's `default_rng([seed, b])`
   (`rademacher_block`), so the same seed gives the same R for pool and targets on any machine;
@@ -22,13 +22,14 @@ Per checkpoint theta_j (base + adapter from the trainer's `checkpoint-<step>/`):
   the product runs in bf16 on CPUs with native bf16 (LESS/TRAK: fp16 input), else fp32;
 - then each projected vector is L2-normalised and stored as float16.
 
-Caching: one float16 file per (checkpoint, pool shard), keyed by the checkpoint's adapter (and
-optimizer state) bytes, the shard's content and the settings, so a killed run resumes at the
-first missing shard and a pool that gains a shard computes only that one; the pool-level
-`c<j>.npy` matrices are then concatenated in pool order. This is a whole-pool stage (the
-checkpoints are known only once the proxy stage has run), with per-shard files inside.
+Units: (checkpoint x `unit_rows` rows of a shard), each keyed by the checkpoint's adapter (and
+optimizer state) bytes, the shard's content, the row range and the settings; the executor runs
+them one checkpoint at a time (the model loaded once per worker), so a killed run resumes at the
+first missing unit and a pool that gains a shard computes only that shard's units. The
+checkpoints are known once the proxy stage (a dependency) has run; `assemble` concatenates the
+units into one `c<j>.npy` matrix per checkpoint, in pool order.
 
-Deviations from LESS (README "LESS"): the trainer's LoRA (r=8, alpha 16, lr 2e-4, cosine) instead
+Deviations from LESS (docs/target-aware.md, "LESS"): the trainer's LoRA (r=8, alpha 16, lr 2e-4, cosine) instead
 of r=128, alpha 512, lr 2e-5, linear; vmap batches instead of batch size 1 (the same gradients);
 numpy-drawn blocks instead of TRAK's fast_jl kernel (another +-1 matrix; equal in distribution).
 """
@@ -43,13 +44,23 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
-from thresher.pipeline.artifacts import ArtifactDir, atomic_path, config_key, file_fingerprint
+from thresher.pipeline.artifacts import ArtifactDir
 from thresher.pipeline.models.grads import DEFAULT_GRAD_TOKENS
-from thresher.pipeline.stage import Resources, Stage, StageRun
+from thresher.pipeline.stage import (
+    Resources,
+    ShardResult,
+    Stage,
+    StageRun,
+    Unit,
+    gather_units,
+    unit_done,
+    unit_file,
+)
+from thresher.pipeline.stages.proxy import checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 ROW_BLOCK = 1024                 # parameters per block of R (part of R's definition)
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8     # LESS obtain_gradients_with_adam
 
@@ -248,7 +259,6 @@ class GradFeatures(Stage):
     """LESS gradient features of every row at every checkpoint of the warm-up `proxy` stage."""
 
     kind: ClassVar[str] = "grad_features"
-    per_shard: ClassVar[bool] = False
     loads_model: ClassVar[bool] = True
     proxy: Stage | None = None
     d: int = 8192
@@ -260,13 +270,15 @@ class GradFeatures(Stage):
     dtype: str | None = None          # the projection's: bf16 | fp32 (None: by device, `bind`)
     token_budget: int = field(default=DEFAULT_GRAD_TOKENS, compare=False, metadata={"key": False})
     project_rows: int = field(default=64, compare=False, metadata={"key": False})
+    unit_rows: int = 256              # rows per unit of work (a progress line and a resume point)
 
     def __post_init__(self):
         if self.proxy is None:
             raise ValueError("grad_features need a warm-up proxy stage (proxy=Proxy(...))")
-        if min(self.d, self.project_rows, self.token_budget) < 1:
-            raise ValueError(f"grad_features: d, project_rows and token_budget must be >= 1, got "
-                             f"{self.d}, {self.project_rows}, {self.token_budget}")
+        if min(self.d, self.project_rows, self.token_budget, self.unit_rows) < 1:
+            raise ValueError(f"grad_features: d, project_rows, token_budget and unit_rows must be "
+                             f">= 1, got {self.d}, {self.project_rows}, {self.token_budget}, "
+                             f"{self.unit_rows}")
         if self.grad not in ("auto", "adam", "sgd"):
             raise ValueError(f"grad must be auto, adam or sgd, got {self.grad!r}")
         if self.dtype not in (None, "bf16", "fp32"):
@@ -285,7 +297,7 @@ class GradFeatures(Stage):
 
     def mode(self) -> str:
         """adam for the pool, sgd for a target set (LESS), unless `grad` says otherwise."""
-        return self.grad if self.grad != "auto" else ("adam" if self.source is None else "sgd")
+        return self.grad if self.grad != "auto" else ("adam" if self.over is None else "sgd")
 
     def key_extra(self) -> dict:
         return {"mode": self.mode(), "version": FEATURES_VERSION, "row_block": ROW_BLOCK}
@@ -293,20 +305,30 @@ class GradFeatures(Stage):
     def resources(self) -> Resources:
         return Resources(cpus=2, gpus=1, memory_gb=6)
 
-    def _shard_dir(self, run: StageRun, ckpt: Path) -> Path:
-        names = ["adapter_model.safetensors", "adapter_config.json"]
-        if self.mode() == "adam":
-            names.append("state.safetensors")
-        parts = [file_fingerprint(ckpt / n) for n in names]
-        d = run.store.root / self.kind / config_key(self.key_config(), parts) / "shards"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+    def checkpoints(self, run: StageRun) -> list[Path]:
+        return [Path(c) for c in run.deps[self.proxy].checkpoints]
 
-    def _job(self, ckpt: Path, device: str) -> FeatureJob:
+
+    def units(self, run: StageRun) -> list[Unit]:
+        """(checkpoint x row chunk) units: `unit_rows` rows of one shard at one checkpoint."""
+        out = []
+        for j, ckpt in enumerate(self.checkpoints(run)):
+            ck = checkpoint_fingerprint(ckpt, with_state=self.mode() == "adam")[:16]
+            for shard in run.pool.shards:
+                base, n = run.shard_unit(shard), run.pool.shard_rows(shard)
+                for lo in range(0, n, self.unit_rows):
+                    hi = min(n, lo + self.unit_rows)
+                    out.append(Unit(f"{ck}-{base.key}-{lo}", base.shard, (lo, hi),
+                                    ("checkpoint", str(ckpt)), hi - lo,
+                                    f"checkpoint {j} {base.label}[{lo}:{hi}]"))
+        return out
+
+    def open_worker(self, device: str, key: tuple = ()) -> FeatureJob:
         import torch
         from thresher.pipeline.models.grads import select_params
         from thresher.pipeline.training.train import load_trained
 
+        ckpt = Path(key[1])
         model, tok = load_trained(ckpt, device)
         params = select_params(model, self.params)
         moments = adam_moments(ckpt, params) if self.mode() == "adam" else None
@@ -314,82 +336,30 @@ class GradFeatures(Stage):
         return FeatureJob(model, tok, params, moments, self.d, self.seed, dtype, self.max_tokens,
                           self.response_only, self.token_budget, self.project_rows)
 
-    def _checkpoint(self, run: StageRun, ckpt: Path, stats: dict) -> list[Path]:
-        """Fill the missing shard files of one checkpoint; returns them in pool order."""
-        from thresher.pipeline.executors import read_shard
+    def run_shard(self, worker: FeatureJob, rows: list[dict]) -> ShardResult:
+        worker.project_seconds = 0.0
+        feats, no_loss, tokens = shard_features(worker, rows)
+        return ShardResult(arrays={"features": feats, "noloss": no_loss}, tokens=tokens,
+                           info={"project_seconds": round(worker.project_seconds, 4)})
 
-        folder, files, job = self._shard_dir(run, ckpt), [], None
-        for shard in run.pool.shards:
-            path = folder / f"{run.pool.shard_fingerprint(shard)[:32]}.npy"
-            files.append(path)
-            if path.exists():
-                stats["shards_cached"] += 1
-                continue
-            job = job or self._job(ckpt, run.device)
-            feats, no_loss, tokens = shard_features(job, read_shard(shard, self.columns()))
-            with atomic_path(path.with_suffix(".noloss.npy")) as tmp, open(tmp, "wb") as f:
-                np.save(f, no_loss)
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, feats)
-            stats["shards_computed"] += 1
-            stats["rows_computed"] += len(feats)
-            stats["tokens"] += tokens
-            stats["project_seconds"] += job.project_seconds
-            job.project_seconds = 0.0
-            log.info("grad_features: %s, shard %s done", ckpt.name, shard.stem)
-        return files
-
-    def run_whole(self, run: StageRun) -> dict:
+    def assemble(self, run: StageRun) -> dict:
+        """Per checkpoint one float16 [N, d] matrix (`c<j>.npy`, pool order), and `no_loss.npy`."""
+        ckpts, units = self.checkpoints(run), self.units(run)
+        per_ckpt = len(units) // max(1, len(ckpts))
+        for j in range(len(ckpts)):
+            part = units[j * per_ckpt:(j + 1) * per_ckpt]
+            run.dir.concat_arrays([unit_file(run, u, "features.npy") for u in part], f"c{j:03d}.npy")
+        no_loss = gather_units(run, units[:per_ckpt], "noloss.npy")
+        run.dir.save_array("no_loss.npy", no_loss)
+        infos = [unit_done(run, u) for u in units]
+        seconds = sum(i["seconds"] for i in infos)
         proxy = run.deps[self.proxy]
-        ckpts = [Path(c) for c in proxy.checkpoints]
-        stats = {"shards_computed": 0, "shards_cached": 0, "rows_computed": 0, "tokens": 0,
-                 "project_seconds": 0.0}
-        t0 = time.perf_counter()
-        for j, ckpt in enumerate(ckpts):
-            files = self._checkpoint(run, ckpt, stats)
-            _concat(files, run.dir, f"c{j:03d}.npy", self.d)
-        no_loss = np.concatenate([np.load(f.with_suffix(".noloss.npy")) for f in files])
-        with run.dir.writing("no_loss.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, no_loss)
-        seconds = time.perf_counter() - t0
         return {"rows": run.pool.n_rows, "checkpoints": [str(c) for c in ckpts],
                 "steps": list(proxy.steps), "etas": checkpoint_etas(ckpts).tolist(),
                 "mode": self.mode(), "d": self.d, "no_loss_rows": int(no_loss.sum()),
                 "feature_seconds": round(seconds, 2),
-                "seconds_per_row": round(seconds / max(1, stats["rows_computed"]), 4),
-                **stats, "project_seconds": round(stats["project_seconds"], 2)}
+                "seconds_per_row": round(seconds / max(1, len(no_loss) * len(ckpts)), 4),
+                "project_seconds": round(sum(i.get("project_seconds", 0.0) for i in infos), 2)}
 
     def load(self, run: StageRun) -> GradFeatureSet:
         return GradFeatureSet(run.dir, run.dir.info())
-
-
-def _concat(files: list[Path], out: ArtifactDir, name: str, d: int) -> None:
-    """Shard matrices -> one float16 [N, d] .npy in pool order, streamed (never all in memory)."""
-    n = sum(np.load(f, mmap_mode="r").shape[0] for f in files)
-    with out.writing(name) as tmp:
-        dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
-        at = 0
-        for f in files:
-            block = np.load(f, mmap_mode="r")
-            dest[at:at + len(block)] = block
-            at += len(block)
-        dest.flush()
-        del dest
-
-
-# ---------------------------------------------------------------- the warm-up proxy
-
-def warmup_proxy(n_rows: int, model: str | None = None, part: float = 0.05, min_rows: int = 32,
-                 epochs: int = 4, seed: int = 0, lr: float = 2e-4, batch_size: int = 8,
-                 max_tokens: int = 512, dtype: str | None = None) -> Stage:
-    """LESS's warm-up as a `Proxy` stage: LoRA on a seeded random `part` of the pool (at least
-    `min_rows` rows), `epochs` epochs, a checkpoint at the end of each epoch."""
-    from thresher.pipeline.models.resolve import DEFAULT_LM
-    from thresher.pipeline.stages.trajectories import Proxy
-
-    if not 0 < part <= 1 or min_rows < 1 or epochs < 1:
-        raise ValueError(f"warm-up: need 0 < part <= 1, min_rows >= 1, epochs >= 1; got "
-                         f"part={part}, min_rows={min_rows}, epochs={epochs}")
-    share = min(1.0, max(part, min_rows / max(1, n_rows)))
-    return Proxy(model=model or DEFAULT_LM, part=share, seed=seed, epochs=epochs, lr=lr,
-                 batch_size=batch_size, max_tokens=max_tokens, checkpoints=epochs, dtype=dtype)

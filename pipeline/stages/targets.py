@@ -1,5 +1,5 @@
 """A target set as a stage: a target file ingested once into the work directory, keyed by its
-content, so target-aware methods can run other stages over it (`Forward(..., source=TargetPool(p))`)."""
+content, so target-aware methods can run other stages over it (`Forward(..., over=TargetPool(p))`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class TargetPool(Stage):
     kind: ClassVar[str] = "target"
     per_shard: ClassVar[bool] = False
-    unit: ClassVar[str] = "files"
+    counts: ClassVar[str] = "files"
     uses_pool: ClassVar[bool] = False
     path: str = ""
 

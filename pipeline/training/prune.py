@@ -16,7 +16,7 @@ Methods (`ratio` is the fraction removed):
               of that layer over the calibration tokens (a few pool rows, hooks on each linear);
               the smallest fraction R in each output row is zeroed.
 
-Deviations from LLM-Pruner, stated here and in the README: importance is weight magnitude only (no
+Deviations from LLM-Pruner, stated here and in docs/paser.md: importance is weight magnitude only (no
 first-order Taylor term, so no calibration backward pass); all layers are pruned uniformly
 (LLM-Pruner skips the first and last blocks) because a Hugging Face config carries one
 intermediate_size; attention heads are not pruned. Embeddings and the LM head are never pruned.

@@ -17,7 +17,7 @@ Both use the first `max_eval` rows of each eval set; generation stops at `max_ne
 
 Writes OUT/verify.json, OUT/verify.md (the comparison table, also returned) and OUT/verify.png
 when matplotlib is installed (it is not a dependency; the table says when the plot is skipped),
-and OUT/report.html (`pipeline/report/build.py`: the table, loss curves and the subsets' report).
+and (by `pipeline/run.verify_with_report`) OUT/report.html: the table, loss curves and the subsets' report.
 Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones and their evaluations
 (RUN/evals.json, keyed by the run, the eval rows and the settings).
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -42,117 +41,11 @@ from pathlib import Path
 import numpy as np
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
 from thresher.pipeline.io.pool import load_rows
-from thresher.pipeline.models.chat import prompt_text
+from thresher.pipeline.training.evaluate import evaluate
 from thresher.pipeline.training.train import TrainConfig, load_trained, train
 
 log = logging.getLogger(__name__)
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-# ---------------------------------------------------------------- answers
-
-def _number(text: str) -> str | None:
-    """A number string normalised for comparison: no commas, no trailing zeros after a point."""
-    text = text.replace(",", "").strip().rstrip(".")
-    try:
-        v = float(text)
-    except ValueError:
-        return None
-    return str(int(v)) if v == int(v) else repr(v)
-
-
-def reference_answer(text: str) -> str | None:
-    """GSM8K: the number after `####` in the reference solution, else None (no final answer)."""
-    if "####" not in text:
-        return None
-    m = NUMBER.search(text.rsplit("####", 1)[1])
-    return _number(m.group()) if m else None
-
-
-def predicted_answer(text: str) -> str | None:
-    """The number after the last `####` of a generation, else its last number."""
-    if "####" in text:
-        m = NUMBER.search(text.rsplit("####", 1)[1])
-        if m:
-            return _number(m.group())
-    found = NUMBER.findall(text)
-    return _number(found[-1]) if found else None
-
-
-def _reference(row: dict) -> str | None:
-    if row["kind"] != "chat":
-        return None
-    last = [m["content"] for m in row["messages"] if m["role"] == "assistant"][-1]
-    return reference_answer(last)
-
-
-# ---------------------------------------------------------------- evaluation
-
-def heldout_loss(model, tok, rows: list[dict], max_tokens: int) -> dict:
-    """Response-only NLL, token-weighted over rows, through the fused forward engine."""
-    from thresher.pipeline.models.engine import run_forward
-
-    out = run_forward(model, tok, rows, {"loss"}, max_tokens=max_tokens)
-    n = out["n_loss_tokens"].astype(np.float64)
-    ok = n > 0
-    if not ok.any():
-        raise ValueError(f"no eval row has a response token within {max_tokens} tokens")
-    loss = float((out["loss"][ok] * n[ok]).sum() / n[ok].sum())
-    return {"loss": loss, "ppl": math.exp(loss), "rows": int(ok.sum()), "tokens": int(n.sum()),
-            "rows_without_response_tokens": int((~ok).sum()),
-            "row_loss": [float(v) if k else None for v, k in zip(out["loss"], ok)],
-            "row_tokens": n.astype(int).tolist()}
-
-
-def exact_match(model, tok, rows: list[dict], max_new_tokens: int, batch_size: int = 8) -> dict | None:
-    """Greedy-generation accuracy on the rows whose reference has a final answer (None if none)."""
-    import torch
-
-    items = [(r, _reference(r)) for r in rows]
-    items = [(r, a) for r, a in items if a is not None]
-    if not items or max_new_tokens <= 0:
-        return None
-    device = next(model.parameters()).device
-    stop = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-            if isinstance(t, int) and t != tok.unk_token_id]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    correct, samples, row_correct = 0, [], []
-    try:
-        for s in range(0, len(items), batch_size):
-            chunk = items[s:s + batch_size]
-            prompts = [prompt_text(tok, r["messages"]) for r, _ in chunk]
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.inference_mode():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=stop or None)
-            texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for (r, ref), text in zip(chunk, texts):
-                pred = predicted_answer(text)
-                correct += pred == ref
-                row_correct.append(int(pred == ref))
-                if len(samples) < 3:
-                    samples.append({"id": r["id"], "reference": ref, "predicted": pred,
-                                    "generation": text[-300:]})
-    finally:
-        tok.padding_side = side
-    return {"exact_match": correct / len(items), "correct": correct, "n": len(items),
-            "max_new_tokens": max_new_tokens, "samples": samples, "row_correct": row_correct}
-
-
-def evaluate(model, tok, evals: dict[str, list[dict]], max_tokens: int,
-             max_new_tokens: int) -> dict:
-    out = {}
-    for name, rows in evals.items():
-        t0 = time.perf_counter()
-        res = heldout_loss(model, tok, rows, max_tokens)
-        em = exact_match(model, tok, rows, max_new_tokens)
-        if em is not None:
-            res.update(em)
-        res["seconds"] = round(time.perf_counter() - t0, 2)
-        out[name] = res
-    return out
 
 
 # ---------------------------------------------------------------- the comparison
@@ -207,8 +100,36 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = _names(subsets)
-
     quarantine: dict[str, int] = {}
+    train_sets = _train_sets(subsets, names, quarantine)
+    n = len(next(iter(train_sets.values())))
+    pool_paths = [Path(pool)] if pool else sorted({find_pool(s).resolve() for s in subsets})
+    if len(pool_paths) > 1:
+        raise ValueError(f"subsets come from different pools {[str(p) for p in pool_paths]}; "
+                         "pass --pool to pick the one to draw the random subset from")
+    the_pool = Pool(pool_paths[0])
+    train_sets["random"] = random_subset(the_pool, n, seed)
+    if full:
+        train_sets["full"] = list(the_pool.iter_rows())
+    eval_sets = _eval_sets(evals, max_eval, quarantine)
+    report: dict = {"config": asdict(cfg), "seed": seed, "pool": str(the_pool.path),
+                    "subset_rows": n, "max_eval": max_eval, "max_new_tokens": max_new_tokens,
+                    "seeds": [seed + k for k in range(seeds)],
+                    "subsets": {nm: str(s) for nm, s in zip(names, subsets)},
+                    "quarantined": quarantine, "runs": {}}
+    device = _untrained_runs(report, cfg, eval_sets, reference, max_new_tokens)
+    for name, rows in train_sets.items():
+        per_seed = [_trained_run(out, name, rows, s, seed, seeds, cfg, the_pool, eval_sets,
+                                 max_new_tokens, device, progress) for s in report["seeds"]]
+        report["runs"][name] = per_seed[0] if seeds == 1 else _over_seeds(per_seed, report["seeds"])
+        write_json_atomic(out / "verify.json", report)   # partial results survive a kill
+    report["comparisons"] = compare_to_random(report)
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    return _write_results(report, out)
+
+
+def _train_sets(subsets: list[Path], names: list[str], quarantine: dict) -> dict[str, list[dict]]:
+    """Each subset's rows (unreadable rows counted in `quarantine`), all of one size."""
     train_sets: dict[str, list[dict]] = {}
     for name, s in zip(names, subsets):
         rows, bad = load_rows(s)
@@ -221,17 +142,10 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
     if len(set(sizes.values())) > 1:
         raise ValueError("subsets differ in size, so the comparison is not at equal budget: "
                          + ", ".join(f"{k}={v}" for k, v in sizes.items()))
-    n = next(iter(sizes.values()))
+    return train_sets
 
-    pool_paths = [Path(pool)] if pool else sorted({find_pool(s).resolve() for s in subsets})
-    if len(pool_paths) > 1:
-        raise ValueError(f"subsets come from different pools {[str(p) for p in pool_paths]}; "
-                         "pass --pool to pick the one to draw the random subset from")
-    the_pool = Pool(pool_paths[0])
-    train_sets["random"] = random_subset(the_pool, n, seed)
-    if full:
-        train_sets["full"] = list(the_pool.iter_rows())
 
+def _eval_sets(evals: list, max_eval: int, quarantine: dict) -> dict[str, list[dict]]:
     eval_sets: dict[str, list[dict]] = {}
     for e in evals:
         rows, bad = load_rows(e)
@@ -240,13 +154,13 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
             raise ValueError(f"two eval sets are named {name!r}; rename one")
         eval_sets[name] = rows[:max_eval]
         quarantine[str(e)] = len(bad)
+    return eval_sets
 
-    report: dict = {"config": asdict(cfg), "seed": seed, "pool": str(the_pool.path),
-                    "subset_rows": n, "max_eval": max_eval, "max_new_tokens": max_new_tokens,
-                    "seeds": [seed + k for k in range(seeds)],
-                    "subsets": {nm: str(s) for nm, s in zip(names, subsets)},
-                    "quarantined": quarantine, "runs": {}}
 
+def _untrained_runs(report: dict, cfg: TrainConfig, eval_sets: dict, reference: str | None,
+                    max_new_tokens: int) -> str:
+    """The base model's evals (and an untrained `reference`'s, e.g. the unpruned model a pruned
+    base came from) into `report["runs"]`; returns the device."""
     from thresher.pipeline.models.resolve import (
         load_causal_lm,
         load_tokenizer,
@@ -254,42 +168,40 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
         resolve,
     )
 
-    resolved = resolve(cfg.model)
     device = pick_device(cfg.device)
-    tok = load_tokenizer(resolved)
-    base = load_causal_lm(resolved, device)
-    t0 = time.perf_counter()
-    report["runs"]["base"] = {"rows": 0, "evals": evaluate(base, tok, eval_sets, cfg.max_tokens,
-                                                           max_new_tokens),
-                              "eval_seconds": round(time.perf_counter() - t0, 2)}
-    del base
-    if reference:   # an untrained reference, e.g. the unpruned model a pruned base came from
-        ref = load_causal_lm(resolve(reference), device)
+    tok = load_tokenizer(resolve(cfg.model))
+    for name, model in (("base", cfg.model), ("original", reference)):
+        if model is None:
+            continue
+        lm = load_causal_lm(resolve(model), device)
         t0 = time.perf_counter()
-        report["runs"]["original"] = {"rows": 0, "model": reference,
-                                      "evals": evaluate(ref, tok, eval_sets, cfg.max_tokens,
-                                                        max_new_tokens),
-                                      "eval_seconds": round(time.perf_counter() - t0, 2)}
-        del ref
-    for name, rows in train_sets.items():
-        per_seed = []
-        for s in report["seeds"]:
-            run_rows = random_subset(the_pool, n, s) if name == "random" and s != seed else rows
-            run_dir = out / "runs" / name if seeds == 1 else out / "runs" / name / f"seed-{s}"
-            summary = train(run_rows, run_dir, replace(cfg, seed=s) if seeds > 1 else cfg,
-                            progress=progress)
-            t0 = time.perf_counter()
-            evals = _cached_evals(run_dir, summary, eval_sets, cfg.max_tokens, max_new_tokens, device)
-            per_seed.append({
-                "rows": len(run_rows), "trained_rows": summary["trained_rows"],
-                "steps": summary["steps"], "train_tokens": summary["train_tokens"],
-                "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
-                "train_seconds": summary["seconds"], "evals": evals,
-                "eval_seconds": round(time.perf_counter() - t0, 2)})
-        report["runs"][name] = per_seed[0] if seeds == 1 else _over_seeds(per_seed, report["seeds"])
-        write_json_atomic(out / "verify.json", report)   # partial results survive a kill
-    report["comparisons"] = compare_to_random(report)
-    report["seconds"] = round(time.perf_counter() - t_start, 2)
+        report["runs"][name] = {"rows": 0, **({"model": model} if name == "original" else {}),
+                                "evals": evaluate(lm, tok, eval_sets, cfg.max_tokens,
+                                                  max_new_tokens),
+                                "eval_seconds": round(time.perf_counter() - t0, 2)}
+        del lm
+    return device
+
+
+def _trained_run(out: Path, name: str, rows: list[dict], s: int, seed: int, seeds: int,
+                 cfg: TrainConfig, the_pool, eval_sets: dict, max_new_tokens: int, device: str,
+                 progress: bool) -> dict:
+    """Train on one set at seed `s` (random's rows drawn again per seed) and evaluate it."""
+    run_rows = random_subset(the_pool, len(rows), s) if name == "random" and s != seed else rows
+    run_dir = out / "runs" / name if seeds == 1 else out / "runs" / name / f"seed-{s}"
+    summary = train(run_rows, run_dir, replace(cfg, seed=s) if seeds > 1 else cfg,
+                    progress=progress)
+    t0 = time.perf_counter()
+    evals = _cached_evals(run_dir, summary, eval_sets, cfg.max_tokens, max_new_tokens, device)
+    return {"rows": len(run_rows), "trained_rows": summary["trained_rows"],
+            "steps": summary["steps"], "train_tokens": summary["train_tokens"],
+            "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
+            "train_seconds": summary["seconds"], "evals": evals,
+            "eval_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _write_results(report: dict, out: Path) -> dict:
+    """OUT/verify.json, verify.md (the comparison table) and verify.png (when matplotlib is there)."""
     table = comparison_table(report)
     plot = _plot(report, out / "verify.png")
     table += ("\n" + (f"Plot: {plot.name}" if plot else
@@ -299,10 +211,6 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
     with atomic_path(out / "verify.md") as tmp:
         tmp.write_text(table)
     report["markdown"] = table
-    from thresher.pipeline.report.build import write_report
-
-    # the HTML report; its map uses cached embeddings only (verify never embeds for a picture)
-    report["report"] = str(write_report([out], out / "report.html", compute_embeddings=False))
     return report
 
 

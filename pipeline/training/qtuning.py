@@ -16,10 +16,10 @@ prediction of token t, as `pipeline/chat.encode` lays out its loss mask), so it 
 hand-built arrays; `pipeline/training/train.py` calls `prune_batch` once per micro-batch and
 `write_masks` is the offline mode.
 
-Choices where the spec leaves room (also in README "Q-Tuning"):
-- token budget: `token_budget="sample"` (default) is the paper's per-sample rule: each Q2 sample
+Choices where the spec leaves room (also in docs/training.md, "Q-Tuning"):
+- token pruning scope: `prune_scope="sample"` (default) is the paper's per-sample rule: each Q2 sample
   keeps round(r_token * its label tokens) (at least 1), dropping the highest smoothed scores.
-  `token_budget="batch"` is the released code's batch-global budget (§2.4).
+  `prune_scope="batch"` is the released code's batch-global budget (§2.4).
 - entropy is averaged over the response (label) positions by default, the paper's formula;
   `entropy_over="all"` averages over all non-pad positions as the released code does (§2.2).
 - compute: the trainer scores the batch with a separate no-grad forward (eval mode) and trains
@@ -27,7 +27,7 @@ Choices where the spec leaves room (also in README "Q-Tuning"):
   backward pass. The released code reads the scores from the training forward instead.
 - ties in token scores are broken by position (the earlier token is dropped first); rounding
   uses Python's round (half to even).
-- the plane itself (quadrants, the alpha bisection, the fill-up) is `scoring/eu_plane.eu_keep`,
+- the plane itself (quadrants, the alpha bisection, the fill-up) is `selectors/quadrants.eu_keep`,
   shared with the static `eu-plane` method; this module adds the per-batch scoring, the token
   pruning and the reports.
 """
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from thresher.scoring.eu_plane import eu_keep
+from thresher.selectors.quadrants import eu_keep
 
 
 @dataclass
@@ -47,7 +47,7 @@ class QTuningConfig:
     sample_ratio: float = 0.25     # r_sample; paper grid {0.125, 0.25, 0.5}
     token_ratio: float = 0.5       # r_token; paper grid {0.5, 0.7}
     lam: float = 0.5               # wise_lambda: neighbour weight in the smoothed token score
-    token_budget: str = "sample"   # "sample" (paper text) or "batch" (released code)
+    prune_scope: str = "sample"   # "sample" (paper text) or "batch" (released code)
     entropy_over: str = "response"  # "response" (paper formula) or "all" (released code)
     tol: float = 0.01
     max_iter: int = 10
@@ -59,8 +59,8 @@ class QTuningConfig:
                 raise ValueError(f"Q-Tuning {name} must be in (0, 1], got {v}")
         if not 0 <= self.lam <= 1:
             raise ValueError(f"Q-Tuning lam must be in [0, 1], got {self.lam}")
-        if self.token_budget not in ("sample", "batch"):
-            raise ValueError(f"Q-Tuning token_budget must be 'sample' or 'batch', got {self.token_budget!r}")
+        if self.prune_scope not in ("sample", "batch"):
+            raise ValueError(f"Q-Tuning prune_scope must be 'sample' or 'batch', got {self.prune_scope!r}")
         if self.entropy_over not in ("response", "all"):
             raise ValueError(f"Q-Tuning entropy_over must be 'response' or 'all', got {self.entropy_over!r}")
 
@@ -130,7 +130,7 @@ def prune_batch(nll: np.ndarray, ent: np.ndarray, loss_mask: np.ndarray, attenti
 
     new = mask & keep[:, None]
     scores = smoothed_token_scores(nll, mask, cfg.lam)
-    if cfg.token_budget == "sample":
+    if cfg.prune_scope == "sample":
         for i in np.flatnonzero(q2):
             n = int(mask[i].sum())
             n_keep = max(1, round(n * cfg.token_ratio))
