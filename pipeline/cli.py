@@ -1,4 +1,10 @@
-"""The `thresher` command line. Each command is a thin shell over a stage function."""
+"""The `thresher` command line: a thin layer over the Python API (`pipeline/api.py`) and the
+training commands. Every user or environment error becomes one `error:` line and exit 2.
+
+Longer than 400 lines because every command's options are declared here, with their help, in
+one place (typer's declarations: the options are most of the file); each command body is a few
+lines that call one function.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from thresher.pipeline.models.resolve import MissingPackage, check_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Select and curate LLM training data.")
@@ -27,8 +34,6 @@ ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM
 
 def user_error_message(e: BaseException) -> str | None:
     """The one-line message for a user or environment error, or None for a programming error."""
-    from thresher.pipeline.models.resolve import MissingPackage
-
     if isinstance(e, OSError) and (isinstance(e, USER_ERRORS) or e.errno in ENV_ERRNOS):
         if e.filename is not None and e.strerror:
             return f"{e.filename}: {e.strerror}"
@@ -36,12 +41,6 @@ def user_error_message(e: BaseException) -> str | None:
     if isinstance(e, USER_ERRORS + (MissingPackage,)):
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None
-
-
-def _check_device(device: str | None) -> None:
-    from thresher.pipeline.models.resolve import check_device
-
-    check_device(device)
 
 
 def _fail(e: Exception) -> None:
@@ -61,12 +60,12 @@ def ingest(
     encoding: Annotated[str | None, typer.Option(help="Text encoding of files without a byte-order mark (default UTF-8).")] = None,
 ):
     """Read instruction or text data into a pool of canonical Parquet shards."""
-    from thresher.pipeline.io.pool import ingest as run_ingest
+    from thresher.pipeline import api
     from tqdm import tqdm
 
     try:
         with tqdm(unit=" rows", desc="ingest", disable=None) as bar:
-            rep = run_ingest(sources, out, shape=format, rows_per_shard=rows_per_shard,
+            rep = api.ingest(sources, out, format=format, rows_per_shard=rows_per_shard,
                              progress=bar.update, encoding=encoding)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
@@ -96,35 +95,27 @@ def select(
     executor: Annotated[str, typer.Option("--executor", help="local (in-process) or ray.")] = "local",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: a local cluster, or RAY_ADDRESS).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what is cached; run nothing.")] = False,
-    pruned_model: Annotated[str | None, typer.Option("--pruned-model", help="paser: the pruned model to recover (= --param pruned_model=).")] = None,
 ):
     """Select a subset of a pool under a budget and write it with a manifest."""
-    from thresher.pipeline import registry
-    from thresher.pipeline.select import run_select
+    from thresher.pipeline import api, registry
 
     try:
-        _check_device(device)
         params = parse_param_options(param)
-        if pruned_model:
-            params["pruned_model"] = pruned_model
-        method, params = registry.method_for(method, target, params)
         if out is None and not dry_run:
             raise ValueError("--out is required (the subset file to write)")
-        m = run_select(pool, method, budget, out or Path("-"), fmt=format, seed=seed,
-                       workdir=workdir, params=params, selector=selector, targets=target or (),
-                       device=device, executor=executor, ray_address=ray_address, dry_run=dry_run)
-        if format == "hf" and not dry_run:   # the dataset directory's own README.md
-            from thresher.pipeline.io.card import write_card
-            from thresher.pipeline.io.writers import HF_DATA
-
-            write_card(out, m, HF_DATA)
+        got = api.select(pool, method, budget, out or Path("-"), format=format, seed=seed,
+                         params=params, selector=selector, targets=target or (), workdir=workdir,
+                         device=device, executor=executor, ray_address=ray_address,
+                         dry_run=dry_run)
+        method = registry.method_for(method, target, params)[0]
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     if dry_run:
-        typer.echo(f"plan for {method} ({len(m['plan'])} stages):")
-        for line in m["plan"] or ["(no stages: scores come from the pool itself)"]:
+        typer.echo(f"plan for {method} ({len(got)} stages):")
+        for line in got or ["(no stages: scores come from the pool itself)"]:
             typer.echo(f"  {line}")
         return
+    m = got.manifest
     for line in m["config"]["method"].get("report_lines", []):
         typer.echo(line)
     c = m["counts"]
@@ -159,7 +150,7 @@ def embed(
     from thresher.pipeline.stages.embed import embed_pool
 
     try:
-        _check_device(device)
+        check_device(device)
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
         e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size)
@@ -188,7 +179,7 @@ def cluster(
     from thresher.pipeline.stages.embed import embed_pool
 
     try:
-        _check_device(device)
+        check_device(device)
         p = Pool(pool)
         store = ArtifactStore(workdir or default_workdir(p.path))
         e = embed_pool(p, store, model, part=part, device=device)
@@ -205,15 +196,14 @@ def cluster(
 
 def _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed, save_steps=None,
                   every=0, device=None, merge=False, qtuning=False, sample_ratio=0.25,
-                  token_ratio=0.5, token_budget="sample"):
-    from thresher.pipeline.models.resolve import check_device
+                  token_ratio=0.5, prune_scope="sample"):
+    from thresher.pipeline.training.qtuning import QTuningConfig
     from thresher.pipeline.training.train import TrainConfig
-    from thresher.scoring.qtuning import QTuningConfig
 
     check_device(device)
     steps = [int(s) for s in (save_steps or "").replace(" ", "").split(",") if s]
     q = QTuningConfig(sample_ratio=sample_ratio, token_ratio=token_ratio,
-                      token_budget=token_budget) if qtuning else None
+                      prune_scope=prune_scope) if qtuning else None
     return TrainConfig(model=model or "smollm2-135m-instruct", epochs=epochs, lr=lr,
                        batch_size=batch_size, grad_accum=grad_accum, max_tokens=max_tokens,
                        seed=seed, save_steps=tuple(steps), every=every, device=device, merge=merge,
@@ -238,7 +228,7 @@ def train(
     qtuning: Annotated[bool, typer.Option("--qtuning", help="Dynamic Q-Tuning: per-batch sample and token pruning.")] = False,
     sample_ratio: Annotated[float, typer.Option(help="Q-Tuning sample ratio r_sample.")] = 0.25,
     token_ratio: Annotated[float, typer.Option(help="Q-Tuning token ratio r_token (of Q2 samples' tokens).")] = 0.5,
-    token_budget: Annotated[str, typer.Option(help="Q-Tuning token budget: sample (paper) | batch (released code).")] = "sample",
+    prune_scope: Annotated[str, typer.Option(help="Q-Tuning token pruning scope: sample (the paper: each Q2 sample keeps its share) | batch (the released code: one budget per batch).")] = "sample",
     token_masks: Annotated[Path | None, typer.Option(help="Per-token keep masks from `thresher qtuning-masks`.")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore checkpoints in --out and start over.")] = False,
 ):
@@ -248,7 +238,7 @@ def train(
     try:
         cfg = _train_config(model, epochs, lr, batch_size, grad_accum, max_tokens, seed,
                             save_steps, every, device, merge, qtuning, sample_ratio, token_ratio,
-                            token_budget)
+                            prune_scope)
         s = train_file(subset, out, cfg, resume=not fresh, token_masks=token_masks)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
@@ -289,19 +279,16 @@ def verify(
     base_model: Annotated[str | None, typer.Option("--base-model", help="Model to recover (e.g. a `thresher prune` output): trained and evaluated instead of --model; its unpruned source is evaluated as `original`.")] = None,
 ):
     """Train on each subset and on a random subset of the same size; compare held-out loss and accuracy."""
-    from thresher.pipeline.io.outputs import check_outputs
+    from thresher.pipeline import api
     from thresher.pipeline.training.prune import prune_info
-    from thresher.pipeline.training.verify import run_verify
 
     try:
-        check_outputs([out / "verify.json", out / "verify.md"],
-                      inputs=[*subset, *eval] + ([pool] if pool else []))
         if base_model and model and model != base_model:
             raise ValueError("--base-model and --model name different models; give one")
         reference = (prune_info(base_model) or {}).get("source") if base_model else None
         cfg = _train_config(base_model or model, epochs, lr, batch_size, grad_accum, max_tokens,
                             seed, device=device)
-        r = run_verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
+        r = api.verify(subset, eval, out, pool=pool, full=full, seed=seed, cfg=cfg,
                        max_eval=max_eval, max_new_tokens=max_new_tokens, reference=reference,
                        seeds=seeds)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
@@ -319,11 +306,10 @@ def report(
     max_points: Annotated[int, typer.Option(help="Most pool rows drawn on the map (a seeded sample beyond).")] = 5000,
 ):
     """Write one self-contained HTML report (offline): funnel, map, scores, examples, verify."""
-    from thresher.pipeline.report.build import default_out, write_report
+    from thresher.pipeline import api
 
     try:
-        path = write_report(runs, out or default_out(runs), embedder=embedder,
-                            max_points=max_points)
+        path = api.report(runs, out, embedder=embedder, max_points=max_points)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(f"report -> {path}")
@@ -336,24 +322,24 @@ def qtuning_masks(
     model: Annotated[str | None, typer.Option(help="Causal LM that scores the rows (default smollm2-135m-instruct).")] = None,
     sample_ratio: Annotated[float, typer.Option(help="Q-Tuning sample ratio r_sample.")] = 0.25,
     token_ratio: Annotated[float, typer.Option(help="Q-Tuning token ratio r_token.")] = 0.5,
-    token_budget: Annotated[str, typer.Option(help="sample (paper) | batch (released code).")] = "sample",
+    prune_scope: Annotated[str, typer.Option(help="sample (paper) | batch (released code).")] = "sample",
     max_tokens: Annotated[int, typer.Option(help="Truncate rows to this many tokens.")] = 512,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
     """Offline Q-Tuning: base-model EU plane over all rows at once; per-row token keep masks."""
     from thresher.pipeline.io.outputs import check_outputs
     from thresher.pipeline.io.pool import load_rows
-    from thresher.scoring.qtuning import QTuningConfig, write_masks
+    from thresher.pipeline.training.qtuning import QTuningConfig, write_masks
 
     try:
-        _check_device(device)
+        check_device(device)
         check_outputs([out], inputs=[source])
         rows, bad = load_rows(source)
         if bad:
             typer.echo(f"  {source}: {len(bad)} rows quarantined, e.g. {bad[0]['location']}: {bad[0]['reason']}", err=True)
         info = write_masks(rows, out, model or "smollm2-135m-instruct",
                            QTuningConfig(sample_ratio=sample_ratio, token_ratio=token_ratio,
-                                         token_budget=token_budget), max_tokens=max_tokens, device=device)
+                                         prune_scope=prune_scope), max_tokens=max_tokens, device=device)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     typer.echo(f"kept {info['kept_samples']} of {info['samples']} rows, {info['kept_tokens']} of "
@@ -415,7 +401,7 @@ def capability_clusters(
     from thresher.pipeline.artifacts import ArtifactStore
     from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.select import default_workdir
-    from thresher.scoring.paser import cluster_table, pool_clusters
+    from thresher.pipeline.stages.capability import cluster_table, pool_clusters
 
     try:
         p = Pool(pool)
@@ -436,10 +422,11 @@ def methods(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ):
     """List the selection methods: parameters with defaults, needs (stages) and cost."""
-    from thresher.pipeline.registry import describe, describe_selectors
+    from thresher.pipeline import api
+    from thresher.pipeline.registry import describe_selectors
 
     try:
-        rows = describe(name)
+        rows = api.methods(name)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
     if as_json:
@@ -472,7 +459,7 @@ def methods(
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (see data/recipes/).")],
-    executor: Annotated[str, typer.Option(help="local|ray: where per-shard stage units run.")] = "local",
+    executor: Annotated[str, typer.Option(help="local|ray: where stage units run.")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local one).")] = None,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the steps and the plan; run nothing.")] = False,
