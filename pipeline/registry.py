@@ -30,6 +30,8 @@ METHODS: dict[str, str] = {
     "rds": "thresher.scoring.rds:RdsMethod",
     "paser": "thresher.scoring.paser:PaserMethod",
     "less": "thresher.scoring.less:LessMethod",
+    "quality-rules": "thresher.scoring.quality_rules:QualityRulesMethod",
+    "langid": "thresher.scoring.langid:LangIdMethod",
 }
 
 # What `thresher select --target F` runs when no --method is given: the combination that won
