@@ -28,7 +28,9 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from itertools import accumulate
 
+from thresher.pipeline.stages.ngrams import NGrams
 from thresher.pipeline.stages.words import Words
 
 # DataTrove's PUNCTUATION: ASCII punctuation, a fixed list of typographic and CJK marks (the
@@ -90,7 +92,8 @@ def duplicates(items: list[str]) -> tuple[int, int]:
 
 def top_ngram_chars(words: list[str], n: int, joined: str, starts: list[int]) -> int | None:
     """len(most common space-joined n-gram) x its count (first seen wins a tie); None if no
-    n-gram. `joined` is " ".join(words); `starts` the offsets of the words in it."""
+    n-gram. `joined` is " ".join(words); `starts` the offsets of the words in it. (The plain
+    version of `NGrams.top_chars`, which the stage uses: tests hold one to the other.)"""
     if len(words) < n:
         return None
     grams = [joined[starts[i]:starts[i + n] - 1] for i in range(len(words) - n + 1)]
@@ -103,7 +106,7 @@ def top_ngram_chars(words: list[str], n: int, joined: str, starts: list[int]) ->
 def duplicated_ngram_chars(n: int, joined: str, ends: list[int]) -> int:
     """Characters of repeated n-grams (words joined WITHOUT spaces: `joined`, word i ending at
     ends[i + 1]), scanned left to right, jumping n words past each repeat (Gopher's duplicated
-    n-gram fraction, as DataTrove)."""
+    n-gram fraction, as DataTrove; the plain version of `NGrams.duplicated_chars`)."""
     last = len(ends) - 1 - n
     if last < 0:
         return 0
@@ -125,11 +128,8 @@ def duplicated_ngram_chars(n: int, joined: str, ends: list[int]) -> int:
 
 def _offsets(words: list[str], sep: int) -> list[int]:
     """Where each word starts in the words joined by `sep` characters, then the end + sep."""
-    out, at = [0], 0
-    for w in words:
-        at += len(w) + sep
-        out.append(at)
-    return out
+    lengths = map(len, words)
+    return list(accumulate(map((sep).__add__, lengths) if sep else lengths, initial=0))
 
 
 def gopher_repetition(text: str, words: list[str]) -> dict:
@@ -140,13 +140,12 @@ def gopher_repetition(text: str, words: list[str]) -> dict:
     l_dup, l_chars = duplicates(lines)
     out = {"gr_dup_para_frac": p_dup / len(paragraphs), "gr_dup_para_char_frac": _ratio(p_chars, size),
            "gr_dup_line_frac": l_dup / len(lines), "gr_dup_line_char_frac": _ratio(l_chars, size)}
-    spaced, starts = " ".join(words), _offsets(words, 1)
+    grams = NGrams(words)
     for n in TOP_NGRAMS:
-        top = top_ngram_chars(words, n, spaced, starts)
+        top = grams.top_chars(n)
         out[f"gr_top_{n}gram"] = None if top is None else _ratio(top, size)
-    joined, ends = "".join(words), _offsets(words, 0)
     for n in DUP_NGRAMS:
-        out[f"gr_dup_{n}gram"] = _ratio(duplicated_ngram_chars(n, joined, ends), size)
+        out[f"gr_dup_{n}gram"] = _ratio(grams.duplicated_chars(n), size)
     return out
 
 

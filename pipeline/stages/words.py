@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from functools import cache, lru_cache
+from itertools import chain
 
 # Han (with extensions and compatibility), Hiragana, Katakana, Thai, Lao, Tibetan, Myanmar, Khmer
 NO_SPACE_SCRIPTS = re.compile(
@@ -74,8 +75,10 @@ class Words:
 
     def __init__(self, language: str = "en"):
         self.language = language
-        self.tokenizer = _nlp(language).tokenizer
         self.no_space = language in NO_SPACE_LANGUAGES
+        # spaCy's Chinese/Japanese tokenizers cut everything into characters or need a
+        # segmenter: the multi-language one handles the spaced runs between CJK characters
+        self.tokenizer = _nlp("xx" if self.no_space else language).tokenizer
         self.cache: dict[str, tuple[str, ...]] = {}
         self.codes: dict[str, str] = {}
         self.maybe_end = _maybe_end()
@@ -131,12 +134,12 @@ class Words:
 
     def words(self, text: str) -> list[str]:
         """Every token of `text`, whitespace tokens left out (DataTrove's strip_strings)."""
-        out: list[str] = []
-        cache = self.cache
-        for c in text.split():
-            got = cache.get(c)
-            out.extend(got if got is not None else self.chunk(c))
-        return out
+        chunks = text.split()
+        try:
+            return list(chain.from_iterable(map(self.cache.__getitem__, chunks)))
+        except KeyError:          # not prepared: tokenize the missing chunks first
+            self.prepare([text])
+            return list(chain.from_iterable(map(self.cache.__getitem__, chunks)))
 
     def _code(self, chunk: str) -> str:
         """One letter per token of a chunk: P a sentence-final mark, p other punctuation, w else."""
