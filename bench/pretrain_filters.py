@@ -4,7 +4,9 @@
 
 Documents: every plain-text row of the shared pool (C4, Wikipedia) and, for more shapes, up to
 `--per-file` rows of each chat file as one text (its turns joined by blank lines: code, math,
-tool calls, Chinese). DataTrove 0.10.1 runs in a bench-only venv (`bench/.venv-datatrove`,
+tool calls, Chinese), plus 201 web texts changed (seeded) to trip the rules the shared data
+rarely trips (lorem ipsum, bullet and ellipsis lines, hashtags, repeated paragraphs, a document
+of over 100,000 words). DataTrove 0.10.1 runs in a bench-only venv (`bench/.venv-datatrove`,
 made by `make bench-datatrove`; never a thresher dependency), through `bench/datatrove_side.py`.
 
 Decisions: each filter's keep/drop and first reason, and each rule ALONE (DataTrove's filter with
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
@@ -47,6 +50,30 @@ def documents(data: Path, per_file: int) -> list[dict]:
     return docs
 
 
+def planted(docs: list[dict], n: int = 40, seed: int = 0) -> list[dict]:
+    """Web texts changed to trip the rules the shared data rarely trips: lorem ipsum, bullet
+    and ellipsis lines, hashtags, repeated paragraphs, one document over 100,000 words."""
+    rng = random.Random(seed)
+    web = [d["text"] for d in docs if d["file"] == "llamafactory_c4_demo"]
+    out = []
+    changes = {
+        "lorem": lambda t: t.replace("\n", "\nLorem ipsum dolor sit amet, consectetur.\n", 1),
+        "bullets": lambda t: "\n".join(("- " if rng.random() < 0.95 else "") + x
+                                       for x in t.split(". ")),
+        "ellipsis": lambda t: "\n".join(x + ("..." if rng.random() < 0.4 else ".")
+                                        for x in t.split(". ")),
+        "hashtags": lambda t: " ".join(w + (" #tag" if rng.random() < 0.12 else "")
+                                       for w in t.split(" ")),
+        "repeats": lambda t: "\n\n".join([t[:300]] * rng.randint(2, 5) + [t]),
+    }
+    for i in range(n):
+        for name, change in changes.items():
+            out.append({"id": f"planted-{name}-{i}", "file": f"planted-{name}",
+                        "text": change(rng.choice(web))})
+    out.append({"id": "planted-long", "file": "planted-long", "text": "\n".join(web * 2)})
+    return out
+
+
 def thresher_side(docs: list[dict], terminal: bool) -> tuple[pl.DataFrame, float]:
     from thresher.scoring.quality_rules import QualityRulesParams, rules_for, stage_for
 
@@ -60,11 +87,11 @@ def thresher_side(docs: list[dict], terminal: bool) -> tuple[pl.DataFrame, float
     frame = pl.from_arrow(table)
     rules = rules_for(p)
     decided = frame.select("id", *[
-        pl.coalesce([pl.when(expr.fill_null(False)).then(pl.lit(name)) for name, expr, _ in rs
+        pl.coalesce([pl.when(expr.fill_null(False)).then(pl.lit(name)) for name, expr, *_ in rs
                      if expr is not None]).alias(group) for group, rs in rules.items()])
     seconds = time.perf_counter() - t0
     iso = frame.select("id", *[expr.fill_null(False).alias(f"{group}:{name}")
-                               for group, rs in rules.items() for name, expr, _ in rs
+                               for group, rs in rules.items() for name, expr, *_ in rs
                                if expr is not None])
     both = iso["gopher_quality:too_many_hashes"] | iso["gopher_quality:too_many_ellipsis"]
     iso = iso.with_columns(both.alias("gopher_quality:too_many_hashes+too_many_ellipsis"))
@@ -141,6 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     docs = documents(args.data, args.per_file)
+    docs += planted(docs)
     path = OUT / "pretrain_filters_docs.jsonl"
     path.write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in docs))
     print(f"{len(docs)} documents, {sum(len(d['text']) for d in docs) / len(docs):.0f} chars mean")

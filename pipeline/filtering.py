@@ -11,7 +11,8 @@ dropped row the name of the FIRST rule it fails, in the order given, as DataTrov
 rule whose expression is null for a row (a value not computed for it: a chat row under text-only
 rules) does not fail it. The counts, per rule: `first` (rows whose reason it is), `any` (rows
 failing it at all) and `only` (rows it alone removes: no other rule fails them); plus rows,
-kept and dropped, so every row is accounted for.
+kept and dropped, so every row is accounted for; a rule that names the value it compares
+(`column`, `op`, `threshold`) has them in its counts too, for the report's histograms.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import polars as pl
 class Rule:
     name: str           # what `reason` says, and the key of its counts
     fails: pl.Expr      # true where the row fails the rule (null: not judged, passes)
+    column: str | None = None         # for reports: the value the rule compares,
+    op: str | None = None             # how ("<", ">", "<=": fails when value op threshold),
+    threshold: float | None = None    # and with what
 
 
 def apply_rules(frame: pl.DataFrame, rules: list[Rule]) -> tuple[pl.DataFrame, dict]:
@@ -46,6 +50,9 @@ def apply_rules(frame: pl.DataFrame, rules: list[Rule]) -> tuple[pl.DataFrame, d
         col = fails[n]
         counts[n] = {"first": int(first.get(n, 0)), "any": int(col.sum()),
                      "only": int((col & (n_fail == 1)).sum())}
+    for r in rules:
+        if r.column is not None:
+            counts[r.name].update(column=r.column, op=r.op, threshold=r.threshold)
     out = frame.with_columns(keep=(n_fail == 0), reason=reason)
     dropped = int((n_fail > 0).sum())
     return out, {"rows": frame.height, "kept": frame.height - dropped, "dropped": dropped,

@@ -187,9 +187,7 @@ def report_step(recipe: Recipe) -> dict | None:
     except ModuleNotFoundError:
         return {"step": "report", "skipped": "this thresher has no pipeline/report/build.py yet"}
     t0 = time.perf_counter()
-    runs = [subset_path(recipe, s) for s in recipe.selections if not s.annotate_only]
-    if not runs:
-        return {"step": "report", "skipped": "every selection is annotate_only"}
+    runs = [subset_path(recipe, s) for s in recipe.selections]
     if recipe.verify is not None:
         runs.append(Path(recipe.out) / "verify")
     write_report(runs, Path(recipe.report.out))

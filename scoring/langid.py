@@ -53,7 +53,8 @@ class LangIdMethod(Method):
         rules = [Rule("und", und if not p.keep_und else pl.lit(False))]
         if p.languages:
             rules.append(Rule("language", ~und & ~pl.col("lang").is_in(list(p.languages))))
-        rules.append(Rule("low_score", ~und & (pl.col("lang_score") <= p.min_score)))
+        rules.append(Rule("low_score", ~und & (pl.col("lang_score") <= p.min_score),
+                          "lang_score", "<=", p.min_score))
         scores, counts = apply_rules(frame, rules)
         langs = frame["lang"].value_counts(sort=True)
         counts["languages"] = dict(zip(langs["lang"].to_list(), langs["count"].to_list()))

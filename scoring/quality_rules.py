@@ -156,16 +156,30 @@ def stage_for(p: QualityRulesParams) -> QualityValues:
                          c4_max_word_length=p.c4_max_word_length)
 
 
-def _above(col: str, limit) -> pl.Expr | None:
-    return None if limit is None else pl.col(col) > limit
+Spec = tuple  # (column, op, threshold) of a rule comparing one value with a threshold
 
 
-def _below(col: str, limit) -> pl.Expr | None:
-    return None if limit is None else pl.col(col) < limit
+def _above(col: str, limit) -> tuple[pl.Expr | None, Spec]:
+    return (None if limit is None else pl.col(col) > limit), (col, ">", limit)
 
 
-def rules_for(p: QualityRulesParams) -> dict[str, list[tuple[str, pl.Expr | None, bool]]]:
-    """Per filter: (rule name, failing expression or None when off, applies to chat rows)."""
+def _below(col: str, limit) -> tuple[pl.Expr | None, Spec]:
+    return (None if limit is None else pl.col(col) < limit), (col, "<", limit)
+
+
+def rules_for(p: QualityRulesParams) -> dict[str, list[tuple[str, pl.Expr | None, bool, Spec | None]]]:
+    """Per filter: (rule name, failing expression or None when off, applies to chat rows, and
+    for a threshold rule its (value column, op, threshold))."""
+    out: dict[str, list[tuple]] = {}
+    for group, rules in _rules(p).items():
+        out[group] = []
+        for name, ex, chat in rules:
+            expr, spec = ex if isinstance(ex, tuple) else (ex, None)
+            out[group].append((name, expr, chat, spec))
+    return out
+
+
+def _rules(p: QualityRulesParams) -> dict[str, list[tuple]]:
     rep = [("dup_para_frac", _above("gr_dup_para_frac", p.dup_para_frac), True),
            ("dup_para_char_frac", _above("gr_dup_para_char_frac", p.dup_para_char_frac), True),
            ("dup_line_frac", _above("gr_dup_line_frac", p.dup_line_frac), True),
@@ -191,12 +205,14 @@ def rules_for(p: QualityRulesParams) -> dict[str, list[tuple[str, pl.Expr | None
             ("below_alpha_threshold", _below("gq_alpha_words", p.min_alpha_words_ratio), False),
             ("too_few_stop_words", _below("gq_stop_words", p.min_stop_words), False)],
         "c4": [
-            ("lorem_ipsum", pl.col("c4_lorem_line").is_not_null() if p.c4_lorem_ipsum else None, False),
-            ("curly_bracket", pl.col("c4_curly_line").is_not_null() if p.c4_curly_bracket else None, False),
+            ("lorem_ipsum", pl.col("c4_lorem_line").is_not_null() if p.c4_lorem_ipsum else None,
+             False),
+            ("curly_bracket", pl.col("c4_curly_line").is_not_null() if p.c4_curly_bracket else None,
+             False),
             ("too_few_sentences", _below("c4_sentences", p.c4_min_sentences), False)],
         "fineweb": [
             ("empty", pl.col("fw_lines") == 0, False),
-            ("line_punct_ratio", punct, False),
+            ("line_punct_ratio", (punct, ("fw_line_punct_ratio", "<", p.line_punct_thr)), False),
             ("short_line_ratio", _above("fw_short_line_ratio", p.short_line_thr), False),
             ("char_dup_ratio", _above("fw_char_dup_ratio", p.char_duplicates_ratio), False),
             ("list_ratio", _above("fw_newline_ratio", p.new_line_ratio), False)],
@@ -221,12 +237,12 @@ class QualityRulesMethod(Method):
         chat_ok = pl.col("gq_words") >= p.chat_min_words
         rules = []
         for group in p.filters:
-            for name, fails, on_chat in rules_for(p)[group]:
+            for name, fails, on_chat, spec in rules_for(p)[group]:
                 if fails is None:
                     continue
                 if p.chat_rules == "repetition" and not on_chat:
                     fails = fails & ~chat
-                rules.append(Rule(f"{group}:{name}", fails & (~chat | chat_ok)))
+                rules.append(Rule(f"{group}:{name}", fails & (~chat | chat_ok), *(spec or ())))
         scores, counts = apply_rules(frame, rules)
         counts["chat_rows_not_judged"] = int(frame.filter(chat & (pl.col("gq_words").is_null()
                                                                   | ~chat_ok)).height)

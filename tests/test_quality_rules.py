@@ -25,7 +25,7 @@ def frame(text: str, **params) -> pl.DataFrame:
 
 def fails(text: str, rule: str, **params) -> bool:
     group, name = rule.split(":")
-    expr = {n: e for n, e, _ in rules_for(QualityRulesParams(**params))[group]}[name]
+    expr = {n: e for n, e, *_ in rules_for(QualityRulesParams(**params))[group]}[name]
     return frame(text, **params).select(expr.fill_null(False)).item()
 
 
@@ -164,7 +164,7 @@ def test_first_failing_rule_follows_fineweb_order(tmp_path):
     text = "hello world"          # fails top_2_gram (repetition) and short_doc (quality)
     p = QualityRulesParams()
     f = frame(text)
-    rules = [Rule(f"{g}:{n}", e) for g in p.filters for n, e, _ in rules_for(p)[g] if e is not None]
+    rules = [Rule(f"{g}:{n}", e) for g in p.filters for n, e, *_ in rules_for(p)[g] if e is not None]
     out, counts = apply_rules(f, rules)
     assert out["reason"].item() == "gopher_repetition:top_2_gram"
     assert counts["rules"]["gopher_quality:short_doc"] == {"first": 0, "any": 1, "only": 0}
@@ -197,3 +197,14 @@ def test_overrides_by_language_and_script(tmp_path):
         effective(QualityRulesParams(language="cmn_Hani", overrides=str(path)))
     with pytest.raises(FileNotFoundError, match="no such overrides file"):
         effective(QualityRulesParams(overrides=str(tmp_path / "nope.yaml")))
+
+
+def test_null_switches_a_rule_off_from_the_command_line():
+    from thresher.pipeline.params import parse_params
+
+    p = parse_params(QualityRulesParams, {"min_doc_words": "null", "filters": "gopher_quality"})
+    assert p.min_doc_words is None and p.filters == ("gopher_quality",)
+    names = [n for n, e, *_ in rules_for(p)["gopher_quality"] if e is not None]
+    assert "short_doc" not in names and "long_doc" in names
+    with pytest.raises(ValueError, match="min_stop_words"):
+        parse_params(QualityRulesParams, {"min_stop_words": "two"})
