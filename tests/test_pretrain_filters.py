@@ -135,3 +135,41 @@ def test_no_network_attempt(tmp_path):
     assert not (tmp_path / "ftcache").exists()
     kept = [json.loads(x) for x in (tmp_path / "en.jsonl").read_text().splitlines()]
     assert len(kept) == 1 and "quick brown fox" in kept[0]["text"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs on loopback, started here and stopped after the module."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_annotations_are_byte_identical_to_local(tmp_path, sample_pool_dir, ray_cluster):
+    from pathlib import Path
+
+    ingest([sample_pool_dir / "c4.parquet", sample_pool_dir / "glaive_toolcall.jsonl"],
+           tmp_path / "pool", rows_per_shard=20)
+    pool = Pool(tmp_path / "pool")
+    assert len(pool.shards) >= 6
+    for method, kind in (("quality-rules", "quality-values"), ("langid", "langid")):
+        outs = {}
+        for executor in ("local", "ray"):
+            out = tmp_path / f"{method}-{executor}.parquet"
+            m = run_select(pool.path, method, None, out, workdir=tmp_path / f"w-{executor}",
+                           executor=executor, annotate_only=True,
+                           params={"chat": "assistant"} if method == "quality-rules" else None)
+            outs[executor] = (out, m)
+        assert outs["local"][0].read_bytes() == outs["ray"][0].read_bytes()
+        files = {ex: sorted((tmp_path / f"w-{ex}" / kind).glob("*/shards/*.parquet"))
+                 for ex in outs}
+        assert [p.name for p in files["local"]] == [p.name for p in files["ray"]]
+        assert len(files["local"]) == len(pool.shards)
+        for a, b in zip(files["local"], files["ray"]):
+            assert a.read_bytes() == b.read_bytes(), a.name
+        assert Path(outs["ray"][1]["artifacts"]["values" if method == "quality-rules"
+                                                 else "lang"]).exists()
+        assert next(s for s in outs["ray"][1]["stages"] if s["stage"] == kind)["shards_computed"] \
+            == len(pool.shards)

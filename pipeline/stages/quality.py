@@ -61,6 +61,7 @@ def measured_text(row: dict, chat: str) -> str | None:
 @dataclass(frozen=True)
 class QualityValues(AnnotationStage):
     kind: ClassVar[str] = "quality-values"
+    requires: ClassVar[tuple] = (("spacy", "spacy>=3.8,<4"),)
     language: str = "en"                      # spaCy language of the word splitter
     chat: Literal["skip", "assistant", "conversation"] = "skip"
     stop_words: tuple[str, ...] = tr.STOP_WORDS
