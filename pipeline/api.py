@@ -11,6 +11,7 @@
     sel.dataset()        # datasets.Dataset of the written subset, as a trainer loads it
     sel.manifest         # the manifest (method, parameters, counts, stages, versions)
     th.open_selection("out/rds.jsonl")                                    # the same, later
+    th.annotate("out/pool", "quality-rules", out="out/rules.parquet").frame()   # look first
     th.verify(["out/rds.jsonl"], evals=["held_out.jsonl"], out="out/verify")
     th.report(["out/rds.jsonl"], out="out/report.html")
     th.methods()         # every method with its parameters, needs and cost
@@ -130,6 +131,39 @@ def select(pool: PathLike, method: str | None, budget: str | int, out: PathLike,
 
         write_card(Path(out), m, HF_DATA)
     return Selection(Path(out), m)
+
+
+@dataclass
+class Annotation:
+    """An annotate-only output: every pool row's score columns (a filter's `keep` and `reason`
+    too) as one Parquet table, and its manifest."""
+
+    path: Path
+    manifest: dict
+
+    def frame(self) -> pl.DataFrame:
+        return pl.read_parquet(self.path)
+
+
+def annotate(pool: PathLike, method: str | None, out: PathLike, seed: int = 0,
+             params: dict[str, Any] | None = None, targets: Sequence[PathLike] = (),
+             workdir: PathLike | None = None, device: str | None = None,
+             executor: str = "local", ray_address: str | None = None,
+             dry_run: bool = False) -> Annotation | list[str]:
+    """Run a method's stages and scoring and write every row's columns (no subset) as Parquet
+    at `out` with a manifest: look before dropping anything (`thresher select --annotate-only`).
+    `dry_run=True` returns the plan's lines instead."""
+    from thresher.pipeline import registry
+    from thresher.pipeline.models.resolve import check_device
+    from thresher.pipeline.select import run_select
+
+    check_device(device)
+    targets = [Path(t) for t in targets or ()]
+    method, params = registry.method_for(method, targets, dict(params or {}))
+    m = run_select(pool, method, None, Path(out), fmt="messages", seed=seed, workdir=workdir,
+                   params=params, targets=targets, device=device, executor=executor,
+                   ray_address=ray_address, dry_run=dry_run, annotate_only=True)
+    return m["plan"] if dry_run else Annotation(Path(out), m)
 
 
 def verify(subsets: Sequence[PathLike], evals: Sequence[PathLike], out: PathLike, **kwargs) -> dict:

@@ -7,7 +7,7 @@
     out.complete({"rows": n})            # marks the whole output done
 
 Stages (`pipeline/stage.py`) use one such directory for their pool-level output and a shared
-`<stage>/<config key>/shards/` directory for per-shard files keyed by shard content.
+`<stage>/<config key>/units/` directory for unit files keyed by their content.
 
 The directory is `workdir/<stage>/<key>`, key = sha256 of the stage name, the input
 fingerprints and the canonical JSON of the configuration, so a change to any of them gives a

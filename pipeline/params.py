@@ -44,11 +44,20 @@ def _type_text(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+        and type(None) in typing.get_args(tp)
+
+
 def _split_lists(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
-    """Comma-separated strings become lists for tuple/list fields (`--param seeds=0,1,2`)."""
+    """Comma-separated strings become lists for tuple/list fields (`--param seeds=0,1,2`);
+    "null" or "none" is None for a field that may be None (`--param min_doc_words=null`)."""
     hints = typing.get_type_hints(cls)
     out = dict(raw)
     for k, v in raw.items():
+        if isinstance(v, str) and v.strip().lower() in ("null", "none") and _optional(hints.get(k)):
+            out[k] = None
+            continue
         origin = typing.get_origin(hints.get(k))
         if origin in (tuple, list) and isinstance(v, str):
             out[k] = [x.strip() for x in v.split(",") if x.strip()]

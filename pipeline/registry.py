@@ -32,6 +32,8 @@ METHODS: dict[str, str] = {
     "rds": "thresher.scoring.rds:RdsMethod",
     "paser": "thresher.scoring.paser:PaserMethod",
     "less": "thresher.scoring.less:LessMethod",
+    "quality-rules": "thresher.scoring.quality_rules:QualityRulesMethod",
+    "langid": "thresher.scoring.langid:LangIdMethod",
 }
 
 # What `thresher select --target F` runs when no --method is given: the combination that won
@@ -59,6 +61,7 @@ SELECTORS: dict[str, str] = {
     "balanced": "thresher.selectors.balanced:Balanced",
     "threshold": "thresher.selectors.threshold:Threshold",
     "random": "thresher.selectors.random_sample:RandomSelector",
+    "keep": "thresher.selectors.keep_flag:KeepFlag",
 }
 
 

@@ -11,6 +11,7 @@ appear when their data exists; what each reads (RUN arguments: see `report_data.
 | Map | the pool's embeddings artifact (`embed` stage in the manifest's `workdir`; computed with `--embedder` when missing), projected by the cached UMAP stage (`pipeline/stages/umap2d.py`); clusters from the manifest's `artifacts` (a k-means output directory with `labels.npy`; or `config.method.clusters`) or a k-means over the same embeddings; scores from the sidecar / score frame |
 | Scores | numeric columns of the sidecar `X.jsonl.selection.parquet` (id, rank, reason, scores) and, for every candidate, of the score frame the manifest names under `scores` (or `config.method.decisions`): a Parquet of id + score columns (+ optional `reason`, `kept`) |
 | Error-uncertainty plane | `ppl` and `entropy` columns (+ `quadrant`), alpha from `alpha_found` / `alpha` |
+| Filter rules | a filter method's per-rule counts (`config.method.rules`, `pipeline/filtering.py`) and its score frame's `keep`, `reason` and value columns: counts table, each threshold rule's histogram with its cut, seeded removed rows and the kept rows nearest each threshold (`report/rules.py`) |
 | Clusters | the map's cluster labels vs selected rows; a method's `cluster_table` (list of {cluster, size, and any of budget, selected, degradation, label}; `cluster_table_kind`: "capability" for PASER, "trajectory" for S2L) |
 | Examples | the sidecar's first and last ranks, with reasons; row text from the pool |
 | Comparison | with two or more selections: overlaps of sidecar ids; `budget`, `tokens.selected`, cost from `stages` (sum of seconds and flops; `timings.total` otherwise), verify losses |
@@ -70,8 +71,11 @@ def write_report(runs: list[Path], out: Path, *, embedder: str | None = None,
                   [v.path / "verify.json" for v in verifies])
     ctx = ReportContext(selections, verifies, embedder, compute_embeddings,
                         max_points or MAX_POINTS)
+    from thresher.pipeline.report.rules import rules_section
+
     parts = [s for s in (funnel_section(ctx), map_section(ctx), scores_section(ctx),
-                         clusters_section(ctx), examples_section(ctx), comparison_section(ctx),
+                         rules_section(ctx), clusters_section(ctx), examples_section(ctx),
+                         comparison_section(ctx),
                          verify_section(ctx), manifest_section(ctx)) if s is not None]
     names = ", ".join(s.name for s in selections) or "verify"
     title = f"thresher report: {names}"

@@ -88,6 +88,12 @@ def load_selection(path: Path, name: str) -> Selection:
     manifest_path = Path(f"{path}{MANIFEST}")
     manifest = json.loads(manifest_path.read_text())
     sidecar = Path(f"{path}{SIDECAR}")
+    if manifest.get("annotate_only"):      # the per-row table itself; "chosen": what it keeps
+        decisions = pl.read_parquet(path)
+        keep = pl.col("keep").fill_null(False) if "keep" in decisions.columns else pl.lit(True)
+        chosen = decisions.filter(keep).select("id").with_row_index("rank").with_columns(
+            reason=pl.lit("would be kept (annotate only)"))
+        return Selection(name, path, manifest, chosen, decisions)
     if not sidecar.exists():
         raise FileNotFoundError(f"{sidecar}: missing (the per-row reasons of {path.name})")
     chosen = pl.read_parquet(sidecar)

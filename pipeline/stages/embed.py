@@ -5,7 +5,7 @@
     emb.path                                      # .../embed/<key>/embeddings.npy
 
 `Embed` is the stage (pipeline/stage.py): per shard, `ShardEmbedder` (the model, loaded once per
-process or Ray actor) embeds the shard's rows into `<workdir>/embed/<config>/shards/<shard hash>
+process or Ray actor) embeds the shard's rows into `<workdir>/embed/<config>/units/<shard hash>
 .vectors.npy`; the pool-level `embeddings.npy` concatenates them in pool order. A killed run keeps
 its finished shards; the rerun embeds only the missing ones, and a pool that shares shards with
 an earlier one (a folder that grew) embeds only its new shards. Texts are sorted by token length
