@@ -83,7 +83,7 @@ def ingest(
 @app.command()
 def select(
     pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
-    budget: Annotated[str, typer.Option("--budget", help="Rows (100), percent (10%) or tokens (50000tok).")],
+    budget: Annotated[str | None, typer.Option("--budget", help="Rows (100), percent (10%) or tokens (50000tok); not with --annotate-only.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Selection method; see `thresher methods`. With --target and no --method: the measured target default (less: LoRA gradient features, 2 warm-up checkpoints, at most half the budget from one source).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output file for the subset.")] = None,
     format: Annotated[str, typer.Option("--format", help="messages|alpaca|sharegpt|parquet|hf (a Hugging Face dataset directory with its card)")] = "messages",
@@ -91,12 +91,13 @@ def select(
     workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
     target: Annotated[list[Path] | None, typer.Option(help="Target set file(s) for targeted methods; repeat for several tasks.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", help="Method (or selector) parameter KEY=VALUE, repeatable; `thresher methods NAME` lists them.")] = None,
-    selector: Annotated[str | None, typer.Option("--selector", help="Cut the method's scores with another selector: band|stratified|balanced|threshold|random.")] = None,
+    selector: Annotated[str | None, typer.Option("--selector", help="Cut the method's scores with another selector: band|stratified|balanced|threshold|random|keep.")] = None,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
     executor: Annotated[str, typer.Option("--executor", help="local (in-process) or ray.")] = "local",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: a local cluster, or RAY_ADDRESS).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and what is cached; run nothing.")] = False,
     pruned_model: Annotated[str | None, typer.Option("--pruned-model", help="paser: the pruned model to recover (= --param pruned_model=).")] = None,
+    annotate_only: Annotated[bool, typer.Option("--annotate-only", help="Run the stages and the scoring; write every row's columns (a filter's keep and reason too) as Parquet at --out with a manifest, and no subset.")] = False,
 ):
     """Select a subset of a pool under a budget and write it with a manifest."""
     from thresher.pipeline import registry
@@ -104,6 +105,7 @@ def select(
 
     try:
         _check_device(device)
+        _check_annotate_only(annotate_only, budget, format, selector)
         params = parse_param_options(param)
         if pruned_model:
             params["pruned_model"] = pruned_model
@@ -112,7 +114,8 @@ def select(
             raise ValueError("--out is required (the subset file to write)")
         m = run_select(pool, method, budget, out or Path("-"), fmt=format, seed=seed,
                        workdir=workdir, params=params, selector=selector, targets=target or (),
-                       device=device, executor=executor, ray_address=ray_address, dry_run=dry_run)
+                       device=device, executor=executor, ray_address=ray_address, dry_run=dry_run,
+                       annotate_only=annotate_only)
         if format == "hf" and not dry_run:   # the dataset directory's own README.md
             from thresher.pipeline.io.card import write_card
             from thresher.pipeline.io.writers import HF_DATA
@@ -128,8 +131,28 @@ def select(
     for line in m["config"]["method"].get("report_lines", []):
         typer.echo(line)
     c = m["counts"]
+    if annotate_only:
+        kept = f" ({c['keep']} keep, {c['drop']} drop)" if "keep" in c else ""
+        typer.echo(f"annotated {c['scored']} of {c['candidates']} rows{kept} by {method} -> {out} "
+                   f"(manifest: {out}.manifest.json) in {m['timings']['total']:.1f}s")
+        return
     typer.echo(f"selected {c['selected']} of {c['candidates']} rows ({m['tokens']['selected']} tokens) "
                f"by {method} -> {out} (manifest: {out}.manifest.json) in {m['timings']['total']:.1f}s")
+
+
+def _check_annotate_only(annotate_only: bool, budget: str | None, fmt: str,
+                         selector: str | None) -> None:
+    if not annotate_only:
+        if budget is None:
+            raise ValueError("--budget is required (rows, a percentage or tokens), "
+                             "unless --annotate-only")
+        return
+    if budget is not None:
+        raise ValueError("--annotate-only selects nothing: drop --budget")
+    if selector is not None:
+        raise ValueError("--annotate-only selects nothing: drop --selector")
+    if fmt != "messages":
+        raise ValueError("--annotate-only writes Parquet (every row's columns): drop --format")
 
 
 def parse_param_options(param: list[str] | None) -> dict:
@@ -481,7 +504,7 @@ def run(
                              echo=lambda line: typer.echo(line, err=True))
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(e)
-    n = sum(1 for s in summary["steps"] if s["step"] == "select")
+    n = sum(1 for s in summary["steps"] if s["step"] in ("select", "annotate"))
     typer.echo(f"ran recipe {spec.name}: {n} subsets with manifests and cards in "
                f"{summary['seconds']:.1f}s -> {spec.out} (statistics: {spec.out}/run.json)")
 

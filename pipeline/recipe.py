@@ -60,7 +60,11 @@ class SelectionSpec(_Strict):
     method: str = Field(description="A method from `thresher methods`.")
     params: dict[str, Any] = Field(default_factory=dict, description="The method's parameters.")
     selector: str | None = Field(None, description="Override the method's default selector.")
-    budget: str = Field(description="Rows (100), percent (10%) or tokens (50000tok).")
+    budget: str | None = Field(None, description="Rows (100), percent (10%) or tokens "
+                               "(50000tok); none with annotate_only.")
+    annotate_only: bool = Field(False, description="Write every row's score columns (a "
+                                "filter's keep and reason too) as OUT/<name>/<name>.parquet with "
+                                "its manifest, and no subset.")
     targets: list[str] = Field(default_factory=list, description="Target set files.")
     format: Literal[OUTPUT_FORMATS] = "messages"  # type: ignore[valid-type]
     from_: str | None = Field(None, alias="from",
@@ -76,8 +80,8 @@ class SelectionSpec(_Strict):
 
     @field_validator("budget", mode="before")
     @classmethod
-    def _budget(cls, v: Any) -> str:
-        return str(Budget.parse(v))
+    def _budget(cls, v: Any) -> str | None:
+        return None if v is None else str(Budget.parse(v))
 
     @field_validator("method")
     @classmethod
@@ -96,6 +100,10 @@ class SelectionSpec(_Strict):
         from thresher.pipeline.method import NoParams
         from thresher.pipeline.params import parse_params, split_params
 
+        if self.annotate_only and (self.budget is not None or self.selector is not None):
+            raise ValueError("annotate_only: selects nothing; drop budget and selector")
+        if not self.annotate_only and self.budget is None:
+            raise ValueError("budget: required field is missing (or annotate_only: true)")
         impl = registry.get(self.method)
         try:
             sel_cls = registry.selector_class(self.selector) if self.selector else None
@@ -171,10 +179,16 @@ class Recipe(_Strict):
             if s.from_ is not None and s.from_ not in names[:i]:
                 raise ValueError(f"selections[{i}].from: {s.from_!r} is not an earlier selection "
                                  f"(earlier: {', '.join(names[:i]) or 'none'})")
+            if s.from_ is not None and self.selection(s.from_).annotate_only:
+                raise ValueError(f"selections[{i}].from: {s.from_!r} is annotate_only and "
+                                 "keeps no rows to select among")
         if self.verify and self.verify.selections:
             unknown = [n for n in self.verify.selections if n not in names]
             if unknown:
                 raise ValueError(f"verify.selections: no selection named {', '.join(unknown)}")
+            only = [n for n in self.verify.selections if self.selection(n).annotate_only]
+            if only:
+                raise ValueError(f"verify.selections: {', '.join(only)} is annotate_only (no subset)")
         return self
 
     def selection(self, name: str) -> SelectionSpec:

@@ -56,6 +56,7 @@ SELECTORS: dict[str, str] = {
     "balanced": "thresher.selectors.balanced:Balanced",
     "threshold": "thresher.selectors.threshold:Threshold",
     "random": "thresher.selectors.random_sample:RandomSelector",
+    "keep": "thresher.selectors.keep_flag:KeepFlag",
 }
 
 

@@ -43,8 +43,11 @@ def workdir(recipe: Recipe) -> Path:
 
 
 def subset_path(recipe: Recipe, sel: SelectionSpec) -> Path:
-    """OUT/<name>/<name>.<ext>; for `hf`, the dataset directory OUT/<name>/<name>/."""
+    """OUT/<name>/<name>.<ext>; for `hf`, the dataset directory OUT/<name>/<name>/; for an
+    annotate-only step, its per-row table OUT/<name>/<name>.parquet."""
     ext = {"parquet": ".parquet", "hf": ""}.get(sel.format, ".jsonl")
+    if sel.annotate_only:
+        ext = ".parquet"
     return Path(recipe.out) / sel.name / f"{sel.name}{ext}"
 
 
@@ -91,8 +94,9 @@ def plan_of(recipe: Recipe, device: str | None = None, read_only: bool = False) 
     pool = Pool(pool_dir(recipe))
     preps = {}
     for s in recipe.selections:
+        tokens = s.budget is not None and Budget.parse(s.budget).kind == "tokens"
         preps[s.name] = prepare(pool, s.method, s.params, s.selector, s.targets,
-                                _seed(recipe, s), device, Budget.parse(s.budget).kind == "tokens")
+                                _seed(recipe, s), device, tokens)
     roots = [st for p in preps.values() for st in p.plan.roots]
     plan = make_plan(roots, next(iter(preps.values())).request.device)
     return Planned(recipe, pool, ArtifactStore(workdir(recipe), read_only), preps, plan)
@@ -132,10 +136,13 @@ def selection_step(planned: Planned, name: str, stage_stats: list[dict],
                    seed=_seed(recipe, sel), workdir=planned.store.root, params=sel.params,
                    selector=sel.selector, targets=sel.targets, executor=executor,
                    among=among, ran=_ran_by_key(stage_stats),
-                   label={"name": name, "recipe": recipe.name})
+                   label={"name": name, "recipe": recipe.name}, annotate_only=sel.annotate_only)
+    c = m["counts"]
+    if sel.annotate_only:
+        return {"step": "annotate", "name": name, "method": sel.method, "output": str(out),
+                "rows": c["scored"], "keep": c.get("keep"), "seconds": m["timings"]["total"]}
     folder, files = card_location(recipe, sel)
     write_card(folder, m, files)
-    c = m["counts"]
     return {"step": "select", "name": name, "method": sel.method, "output": str(out),
             "candidates": c.get("eligible", c["candidates"]), "selected": c["selected"],
             "seconds": m["timings"]["total"]}
@@ -180,7 +187,9 @@ def report_step(recipe: Recipe) -> dict | None:
     except ModuleNotFoundError:
         return {"step": "report", "skipped": "this thresher has no pipeline/report/build.py yet"}
     t0 = time.perf_counter()
-    runs = [subset_path(recipe, s) for s in recipe.selections]
+    runs = [subset_path(recipe, s) for s in recipe.selections if not s.annotate_only]
+    if not runs:
+        return {"step": "report", "skipped": "every selection is annotate_only"}
     if recipe.verify is not None:
         runs.append(Path(recipe.out) / "verify")
     write_report(runs, Path(recipe.report.out))
@@ -234,7 +243,8 @@ def dry_run_lines(recipe: Recipe, device: str | None = None) -> list[str]:
             ["  " + line for line in planned.plan.show(planned.pool, planned.store)]
     else:
         lines.append("plan: after the first ingest (no pool yet)")
-    lines += [f"select {s.name}: {s.method}, budget {s.budget}"
+    lines += [(f"annotate {s.name}: {s.method}" if s.annotate_only else
+               f"select {s.name}: {s.method}, budget {s.budget}")
               + (f", among {s.from_}" if s.from_ else "") + f" -> {subset_path(recipe, s)}"
               for s in recipe.selections]
     if recipe.verify:
@@ -260,6 +270,10 @@ def describe_step(s: dict) -> str:
     if s["step"] == "select":
         return (f"select {s['name']} ({s['method']}): {s['selected']} of {s['candidates']} -> "
                 f"{s['output']} [{s['seconds']:.1f}s]")
+    if s["step"] == "annotate":
+        kept = f", {s['keep']} keep" if s.get("keep") is not None else ""
+        return (f"annotate {s['name']} ({s['method']}): {s['rows']} rows{kept} -> {s['output']} "
+                f"[{s['seconds']:.1f}s]")
     if s["step"] == "verify":
         return f"verify {', '.join(s['subsets'])} -> {s['out']} [{s['seconds']:.1f}s]"
     if s.get("skipped"):

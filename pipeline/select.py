@@ -113,9 +113,9 @@ def check_scores(scores: pl.DataFrame, cands: pl.DataFrame, method: str) -> pl.D
     return scores
 
 
-def _score_and_cut(prep: Prepared, inputs: Inputs, budget: Budget, store: ArtifactStore,
-                   stats: list[StageStats], among: list[str] | None = None,
-                   ) -> tuple[pl.DataFrame, pl.DataFrame, Any, Path]:
+def _score(prep: Prepared, inputs: Inputs, store: ArtifactStore, stats: list[StageStats]
+           ) -> tuple[pl.DataFrame, Path]:
+    """The method's score frame, checked and saved as the selection's scores artifact."""
     impl, p, cands = prep.method, prep.params, inputs.candidates
     t0 = time.perf_counter()
     scores = check_scores(impl.score(p, inputs), cands, impl.name)
@@ -126,6 +126,14 @@ def _score_and_cut(prep: Prepared, inputs: Inputs, budget: Budget, store: Artifa
         scores.write_parquet(tmp)
     stats.append(StageStats(stage="score", config={"method": impl.name}, rows_in=cands.height,
                             rows_out=scores.height, seconds=time.perf_counter() - t0))
+    return scores, out.path("scores.parquet")
+
+
+def _score_and_cut(prep: Prepared, inputs: Inputs, budget: Budget, store: ArtifactStore,
+                   stats: list[StageStats], among: list[str] | None = None,
+                   ) -> tuple[pl.DataFrame, pl.DataFrame, Any, Path]:
+    impl, p, cands = prep.method, prep.params, inputs.candidates
+    scores, scores_path = _score(prep, inputs, store, stats)
     t0 = time.perf_counter()
     dup = [c for c in scores.columns if c in cands.columns and c != "id"]
     scored = cands.drop(dup).join(scores, on="id", how="inner", maintain_order="left")
@@ -143,13 +151,17 @@ def _score_and_cut(prep: Prepared, inputs: Inputs, budget: Budget, store: Artifa
     stats.append(StageStats(stage="select", config={"selector": type(selector).__name__},
                             rows_in=scored.height, rows_out=chosen.height,
                             seconds=time.perf_counter() - t0))
-    return scored, chosen, selector, out.path("scores.parquet")
+    return scored, chosen, selector, scores_path
 
 
-def _output_files(out: Path, fmt: str, pool: Pool, targets, check: bool = True) -> dict:
+def _output_files(out: Path, fmt: str, pool: Pool, targets, check: bool = True,
+                  annotate_only: bool = False) -> dict:
     """The OutputSet arguments of one selection (subset, reasons, manifest; `--format hf` writes
-    a directory), checked against the inputs: nothing lands in the pool or replaces a target."""
+    a directory; annotate-only: the per-row table and manifest), checked against the inputs:
+    nothing lands in the pool or replaces a target."""
     finals = [out, out.with_name(out.name + ".selection.parquet"), manifest_path(out)]
+    if annotate_only:
+        finals, fmt = [out, manifest_path(out)], "parquet"
     dirs = [out] if fmt == "hf" else []
     inputs = [pool.path, *(Path(t) for t in targets or ())]
     if check:
@@ -165,20 +177,29 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
                params: dict | None = None, selector: str | None = None, targets=(),
                device: str | None = None, executor: str = "local", ray_address: str | None = None,
                dry_run: bool = False, among: list[str] | None = None,
-               ran: dict[str, dict] | None = None, label: dict | None = None) -> dict:
+               ran: dict[str, dict] | None = None, label: dict | None = None,
+               annotate_only: bool = False) -> dict:
     """among: choose only among these ids (a recipe's `from:`); ran: statistics of stages the
     caller already ran for this selection (a recipe's shared plan), keyed by `stage_key`, which
-    the manifest records instead of the cached re-visit; label: extra manifest fields."""
+    the manifest records instead of the cached re-visit; label: extra manifest fields;
+    annotate_only: run the stages and the scoring, write every row's score columns (a filter's
+    annotations, `keep` and `reason`) as Parquet at `out` with its manifest, and no subset (the
+    budget, selector and format play no part)."""
     t_start = time.perf_counter()
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    if annotate_only:
+        budget = None
+    else:
+        budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     pool = Pool(pool_path)
     if pool.n_rows == 0:
         raise ValueError(f"{pool.path}: the pool has no rows to select from")
     out = Path(out)
-    files = _output_files(out, fmt, pool, targets, check=not dry_run)  # refused before any work
-    prep = prepare(pool, method, params, selector, targets, seed, device, budget.kind == "tokens")
+    files = _output_files(out, fmt, pool, targets, check=not dry_run,  # refused before any work
+                          annotate_only=annotate_only)
+    prep = prepare(pool, method, params, selector, targets, seed, device,
+                   budget is not None and budget.kind == "tokens")
     store = ArtifactStore(workdir or default_workdir(pool.path),   # after every check: a mistake
                           read_only=dry_run)                       # leaves no empty work directory
     run_with = make_executor(executor, ray_address)
@@ -189,6 +210,9 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
     by_name = {name: outputs[bound] for name, bound in zip(prep.needs, prep.plan.roots)}
     inputs = Inputs(pool, candidates_of(pool, by_name.get("tokens")), by_name, seed,
                     prep.request.targets)
+    if annotate_only:
+        return _write_annotations(prep, inputs, store, stats, files, out, executor, t_start,
+                                  label)
     scored, chosen, sel, scores_path = _score_and_cut(prep, inputs, budget, store, stats, among)
     if chosen.height == 0:
         raise ValueError(f"method {method} selected nothing under budget {budget}")
@@ -205,6 +229,52 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
         manifest.update(label or {})
         if among is not None:
             manifest["counts"]["eligible"] = scored.height
+        manifest["timings"] = {s.stage: round(s.seconds, 3) for s in stats}
+        manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
+        write_json_atomic(outs.temp(manifest_path(out)), manifest)
+    return manifest
+
+
+def _write_annotations(prep: Prepared, inputs: Inputs, store: ArtifactStore,
+                       stats: list[StageStats], files: dict, out: Path, executor: str,
+                       t_start: float, label: dict | None) -> dict:
+    """Annotate only: every row's score columns at `out` (Parquet, pool order) + the manifest."""
+    scores, scores_path = _score(prep, inputs, store, stats)
+    cands = inputs.candidates.select("id", "source", "kind", "n_chars")
+    dup = [c for c in scores.columns if c in cands.columns and c != "id"]
+    table = cands.join(scores.drop(dup), on="id", how="left", maintain_order="left")
+    with OutputSet(**files) as outs:
+        t0 = time.perf_counter()
+        table.write_parquet(outs.temp(out))
+        stats.append(StageStats(stage="write", config={"format": "parquet"},
+                                rows_in=table.height, rows_out=table.height,
+                                seconds=time.perf_counter() - t0))
+        pool = prep.request.pool
+        counts = {"read": pool.info["read"], "quarantined": pool.info["quarantined"],
+                  "duplicate_ids": pool.info["duplicate_ids"],
+                  "candidates": inputs.candidates.height, "scored": scores.height,
+                  "unscored": inputs.candidates.height - scores.height}
+        if "keep" in table.columns and table.schema["keep"] == pl.Boolean:
+            counts["keep"] = int(table["keep"].fill_null(False).sum())
+            counts["drop"] = table.height - counts["keep"]
+        manifest = {
+            "method": prep.method.name, "summary": prep.method.summary, "annotate_only": True,
+            "seed": inputs.seed, "format": "parquet", "output": str(out),
+            "scores": str(scores_path),
+            "config": {"method": {**dataclasses.asdict(prep.params), **inputs.notes},
+                       "targets": [str(t) for t in prep.request.targets]},
+            "plan": [s.describe() for s in prep.plan.stages],
+            "artifacts": {name: str(o.dir.dir) for name, o in inputs.outputs.items()
+                          if hasattr(getattr(o, "dir", None), "dir")},
+            "stages": [s.as_dict() for s in stats], "executor": executor,
+            "models": _models(stats),
+            "inputs": {"pool": str(pool.path), "pool_fingerprint": pool.fingerprint,
+                       "files": [{"path": i["path"], "sha256": i["sha256"]}
+                                 for i in pool.info["inputs"]]},
+            "counts": counts, "versions": versions(), "workdir": str(store.root),
+            "command": sys.argv if sys.argv and "thresher" in Path(sys.argv[0]).name else None,
+            **(label or {}),
+        }
         manifest["timings"] = {s.stage: round(s.seconds, 3) for s in stats}
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
         write_json_atomic(outs.temp(manifest_path(out)), manifest)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import polars as pl
 from thresher.pipeline.budget import Budget
 
@@ -34,4 +35,24 @@ def check_selection(chosen: pl.DataFrame, candidates: pl.DataFrame) -> pl.DataFr
     unknown = chosen.filter(~pl.col("id").is_in(candidates["id"].implode()))
     if unknown.height:
         raise ValueError(f"selection holds {unknown.height} ids that are not candidates")
+    return chosen
+
+
+def fit_survivors(surv: pl.DataFrame, candidates: pl.DataFrame, budget: Budget, seed: int,
+                  why: str, among: str) -> pl.DataFrame:
+    """The survivors of a rule (in their order) with a reason each, cut to the budget: all of
+    them when they fit, else a seeded random sample of them, whose reason says so.
+
+    why: the reason of a survivor that has none of its own (no `reason` column, or a null in it);
+    among: how the survivors are described in the sampled reason ("below 0.95")."""
+    reason = pl.lit(why)
+    if "reason" in surv.columns:
+        reason = pl.col("reason").fill_null(reason)
+    surv = surv.with_columns(reason=reason)
+    chosen = budget.cut(surv, candidates)
+    if chosen.height < surv.height:
+        perm = np.random.default_rng(seed).permutation(surv.height)
+        chosen = budget.cut(surv[perm], candidates).with_columns(reason=pl.format(
+            "{}; sampled at random (seed {}) to fit the budget from {} rows {}",
+            "reason", pl.lit(seed), pl.lit(surv.height), pl.lit(among)))
     return chosen

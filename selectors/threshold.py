@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import polars as pl
 from thresher.pipeline.budget import Budget
+from thresher.selectors.base import fit_survivors
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,5 @@ class Threshold:
             raise ValueError(f"candidates have no score column {self.column!r}")
         col = pl.col(self.column)
         surv = candidates.filter(col.is_null() | col.is_nan() | (col < self.below))
-        chosen = budget.cut(surv, candidates)
-        if chosen.height < surv.height:
-            perm = np.random.default_rng(seed).permutation(surv.height)
-            chosen = budget.cut(surv[perm], candidates).with_columns(reason=pl.format(
-                "{}; sampled at random (seed {}) to fit the budget from {} rows below {}",
-                "reason" if "reason" in surv.columns else pl.lit(f"{self.column} < {self.below:g}"),
-                pl.lit(seed), pl.lit(surv.height), pl.lit(round(self.below, 4))))
-        elif "reason" not in chosen.columns:
-            chosen = chosen.with_columns(reason=pl.lit(f"{self.column} < {self.below:g}"))
-        return chosen
+        return fit_survivors(surv, candidates, budget, seed, f"{self.column} < {self.below:g}",
+                             f"below {round(self.below, 4)}")

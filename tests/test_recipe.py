@@ -52,8 +52,9 @@ def test_a_good_recipe_loads_with_paths_relative_to_the_file(tmp_path):
 @pytest.mark.parametrize("edit, expected", [
     (("    budget: 64\n", "    budget: 64x\n"), "r.yaml:14: selections[1].budget: bad budget '64x'"),
     (("    params: {eps: 0.05}\n", "    params: {eps: 0.05}\n    epz: 1\n"),
-     "r.yaml:9: selections[0].epz: unknown field 'epz'; expected one of budget, format, from,"),
+     "r.yaml:9: selections[0].epz: unknown field 'epz'; expected one of annotate_only, budget, format,"),
     (("    method: rds\n", "    method: rsd\n"), "r.yaml:11: selections[1].method: unknown method 'rsd'"),
+    (("    budget: 64\n", ""), "r.yaml:10: selections[1].budget: required field is missing"),
     (("    format: hf\n", "    format: csv\n"), "r.yaml:15: selections[1].format: Input should be"),
     (("out: out/demo\n", ""), "r.yaml:1: out: required field is missing"),
     (("    from: dedup\n", "    from: gsm8k\n"), "'gsm8k' is not an earlier selection"),

@@ -122,7 +122,7 @@ def test_thresher_run_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
-        f"error: {bad}:4: selections[0].epz: unknown field 'epz'; expected one of budget,")
+        f"error: {bad}:4: selections[0].epz: unknown field 'epz'; expected one of annotate_only, budget,")
 
 
 @pytest.mark.parametrize("params, field", [("{epz: 0.1}", "eps")])

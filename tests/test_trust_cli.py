@@ -60,7 +60,7 @@ def sel(**change):
 
 MISUSE = [
     (["nosuch"], "No such command"),
-    (["select", "{d}/pool"], "Missing option"),
+    (["select", "{d}/pool"], "--budget is required"),
     (sel(budget="lots"), "bad budget"),
     (sel(budget="0"), "bad budget"),
     (sel(budget="150%"), "bad budget"),
