@@ -30,6 +30,7 @@ METHODS: dict[str, str] = {
     "rds": "thresher.scoring.rds:RdsMethod",
     "paser": "thresher.scoring.paser:PaserMethod",
     "less": "thresher.scoring.less:LessMethod",
+    "fuzzy-dedup": "thresher.scoring.fuzzy_dedup:FuzzyDedupMethod",
 }
 
 # What `thresher select --target F` runs when no --method is given: the combination that won

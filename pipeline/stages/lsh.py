@@ -1,7 +1,11 @@
 """LSH banding, candidate check and union-find over MinHash signatures: duplicate clusters.
 
     clusters = run_stage(MinHashClusters(threshold=0.7), pool, store)
-    clusters.frame()        # id, dup_cluster_id, dup_cluster_size, dup_check (pool order)
+    clusters.frame()        # id, dup_cluster_id, dup_cluster_size, dup_check (pool order):
+                            # dup_cluster_id is the id of the cluster's first row (its own id
+                            # when alone); dup_check says how the row was compared: "minhash",
+                            # "exact" (under n_gram tokens: its normalised text), or "none"
+                            # (nothing left after normalisation: never a duplicate)
     clusters.pairs()        # id_a, id_b, jaccard: every candidate pair that passed the check
 
 Whole-pool work, written as functions over paths so an executor can map them (one call per
@@ -24,6 +28,7 @@ and blocks of their signatures: it grows with the rows and the duplicates, not w
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -33,13 +38,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from numba import njit
-from thresher.pipeline.artifacts import ArtifactDir
 from thresher.pipeline.io.memmap import copy_rows
 from thresher.pipeline.stage import Stage, StageRun
+from thresher.pipeline.stages.annotate import FILE, Annotations
 from thresher.pipeline.stages.minhash import MinHashSignatures, MinHashSigs
 
 CHECKED_BLOCK = 16_384      # candidate pairs whose signatures are compared at a time
-FILE = "annotations.parquet"
 
 
 def _concat(files: list[Path], band: int | None = None) -> np.ndarray:
@@ -79,7 +83,7 @@ class _Signatures:
         out = np.empty((len(idx), self.maps[0].shape[1] if self.maps else 0), np.uint64)
         shard = np.searchsorted(self.starts, ordered, side="right") - 1
         bounds = np.searchsorted(shard, np.arange(len(self.maps) + 1))
-        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for s, (lo, hi) in enumerate(itertools.pairwise(bounds)):
             if hi > lo:
                 out[order[lo:hi]] = copy_rows(self.maps[s], ordered[lo:hi] - self.starts[s],
                                               np.uint64)
@@ -103,7 +107,7 @@ def check_edges(sigs: MinHashSigs, edge_files: list[Path], threshold: float, out
     frame = pa.table({"row_a": a[keep], "row_b": b[keep], "jaccard": jac[keep]})
     with _atomic(out) as tmp:
         pq.write_table(frame, tmp)
-    return {"candidate_edges": int(len(all_edges)), "candidate_pairs": int(len(pair)),
+    return {"candidate_edges": len(all_edges), "candidate_pairs": len(pair),
             "pairs_kept": int(keep.sum()), "pairs_rejected": int((~keep).sum())}
 
 
@@ -150,27 +154,9 @@ CHECKS = np.array(["none", "exact", "minhash"])
 
 
 @dataclass
-class DupClusters:
+class DupClusters(Annotations):
     """A pool's duplicate clusters: `annotations.parquet` (id, dup_cluster_id, dup_cluster_size,
-    dup_check) and `pairs.parquet` (the kept candidate pairs, with ids)."""
-
-    dir: ArtifactDir
-    kind: str = "minhash_clusters"
-
-    @property
-    def fingerprint(self) -> str:
-        return f"{self.kind}:{self.dir.key}"
-
-    @property
-    def path(self) -> Path:
-        return self.dir.path(FILE)
-
-    def scan(self) -> pl.LazyFrame:
-        return pl.scan_parquet(self.path)
-
-    def frame(self, columns: list[str] | None = None) -> pl.DataFrame:
-        cols = None if columns is None else ["id", *[c for c in columns if c != "id"]]
-        return pl.read_parquet(self.path, columns=cols)
+    dup_check; see the stage) and `pairs.parquet` (the kept candidate pairs, with ids)."""
 
     def pairs(self) -> pl.DataFrame:
         return pl.read_parquet(self.dir.path("pairs.parquet"))
@@ -222,7 +208,7 @@ class MinHashClusters(Stage):
             f.unlink()
         run.dir.path("checked.parquet").unlink()
         in_dup = size > 1
-        return {"rows": len(root), **stats, "clusters": int(len(np.unique(root[in_dup]))),
+        return {"rows": len(root), **stats, "clusters": len(np.unique(root[in_dup])),
                 "rows_in_clusters": int(in_dup.sum()),
                 "rows_duplicate": int((in_dup & (root != np.arange(len(root)))).sum()),
                 "rows_exact_checked": int((how == 1).sum()), "rows_no_words": int((how == 0).sum())}
