@@ -31,6 +31,7 @@ METHODS: dict[str, str] = {
     "paser": "thresher.scoring.paser:PaserMethod",
     "less": "thresher.scoring.less:LessMethod",
     "fuzzy-dedup": "thresher.scoring.fuzzy_dedup:FuzzyDedupMethod",
+    "decontaminate": "thresher.scoring.decontaminate:DecontaminateMethod",
 }
 
 # What `thresher select --target F` runs when no --method is given: the combination that won

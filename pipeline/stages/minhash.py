@@ -45,11 +45,6 @@ def permutations(n_hash: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a.ravel().copy(), b.ravel().copy()
 
 
-@lru_cache(maxsize=1)
-def _splits():
-    return split_table()
-
-
 def check_shape(n_gram: int, bands: int, rows: int) -> None:
     for name, v in (("n_gram", n_gram), ("bands", bands), ("rows", rows)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -68,7 +63,7 @@ def sign_texts(texts: list[str] | pl.Series, stage: MinHashSignatures
     sig = np.empty((n, len(a)), np.uint64)
     n_tokens = np.empty(n, np.int64)
     whole = np.empty(n, np.uint64)
-    K.sign(buf, offsets, a, b, stage.n_gram, *_splits(), sig, n_tokens, whole)
+    K.sign(buf, offsets, a, b, stage.n_gram, *split_table(), sig, n_tokens, whole)
     return sig, n_tokens, whole
 
 

@@ -146,6 +146,7 @@ def text_buffer(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     return data, offsets
 
 
+@lru_cache(maxsize=1)
 def split_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SPLITS for the kernels: a quick-reject bitmap over (length, first byte, last byte) of each
     word, the sorted xxh64 of each word, and its cut offsets [k, 2] (0 = no cut)."""
