@@ -111,7 +111,7 @@ def check_edges(sigs: MinHashSigs, edge_files: list[Path], threshold: float, out
             "pairs_kept": int(keep.sum()), "pairs_rejected": int((~keep).sum())}
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def union_find(n, a, b):
     """Root of every row after joining each (a[i], b[i]): the lowest row of its component."""
     parent = np.arange(n)

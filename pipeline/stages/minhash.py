@@ -22,6 +22,8 @@ linear in its bytes); a row whose key normalises to nothing gets n_tokens 0 and 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -53,17 +55,34 @@ def check_shape(n_gram: int, bands: int, rows: int) -> None:
         raise ValueError(f"bands x rows = {bands * rows} hashes per row; at most 1024")
 
 
-def sign_texts(texts: list[str] | pl.Series, stage: MinHashSignatures
+def threads_available() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def sign_texts(texts: list[str] | pl.Series, stage: MinHashSignatures, threads: int = 1
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(signatures [n, H] uint64, n_tokens [n] int64, whole-text hashes [n] uint64)."""
+    """(signatures [n, H] uint64, n_tokens [n] int64, whole-text hashes [n] uint64). The
+    kernels release the GIL: `threads` sign contiguous slices of the texts side by side (the
+    result does not depend on it)."""
     series = texts if isinstance(texts, pl.Series) else pl.Series(texts, dtype=pl.String)
-    buf, offsets = normalise_buffer(*text_buffer(series), stage.cjk_chars)
+    buf, offsets = text_buffer(series)
     a, b = permutations(stage.bands * stage.rows, stage.seed)
     n = len(offsets) - 1
     sig = np.empty((n, len(a)), np.uint64)
     n_tokens = np.empty(n, np.int64)
     whole = np.empty(n, np.uint64)
-    K.sign(buf, offsets, a, b, stage.n_gram, *split_table(), sig, n_tokens, whole)
+    splits = split_table()
+
+    def part(lo: int, hi: int) -> None:
+        nbuf, noff = normalise_buffer(buf, offsets[lo:hi + 1], stage.cjk_chars)
+        K.sign(nbuf, noff, a, b, stage.n_gram, *splits, sig[lo:hi], n_tokens[lo:hi], whole[lo:hi])
+
+    bounds = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(int)
+    if len(bounds) <= 2:
+        part(0, n)
+    else:
+        with ThreadPoolExecutor(len(bounds) - 1) as pool:
+            list(pool.map(part, bounds[:-1], bounds[1:]))
     return sig, n_tokens, whole
 
 
@@ -94,6 +113,7 @@ class MinHashSignatures(Stage):
     rows: int = 8
     seed: int = 1
     cjk_chars: bool = True
+    threads: int = field(default=0, metadata={"key": False, "help": "0: every core available"})
 
     def __post_init__(self):
         check_shape(self.n_gram, self.bands, self.rows)
@@ -105,7 +125,8 @@ class MinHashSignatures(Stage):
         return ["id", "kind", "messages", "text"]
 
     def run_shard(self, worker, rows: list[dict]) -> ShardResult:
-        sig, n_tokens, whole = sign_texts(row_keys(rows), self)
+        sig, n_tokens, whole = sign_texts(row_keys(rows), self,
+                                          self.threads or threads_available())
         keys = K.band_keys(sig, self.bands, self.rows)
         return ShardResult(arrays={"n_tokens": n_tokens, "whole": whole, "sig": sig,
                                    "keys": keys}, tokens=int(n_tokens.sum()))

@@ -63,7 +63,7 @@ def _merge(acc, val):
     return acc * P1 + P4
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def xxh64(buf, start, length):
     """xxh64 (seed 0) of buf[start:start+length] (a uint8 array)."""
     p, end = start, start + length
@@ -100,7 +100,7 @@ def xxh64(buf, start, length):
     return h
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _grow(arr, n):
     bigger = np.empty(max(16, 2 * n), arr.dtype)
     bigger[:n] = arr[:n]
@@ -123,7 +123,7 @@ def _cuts(buf, i, j, quick, splits, split_at):
     return 0, 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _token_pass(buf, start, end, quick, splits, split_at, starts, ends, fill):
     """Count the tokens of buf[start:end] (and, with fill, write their spans)."""
     n = 0
@@ -151,7 +151,7 @@ def _token_pass(buf, start, end, quick, splits, split_at, starts, ends, fill):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _tokens(buf, start, end, quick, splits, split_at):
     """(starts, ends) of the tokens of buf[start:end]: space-separated words, a word found in
     the split table cut at its offsets (split_at[k] holds up to two cut points, 0 = none).
@@ -164,7 +164,7 @@ def _tokens(buf, start, end, quick, splits, split_at):
     return starts, ends
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ngram_hashes(buf, starts, ends, n_gram, scratch):
     """xxh64 of every n-gram (its tokens joined by one space), in order. Where the tokens sit
     in the text separated by single spaces (no split word), that is a span of the text itself;
@@ -194,7 +194,7 @@ def _ngram_hashes(buf, starts, ends, n_gram, scratch):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sign(buf, offsets, a, b, n_gram, quick, splits, split_at, sig, n_tokens, whole):
     """Per document d: n_tokens[d]; whole[d] = xxh64 of its whole normalised bytes; and, when it
     has at least n_gram tokens, its signature row sig[d] (else left at EMPTY)."""
@@ -218,7 +218,7 @@ def sign(buf, offsets, a, b, n_gram, quick, splits, split_at, sig, n_tokens, who
                 row[j] = min(row[j], r)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def band_keys(sig, bands, rows):
     """keys[k, d] = xxh64 of band k of signature d (r values, little-endian bytes)."""
     n = sig.shape[0]
@@ -234,7 +234,7 @@ def band_keys(sig, bands, rows):
     return keys
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def ngram_sets(buf, offsets, n_gram, quick, splits, split_at):
     """Every document's n-gram hashes, concatenated (CSR: hashes, doc offsets), and token counts."""
     n_docs = len(offsets) - 1
@@ -254,7 +254,7 @@ def ngram_sets(buf, offsets, n_gram, quick, splits, split_at):
     return out, doc_off, n_tokens
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def lookup(hashes, doc_off, table):
     """For each document, the positions in `table` (sorted, unique) of its hashes found there,
     each once, ascending: CSR (positions, doc offsets)."""

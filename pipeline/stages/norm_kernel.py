@@ -60,7 +60,7 @@ def _encode(out, m, cp):
     return m + 4
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sigma(buf, i, e, cased, prev_cased):
     """lower() of the Σ at buf[i]: ς at the end of a word (Python's final sigma), else σ."""
     if not prev_cased:
@@ -71,7 +71,7 @@ def _sigma(buf, i, e, cased, prev_cased):
     return SMALL_SIGMA
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _doc(buf, s, e, low, cls, cased, cjk, out_off, out_len, out_data, out, m, spaced):
     """Normalise buf[s:e] into out from m (room for GROWTH * (e - s) bytes: the caller's job);
     returns (new m, characters, CJK characters)."""
@@ -124,11 +124,12 @@ def _doc(buf, s, e, low, cls, cased, cjk, out_off, out_len, out_data, out, m, sp
     return m, n_chars, n_cjk
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def normalise_buffer(buf, offsets, low, cls, cased, cjk, out_off, out_len, out_data, cjk_share):
     """Every document normalised: (UTF-8 bytes, int64 offsets). cjk_share < 0: no CJK spacing."""
     n = len(offsets) - 1
-    out = np.empty(len(buf) + len(buf) // 4 + 64, np.uint8)
+    size = offsets[-1] - offsets[0] if n > 0 else 0
+    out = np.empty(size + size // 4 + 64, np.uint8)
     new_off = np.zeros(n + 1, np.int64)
     m = 0
     for d in range(n):
