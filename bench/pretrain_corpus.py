@@ -54,7 +54,9 @@ EVAL_FILES = ("gsm8k_test.jsonl", "mbpp_test.jsonl", "t0_p3_heldout.jsonl")
 def sentences() -> list[str]:
     out = []
     for name in ("llamafactory_c4_demo.jsonl", "llamafactory_wiki_demo.jsonl"):
-        for line in (shared_data.SHARED / "pool" / name).read_text(encoding="utf-8").splitlines():
+        for line in (shared_data.SHARED / "pool" / name).read_text(encoding="utf-8").split("\n"):
+            if not line.strip():
+                continue
             for para in re.split(r"\n+", json.loads(line)["text"]):
                 out += [s for s in re.split(r"(?<=[.!?])\s+", para.strip()) if len(s.split()) >= 4]
     return out
@@ -125,7 +127,9 @@ def eval_rows(min_words: int = 20) -> list[tuple[str, str, str]]:
     """(file, id, text) of evaluation rows long enough to hold 13-grams: the user turn."""
     out = []
     for name in EVAL_FILES:
-        for line in (shared_data.SHARED / "eval" / name).read_text(encoding="utf-8").splitlines():
+        for line in (shared_data.SHARED / "eval" / name).read_text(encoding="utf-8").split("\n"):
+            if not line.strip():
+                continue
             r = json.loads(line)
             text = next(m["content"] for m in r["messages"] if m["role"] == "user")
             if len(text.split()) >= min_words:
