@@ -77,7 +77,7 @@ class DecontaminateMethod(Method):
         frame = inputs["overlap"].frame()
         keep = pl.col("decon_ngrams") < p.min_ngrams
         shown = pl.col("decon_matches").list.head(3).list.join(", ")
-        more = pl.col("decon_matches").list.len() - 3
+        more = pl.col("decon_matches").list.len().cast(pl.Int64) - 3
         reason = pl.format("shares {} {}-grams with evaluation rows {}{}", pl.col("decon_ngrams"),
                            pl.lit(p.n_gram), shown,
                            pl.when(more > 0).then(pl.format(" and {} more", more)).otherwise(pl.lit("")))
