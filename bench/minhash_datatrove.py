@@ -1,6 +1,6 @@
 """MinHash signatures: thresher against DataTrove, side by side in one run on the same documents.
 
-    bench/datatrove_venv.sh                           # once: bench/.venv-datatrove (git-ignored)
+    make bench-datatrove                              # once: bench/.venv-datatrove (git-ignored)
     heavy --alone .venv/bin/python bench/minhash_datatrove.py [--docs 5000] [--data N]
 
 Takes the first `--docs` documents of the generated pool bench/out/pretrain/<N>/src (built by
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--data", type=int, default=100_000, help="which generated pool")
     args = ap.parse_args()
     if not DT_PYTHON.exists():
-        sys.exit(f"error: {DT_PYTHON} missing; run bench/datatrove_venv.sh first")
+        sys.exit(f"error: {DT_PYTHON} missing; run `make bench-datatrove` first")
     src = ROOT / "bench" / "out" / "pretrain" / str(args.data) / "src" / "part-0000.parquet"
     texts = pq.read_table(src, columns=["text"])["text"].to_pylist()[: args.docs]
     chars = sum(map(len, texts)) / len(texts)

@@ -30,6 +30,8 @@ METHODS: dict[str, str] = {
     "rds": "thresher.scoring.rds:RdsMethod",
     "paser": "thresher.scoring.paser:PaserMethod",
     "less": "thresher.scoring.less:LessMethod",
+    "quality-rules": "thresher.scoring.quality_rules:QualityRulesMethod",
+    "langid": "thresher.scoring.langid:LangIdMethod",
     "fuzzy-dedup": "thresher.scoring.fuzzy_dedup:FuzzyDedupMethod",
     "decontaminate": "thresher.scoring.decontaminate:DecontaminateMethod",
 }
