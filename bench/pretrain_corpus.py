@@ -12,7 +12,7 @@ Writes under OUT/<N>/ (bench/out/ is git-ignored):
     truth/rules.parquet     id, failure: documents made to fail one quality rule
     truth/leaks.parquet     id, eval_file, eval_id: documents holding an evaluation row
     truth/bad.parquet       id, kind: hostile inputs (a 10 MB document, one repeated character,
-                            binary junk, mixed scripts, whitespace only)
+                            binary junk, mixed scripts, whitespace only; not with --no-bad)
     info.json               counts, the command, seconds
 
 Documents: paragraphs of 2-7 sentences drawn at random from the sentences of the shared data's
@@ -51,9 +51,12 @@ RULE_FAILURES = ("too_short", "repeated_lines", "bullets", "lorem_ipsum", "curly
 EVAL_FILES = ("gsm8k_test.jsonl", "mbpp_test.jsonl", "t0_p3_heldout.jsonl")
 
 
-def sentences() -> list[str]:
+TEXT_SOURCES = ("llamafactory_c4_demo", "llamafactory_wiki_demo")
+
+
+def sentences(sources: tuple[str, ...] = TEXT_SOURCES) -> list[str]:
     out = []
-    for name in ("llamafactory_c4_demo.jsonl", "llamafactory_wiki_demo.jsonl"):
+    for name in (f"{s}.jsonl" for s in sources):
         for line in (shared_data.SHARED / "pool" / name).read_text(encoding="utf-8").split("\n"):
             if not line.strip():
                 continue
@@ -123,11 +126,12 @@ def rule_failure(rng: np.random.Generator, kind: str, sents: list[str], base: st
                      for _ in range(int(rng.integers(20, 40))))
 
 
-def eval_rows(min_words: int = 20) -> list[tuple[str, str, str]]:
+def eval_rows(files: list[Path], min_words: int = 20) -> list[tuple[str, str, str]]:
     """(file, id, text) of evaluation rows long enough to hold 13-grams: the user turn."""
     out = []
-    for name in EVAL_FILES:
-        for line in (shared_data.SHARED / "eval" / name).read_text(encoding="utf-8").split("\n"):
+    for path in files:
+        name = path.name
+        for line in path.read_text(encoding="utf-8").split("\n"):
             if not line.strip():
                 continue
             r = json.loads(line)
@@ -145,6 +149,14 @@ def bad_inputs(rng: np.random.Generator, sents: list[str]) -> list[tuple[str, st
     return [("ten_megabytes", "\n\n".join(big)), ("one_character", "a" * 200_000),
             ("binary_junk", junk), ("mixed_scripts", "Hello мир 世界 مرحبا 123 こんにちは " * 50),
             ("whitespace_only", " \n\t " * 100)]
+
+
+def foreign_docs(rng: np.random.Generator, n: int) -> list[str]:
+    """Chinese documents: the answers of the shared Chinese Alpaca sample, a few per document."""
+    path = shared_data.SHARED / "pool" / "llamafactory_alpaca_zh_demo.jsonl"
+    answers = [json.loads(x)["messages"][-1]["content"]
+               for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+    return ["\n\n".join(answers[i] for i in rng.integers(0, len(answers), 4)) for _ in range(n)]
 
 
 def build_chunk(rng, n, start, sents, vocab, evals, args) -> tuple[list, dict]:
@@ -189,20 +201,29 @@ def main() -> None:
     ap.add_argument("--dup-share", type=float, default=0.04)
     ap.add_argument("--rule-share", type=float, default=0.02)
     ap.add_argument("--leak-share", type=float, default=0.0005)
+    ap.add_argument("--leak-from", type=Path, nargs="+",
+                    default=[shared_data.SHARED / "eval" / e for e in EVAL_FILES],
+                    help="evaluation files whose rows are planted as leaks")
+    ap.add_argument("--no-bad", action="store_true", help="no hostile inputs")
+    ap.add_argument("--foreign", type=int, default=0, help="add this many Chinese documents")
+    ap.add_argument("--sources", nargs="+", default=list(TEXT_SOURCES), choices=TEXT_SOURCES,
+                    help="shared plain-text files the sentences come from")
     args = ap.parse_args()
     t0 = time.perf_counter()
     out = args.out / str(args.docs)
     (out / "src").mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    sents = sentences()
+    sents = sentences(tuple(args.sources))
     vocab = sorted({w for s in sents for w in s.split()})
-    evals = eval_rows()
+    evals = eval_rows(args.leak_from)
     truth: dict[str, list] = {"pairs": [], "rules": [], "leaks": []}
     for k, start in enumerate(range(0, args.docs, FILE_DOCS)):
         n = min(FILE_DOCS, args.docs - start)
         docs, part = build_chunk(rng, n, start, sents, vocab, evals, args)
-        if k == 0:
+        if k == 0 and args.foreign:
+            docs += [(f"zh-{i:04d}", t) for i, t in enumerate(foreign_docs(rng, args.foreign))]
+        if k == 0 and not args.no_bad:
             bad = bad_inputs(rng, sents)
             docs += [(f"bad-{kind}", text) for kind, text in bad]
             truth["bad"] = [(f"bad-{kind}", kind) for kind, _ in bad]

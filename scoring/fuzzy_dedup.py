@@ -13,6 +13,9 @@
 3. The keep rule (`keep`): `first` (pool order), `longest` (most characters, then first), or the
    name of a numeric field of the rows (a top-level key of the input records, e.g. a quality
    score): its highest value, then first (a missing or non-numeric value counts as lowest).
+   Clusters span the whole pool; when the cut chooses among some rows only (a recipe's
+   `from:`, e.g. the rows that passed the quality rules), each cluster keeps its best row among
+   those, so a duplicate survives when the row it copies was filtered out before.
 
 Score columns: dup_cluster_id, dup_cluster_size, dup_check, dup_kept (the id kept of the row's
 cluster), keep and reason ("near-duplicate of <id> (cluster of N, keep=<rule>)"). The cut keeps
@@ -68,10 +71,13 @@ def keep_values(keep: str, inputs: Inputs) -> np.ndarray:
     return values.fill_null(-np.inf).to_numpy()
 
 
-def kept_rows(cluster_root: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """The row each cluster keeps: the highest value, then the lowest row (pool order)."""
+def kept_rows(cluster_root: np.ndarray, value: np.ndarray, eligible: np.ndarray | None = None
+              ) -> np.ndarray:
+    """The row each cluster keeps: an eligible row first (when only some rows compete), then
+    the highest value, then the lowest row (pool order)."""
     rows = np.arange(len(cluster_root))
-    order = np.lexsort((rows, -value, cluster_root))          # by cluster, best first
+    outside = np.zeros(len(rows), bool) if eligible is None else ~eligible
+    order = np.lexsort((rows, -value, outside, cluster_root))     # by cluster, best first
     first_of = np.r_[True, cluster_root[order][1:] != cluster_root[order][:-1]]
     keeper = np.empty(len(rows), np.int64)
     best = order[first_of]
@@ -99,7 +105,9 @@ class FuzzyDedupMethod(Method):
         root = pl.DataFrame({"c": frame["dup_cluster_id"]}).join(
             pl.DataFrame({"c": ids}).with_row_index("row"), on="c", how="left",
             maintain_order="left")["row"].to_numpy().astype(np.int64)
-        keeper = kept_rows(root, keep_values(p.keep, inputs))
+        eligible = None if inputs.among is None else \
+            ids.is_in(pl.Series(inputs.among, dtype=pl.String).implode()).to_numpy()
+        keeper = kept_rows(root, keep_values(p.keep, inputs), eligible)
         kept_id = ids.gather(keeper)
         keep = keeper == np.arange(len(keeper))
         reason = pl.format("near-duplicate of {} (cluster of {}, keep={})", pl.col("dup_kept"),
