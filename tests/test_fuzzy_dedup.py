@@ -235,3 +235,22 @@ def test_hostile_inputs_get_annotations(tmp_path):
     assert scores.loc["one", "dup_check"] == "exact"            # one token
     assert set(scores["dup_check"]) <= {"minhash", "exact", "none"}
     assert m["counts"]["selected"] + m["config"]["method"]["removed"] == pool.n_rows
+
+
+def test_signatures_resume_per_shard_and_bands_per_file(tmp_path):
+    """A run that lost one shard's signatures (killed) recomputes that shard alone; the
+    clusters stage keeps no band files once complete."""
+    pool = _planted(tmp_path)
+    assert len(pool.shards) >= 2
+    kw = {"workdir": tmp_path / "w"}
+    first = run_select(pool.path, "fuzzy-dedup", "100%", tmp_path / "a.jsonl", **kw)
+    sigs = next(s for s in first["stages"] if s["stage"] == "minhash")
+    assert sigs["shards_computed"] == len(pool.shards)
+    next((tmp_path / "w" / "minhash").glob("*/shards/*.done.json")).unlink()
+    for done in (tmp_path / "w").glob("minhash*/*/_COMPLETE.json"):     # as if killed
+        done.unlink()
+    again = run_select(pool.path, "fuzzy-dedup", "100%", tmp_path / "b.jsonl", **kw)
+    redo = next(s for s in again["stages"] if s["stage"] == "minhash")
+    assert redo["shards_computed"] == 1 and redo["shards_cached"] == len(pool.shards) - 1
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert not list((tmp_path / "w" / "minhash_clusters").glob("*/band_*.npy"))
