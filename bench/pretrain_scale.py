@@ -63,6 +63,7 @@ def step_signatures(d: Path, work: Path) -> dict:
     from thresher.pipeline.plan import run_stage
     from thresher.pipeline.stages.minhash import MinHashSignatures
 
+    shutil.rmtree(work / "cache", ignore_errors=True)        # computed here, never cached
     pool, store = _pool_store(work)
     run_stage(MinHashSignatures(), pool, store)
     return {"rows": pool.n_rows}
@@ -131,6 +132,9 @@ def quality(d: Path, work: Path) -> dict:
     unplanted = clustered.filter(~pl.col("id").is_in(list(planted)))
     rules = pl.read_parquet(d / "truth" / "rules.parquet")
     why = unplanted.join(rules, on="id", how="left")["failure"].fill_null("(none)").value_counts()
+    background = unplanted.join(rules, on="id", how="anti").filter(
+        pl.col("id") != pl.col("dup_cluster_id"))
+    exact = _exact_jaccard(d, background["id"].to_list(), background["dup_cluster_id"].to_list())
     curve = (both.with_columns(bin=(pl.col("jaccard") * 10).floor() / 10).group_by("bin")
              .agg(pl.col("same").mean().round(3).alias("found"), pl.len().alias("pairs"))
              .sort("bin"))
@@ -140,9 +144,28 @@ def quality(d: Path, work: Path) -> dict:
             "false_dup_below_0.5": round(float(low["same"].mean()), 4),
             "pairs_below_0.5": low.height, "unplanted_rows_clustered": unplanted.height,
             "unplanted_by_planted_failure": dict(zip(why["failure"], why["count"])),
+            "background_dups_vs_their_root": {
+                "rows": len(exact), "exact_jaccard_min": round(float(exact.min()), 3)
+                if len(exact) else None, "below_0.5": int((exact < 0.5).sum())},
             "found_by_jaccard": curve.to_dicts(),
             "leaks_found": sum(i in marked for i in leaks["id"]), "leaks": leaks.height,
             "rows_marked_decontam": len(marked)}
+
+
+def _exact_jaccard(d: Path, ids: list[str], roots: list[str]):
+    """Exact word 5-gram Jaccard of each row with the first row of its cluster."""
+    import numpy as np
+    import polars as pl
+    from pretrain_corpus import jaccards
+
+    want = set(ids) | set(roots)
+    texts = {}
+    for f in sorted((d / "src").glob("*.parquet")):
+        t = pl.read_parquet(f).filter(pl.col("id").is_in(list(want)))
+        texts.update(dict(zip(t["id"], t["text"])))
+    if not ids:
+        return np.zeros(0)
+    return jaccards([texts[i] for i in ids], [texts[r] for r in roots])
 
 
 def run_size(n: int, steps: list[str]) -> dict:

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 import regex
+import spacy
 import xxhash
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.io.pool import Pool, ingest
@@ -25,7 +26,7 @@ from thresher.pipeline.stages.textnorm import PUNCTUATION, SPLITS, normalise
 
 _NUM = regex.compile(r"\p{Nd}+([.,،٫⎖⎗⎘]{1}\p{Nd}+)?")
 _TRANS = str.maketrans(PUNCTUATION, " " * len(PUNCTUATION))
-_SPLIT = {e.replace("|", ""): e.split("|") for e in SPLITS}
+_SPACY = spacy.blank("en").tokenizer        # DataTrove's English word tokenizer (SpaCyTokenizer)
 
 
 def simplify_text(text: str) -> str:
@@ -36,7 +37,7 @@ def simplify_text(text: str) -> str:
 
 
 def reference_signature(text: str, n_gram=5, n_hash=112, seed=1) -> np.ndarray | None:
-    words = [t for w in simplify_text(text).split() for t in _SPLIT.get(w, [w])]
+    words = [t.text.strip() for t in _SPACY(simplify_text(text)) if t.text.strip()]
     grams = [" ".join(words[i:i + n_gram]) for i in range(len(words) - n_gram + 1)]
     if not grams:
         return None
@@ -55,7 +56,7 @@ TRICKY = [
     "ΟΔΟΣ ΚΑΙ ΣΑΣ σας Σ", "İstanbul İİ", "a ́ b", "́ leading mark", "Straße ﬁne ＡＢＣ",
     "tabs\tand\nnew\r\nlines\x00\x1f and \x85 nel \u00a0 nbsp", "I cannot say, dont ask. Gonna go",
     "中文测试文本，这是一个句子。", "한국어 텍스트", "emoji 😀😀 ★★ ‘quoted’ £10m 5km",
-    "", "   ", "!!!!", "x" * 1000,
+    "", "   ", "!!!!", "x" * 1000, "Prices: £10m, €5bn or 3$; it is 20°C, 5km away, 3kg ‘ok’ ®™ wmp3g",
 ]
 
 
@@ -72,6 +73,14 @@ def test_normalise_is_datatrove_simplify_text():
     assert normalise(["中文测试，这是"])[0] == "中 文 测 试 这 是"   # CJK: character tokens
     assert normalise(["中文 and many more english words here"])[0] == \
         "中文 and many more english words here"       # under 30% CJK: words
+
+
+def test_contraction_table_is_spacys():
+    """SPLITS holds exactly the lowercase alphabetic special cases of spaCy's English tokenizer
+    that it splits (the kernels apply them without calling spaCy)."""
+    rules = {k: [t[65] for t in v] for k, v in _SPACY.rules.items()
+             if re.fullmatch(r"[a-z]+", k) and len(v) > 1}
+    assert {k: "|".join(v) for k, v in rules.items()} == {e.replace("|", ""): e for e in SPLITS}
 
 
 def test_signatures_are_datatrove_signatures():

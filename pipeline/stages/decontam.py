@@ -35,6 +35,7 @@ from thresher.pipeline.stages.annotate import AnnotationStage
 from thresher.pipeline.stages.textnorm import (
     normalise_buffer,
     row_keys,
+    spacy_split,
     split_table,
     text_buffer,
 )
@@ -57,7 +58,8 @@ def read_eval(path: str) -> list[dict]:
 def ngrams_of(texts: list[str], n_gram: int, cjk_chars: bool
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(n-gram hashes of every text, concatenated; CSR offsets per text; tokens per text)."""
-    buf, off = normalise_buffer(*text_buffer(pl.Series(texts, dtype=pl.String)), cjk_chars)
+    buf, off = spacy_split(*normalise_buffer(*text_buffer(pl.Series(texts, dtype=pl.String)),
+                                             cjk_chars))
     return K.ngram_sets(buf, off, n_gram, *split_table())
 
 

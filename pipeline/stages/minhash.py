@@ -33,7 +33,13 @@ import numpy as np
 import polars as pl
 from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file
 from thresher.pipeline.stages import ngram_kernels as K
-from thresher.pipeline.stages.textnorm import normalise_buffer, row_keys, split_table, text_buffer
+from thresher.pipeline.stages.textnorm import (
+    normalise_buffer,
+    row_keys,
+    spacy_split,
+    split_table,
+    text_buffer,
+)
 
 MERSENNE = (1 << 61) - 1
 
@@ -61,11 +67,12 @@ def threads_available() -> int:
 
 def sign_texts(texts: list[str] | pl.Series, stage: MinHashSignatures, threads: int = 1
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(signatures [n, H] uint64, n_tokens [n] int64, whole-text hashes [n] uint64). The
-    kernels release the GIL: `threads` sign contiguous slices of the texts side by side (the
-    result does not depend on it)."""
+    """(signatures [n, H] uint64, n_tokens [n] int64, whole-text hashes [n] uint64). Texts are
+    normalised and split as DataTrove's spaCy tokenizer splits them (textnorm) in this thread;
+    the signing kernel releases the GIL: `threads` sign contiguous slices of the texts side by
+    side (the result does not depend on it)."""
     series = texts if isinstance(texts, pl.Series) else pl.Series(texts, dtype=pl.String)
-    buf, offsets = text_buffer(series)
+    buf, offsets = spacy_split(*normalise_buffer(*text_buffer(series), stage.cjk_chars))
     a, b = permutations(stage.bands * stage.rows, stage.seed)
     n = len(offsets) - 1
     sig = np.empty((n, len(a)), np.uint64)
@@ -74,8 +81,8 @@ def sign_texts(texts: list[str] | pl.Series, stage: MinHashSignatures, threads: 
     splits = split_table()
 
     def part(lo: int, hi: int) -> None:
-        nbuf, noff = normalise_buffer(buf, offsets[lo:hi + 1], stage.cjk_chars)
-        K.sign(nbuf, noff, a, b, stage.n_gram, *splits, sig[lo:hi], n_tokens[lo:hi], whole[lo:hi])
+        K.sign(buf, offsets[lo:hi + 1], a, b, stage.n_gram, *splits, sig[lo:hi], n_tokens[lo:hi],
+               whole[lo:hi])
 
     bounds = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(int)
     if len(bounds) <= 2:

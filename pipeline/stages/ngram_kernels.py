@@ -236,21 +236,23 @@ def band_keys(sig, bands, rows):
 
 @njit(cache=True, nogil=True)
 def ngram_sets(buf, offsets, n_gram, quick, splits, split_at):
-    """Every document's n-gram hashes, concatenated (CSR: hashes, doc offsets), and token counts."""
+    """Every document's n-gram hashes, concatenated (CSR: hashes, doc offsets), and token counts.
+    Tokens are counted first so the output is allocated once, at its size."""
     n_docs = len(offsets) - 1
     doc_off = np.zeros(n_docs + 1, np.int64)
     n_tokens = np.zeros(n_docs, np.int64)
-    parts = []
+    none = np.empty(0, np.int64)
     for d in range(n_docs):
-        s, e = offsets[d], offsets[d + 1]
-        starts, ends = _tokens(buf, s, e, quick, splits, split_at)
-        n_tokens[d] = len(starts)
-        h = _ngram_hashes(buf, starts, ends, n_gram, np.empty(e - s + n_gram, np.uint8))
-        parts.append(h)
-        doc_off[d + 1] = doc_off[d] + len(h)
+        n_tokens[d] = _token_pass(buf, offsets[d], offsets[d + 1], quick, splits, split_at,
+                                  none, none, False)
+        doc_off[d + 1] = doc_off[d] + max(0, n_tokens[d] - n_gram + 1)
     out = np.empty(doc_off[-1], np.uint64)
     for d in range(n_docs):
-        out[doc_off[d]:doc_off[d + 1]] = parts[d]
+        if doc_off[d + 1] > doc_off[d]:
+            s, e = offsets[d], offsets[d + 1]
+            starts, ends = _tokens(buf, s, e, quick, splits, split_at)
+            out[doc_off[d]:doc_off[d + 1]] = _ngram_hashes(
+                buf, starts, ends, n_gram, np.empty(e - s + n_gram, np.uint8))
     return out, doc_off, n_tokens
 
 

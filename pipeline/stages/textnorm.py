@@ -126,6 +126,44 @@ def normalise_buffer(buf: np.ndarray, offsets: np.ndarray, cjk_chars: bool = Tru
     return kernel(buf, offsets, *tables(), CJK_SHARE if cjk_chars else -1.0)
 
 
+# A word that is not all letters or all digits: spaCy may split a prefix, suffix or infix off it
+# (a currency sign, a unit after a number, a symbol, a quote DataTrove's set leaves in).
+_SPECIAL = r"[^\p{L}\p{Nd} ]|\p{Nd}\p{L}|\p{L}\p{Nd}"
+
+
+@lru_cache(maxsize=1)
+def _spacy_tokenizer():
+    import spacy
+
+    return spacy.blank("en").tokenizer
+
+
+@lru_cache(maxsize=200_000)
+def _spacy_word(word: str) -> str:
+    return " ".join(t.text for t in _spacy_tokenizer()(word))
+
+
+def spacy_split(buf: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised texts with spaces where spaCy's English tokenizer splits a word that is not
+    all letters or all digits (`£0m` -> `£ 0m`... as spaCy does), so the space-separated tokens
+    are DataTrove's spaCy tokens. spaCy sees only such words (a few in a hundred), each once
+    (cached); plain words go to the kernels as they are. Not thread-safe (spaCy): call it
+    before handing the buffer to threads."""
+    n = len(offsets) - 1
+    if n == 0:
+        return buf, offsets
+    base = offsets - offsets[0]
+    arr = pa.LargeStringArray.from_buffers(n, pa.py_buffer(base.astype(np.int64)),
+                                           pa.py_buffer(buf[offsets[0]:offsets[-1]]))
+    texts = pl.Series(arr)
+    flagged = texts.str.contains(_SPECIAL).arg_true()
+    if len(flagged) == 0:
+        return buf, offsets
+    words = [" ".join(w if w.isalpha() or w.isdigit() else _spacy_word(w) for w in t.split(" "))
+             for t in texts.gather(flagged).to_list()]
+    return text_buffer(texts.scatter(flagged, pl.Series(words, dtype=pl.String)))
+
+
 def normalise(texts: list[str] | pl.Series, cjk_chars: bool = True) -> list[str]:
     """DataTrove's simplify_text (TextNormConfig defaults) of each text, as Python strings."""
     series = texts if isinstance(texts, pl.Series) else pl.Series(texts, dtype=pl.String)
