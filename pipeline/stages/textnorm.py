@@ -19,10 +19,13 @@ scripts put no spaces between words, so a "word" 5-gram would span whole sentenc
 deviation from DataTrove (whose English spaCy tokenizer keeps such a run as one token) and
 changes nothing for other documents.
 
-`SPLITS`: the English contractions written without an apostrophe that spaCy's tokenizer splits
-(`cannot` -> `can`, `not`). After normalisation DataTrove's spaCy `blank("en")` tokens are the
-space-separated words except for these (and for rarer prefix/suffix splits of symbols, units and
-currency signs, which are not reproduced: bench/minhash_parity.py measures the difference).
+Tokens are DataTrove's: its MinHash splits the normalised text with spaCy's `blank("en")`
+tokenizer. After normalisation those tokens are the space-separated words except (1) the English
+contractions written without an apostrophe (`SPLITS`: `cannot` -> `can`, `not`), which the
+kernels split from this table, and (2) words holding something other than letters and digits
+(a currency sign, a unit after a number, a symbol, a quote the PUNCTUATION set leaves in), which
+`spacy_split` hands to spaCy itself, word by word (a few words in a hundred; cached).
+bench/minhash_datatrove.py measures the agreement with DataTrove's signatures.
 """
 
 from __future__ import annotations
