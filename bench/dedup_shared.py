@@ -58,7 +58,8 @@ def main() -> None:
             print(f"{name} | {threshold} | {f.height} | {removed} ({100 * removed / f.height:.1f}%) "
                   f"| {largest} | {seconds:.1f} | {REFERENCE.get(name, '')}")
             if threshold == 0.7 and largest > 1:
-                big = f.filter(pl.col("dup_cluster_size") == largest)
+                root = f.filter(pl.col("dup_cluster_size") == largest)["dup_cluster_id"][0]
+                big = f.filter(pl.col("dup_cluster_id") == root)
                 a, b = big["id"][0], big["id"][1]
                 rows = {r["id"]: row_key(r) for r in pool.rows([a, b])}
                 print(f"    e.g. {a}: {rows[a][:160]!r}\n         {b}: {rows[b][:160]!r}")
