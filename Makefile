@@ -50,6 +50,8 @@ clean:
 # bench/pretrain_filters.py compares the quality rules and language ID with DataTrove's own
 # classes, installed here in a bench-only venv (gitignored; never a thresher dependency).
 # fasttext-predict gives DataTrove's LanguageFilter the same offline lid.176 model file.
+# bench/minhash_datatrove.py imports DataTrove's MinHash module: its package imports tokenizers,
+# and its xxh64 shingle hash passes str, which xxhash 4 refuses (3.x encodes it as UTF-8).
 bench-datatrove:
 	test -x bench/.venv-datatrove/bin/python || python3 -m venv bench/.venv-datatrove
-	bench/.venv-datatrove/bin/pip install -q 'datatrove==0.10.1' 'spacy>=3.8,<3.9' regex fasttext-predict fasteners
+	bench/.venv-datatrove/bin/pip install -q 'datatrove==0.10.1' 'spacy>=3.8,<3.9' regex fasttext-predict fasteners 'xxhash<4' tokenizers

@@ -60,6 +60,8 @@ class Inputs:
     seed: int = 0
     targets: tuple[Path, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)   # method statistics -> manifest
+    among: list[str] | None = None    # the ids the cut chooses among (a recipe's `from:`), for
+                                      # methods whose choice depends on which rows compete
 
     def __getitem__(self, name: str) -> Any:
         return self.outputs[name]

@@ -34,6 +34,8 @@ METHODS: dict[str, str] = {
     "less": "thresher.scoring.less:LessMethod",
     "quality-rules": "thresher.scoring.quality_rules:QualityRulesMethod",
     "langid": "thresher.scoring.langid:LangIdMethod",
+    "fuzzy-dedup": "thresher.scoring.fuzzy_dedup:FuzzyDedupMethod",
+    "decontaminate": "thresher.scoring.decontaminate:DecontaminateMethod",
 }
 
 # What `thresher select --target F` runs when no --method is given: the combination that won

@@ -201,7 +201,7 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
     stats = [_ran_instead(s, ran or {}) for s in stats]
     by_name = {name: outputs[bound] for name, bound in zip(prep.needs, prep.plan.roots)}
     inputs = Inputs(pool, candidates_of(pool, by_name.get("tokens")), by_name, seed,
-                    prep.request.targets)
+                    prep.request.targets, among=among)
     if annotate_only:
         return _write_annotations(prep, inputs, store, stats, files, out, executor, t_start,
                                   label)
