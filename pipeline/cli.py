@@ -15,6 +15,15 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Select and curate LLM training data.")
 
+
+def _add_groups() -> None:
+    from thresher.pipeline.cli_classifier import app as classifier_app
+
+    app.add_typer(classifier_app, name="classifier")
+
+
+_add_groups()
+
 # Errors a user or the environment causes: one line on stderr, exit code 2. Anything else is a
 # bug and keeps its traceback (KeyError, TypeError, AssertionError... are never caught here).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,

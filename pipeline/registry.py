@@ -30,6 +30,8 @@ METHODS: dict[str, str] = {
     "rds": "thresher.scoring.rds:RdsMethod",
     "paser": "thresher.scoring.paser:PaserMethod",
     "less": "thresher.scoring.less:LessMethod",
+    "classifier": "thresher.scoring.classifier:ClassifierMethod",
+    "lm-rating": "thresher.scoring.lm_rating:LmRatingMethod",
 }
 
 # What `thresher select --target F` runs when no --method is given: the combination that won
