@@ -22,6 +22,7 @@ from typing import ClassVar, Literal
 
 import polars as pl
 from thresher.pipeline.method import Inputs, Method, Request
+from thresher.pipeline.models.resolve import DEFAULT_LM
 from thresher.pipeline.stage import Stage
 from thresher.pipeline.stages.quality import SCORE, ClassifierScores
 from thresher.selectors.score_band import ScoreBand
@@ -54,6 +55,9 @@ class ClassifierMethod(Method):
     Params = ClassifierParams
     score_column = SCORE
     example: ClassVar[dict] = {"model": "CLASSIFIER_DIR"}
+
+    def tokenizer(self, p: ClassifierParams) -> str:
+        return DEFAULT_LM           # `model` is the classifier; tokens are counted as usual
 
     def needs(self, p: ClassifierParams, req: Request) -> dict[str, Stage]:
         return {"quality": ClassifierScores(model=p.model, part=p.part)}

@@ -57,6 +57,7 @@ class ClassifierConfig:
     epochs: int = 5                       # fastText
     lr: float = 0.1                       # fastText
     ngrams: int = 2                       # fastText word n-grams
+    balance: bool = True                  # binary: repeat the smaller class's rows to match
     device: str = "cpu"
 
     def check(self) -> None:
@@ -116,6 +117,18 @@ def _metrics(y: np.ndarray, score: np.ndarray, task: str, threshold: float | Non
     return out
 
 
+def _training_order(y: np.ndarray, cfg: ClassifierConfig) -> np.ndarray:
+    """Indices of the training rows in a seeded shuffled order (fastText's SGD reads its file in
+    order: class blocks would skew it); with `balance`, the smaller class repeated (tiled) up to
+    the larger one's count, as DCLM trained on equal classes."""
+    idx = np.arange(len(y))
+    if cfg.task == "binary" and cfg.balance:
+        pos, neg = idx[y == 1], idx[y == 0]
+        small, big = (pos, neg) if len(pos) < len(neg) else (neg, pos)
+        idx = np.concatenate([big, np.resize(small, len(big))])
+    return idx[np.random.default_rng(cfg.seed).permutation(len(idx))]
+
+
 def _fit_fasttext(texts: list[str], y: np.ndarray, cfg: ClassifierConfig, out: Path):
     try:
         import fasttext
@@ -128,7 +141,8 @@ def _fit_fasttext(texts: list[str], y: np.ndarray, cfg: ClassifierConfig, out: P
     with tempfile.TemporaryDirectory() as tmp:
         train = Path(tmp) / "train.txt"
         with open(train, "w", encoding="utf-8") as f:
-            f.writelines(f"{POSITIVE if label == 1 else NEGATIVE} {t}\n" for t, label in zip(texts, y))
+            f.writelines(f"{POSITIVE if y[i] == 1 else NEGATIVE} {texts[i]}\n"
+                         for i in _training_order(y, cfg))
         model = fasttext.train_supervised(input=str(train), lr=cfg.lr, dim=100, ws=5,
                                           epoch=cfg.epochs, minCount=1, wordNgrams=cfg.ngrams,
                                           thread=1, seed=cfg.seed, verbose=0)
@@ -141,20 +155,26 @@ def _fit_head(x: np.ndarray, y: np.ndarray, cfg: ClassifierConfig) -> Head:
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-    x = x.astype(np.float32)
+    order = _training_order(y, cfg)
+    x, y = x[order].astype(np.float64), y[order]
+    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6       # standardised inputs, folded back below
+    z = (x - mu) / sd
     if cfg.hidden == 0:
-        model = (LogisticRegression(C=1.0, max_iter=2000) if cfg.task == "binary"
+        model = (LogisticRegression(C=1.0, max_iter=5000) if cfg.task == "binary"
                  else Ridge(alpha=1.0))
-        model.fit(x, y)
-        w = np.asarray(model.coef_, dtype=np.float32).reshape(1, -1).T
-        b = np.atleast_1d(np.asarray(model.intercept_, dtype=np.float32)).reshape(1)
-        return Head([(w, b)], cfg.task)
-    cls = MLPClassifier if cfg.task == "binary" else MLPRegressor
-    model = cls(hidden_layer_sizes=(cfg.hidden,), random_state=cfg.seed, max_iter=500,
-                early_stopping=len(y) >= 50)
-    model.fit(x, y)
-    return Head([(np.asarray(w, np.float32), np.asarray(b, np.float32))
-                 for w, b in zip(model.coefs_, model.intercepts_)], cfg.task)
+        model.fit(z, y)
+        layers = [(np.asarray(model.coef_).reshape(1, -1).T,
+                   np.atleast_1d(np.asarray(model.intercept_)).reshape(1))]
+    else:
+        cls = MLPClassifier if cfg.task == "binary" else MLPRegressor
+        model = cls(hidden_layer_sizes=(cfg.hidden,), random_state=cfg.seed, max_iter=1000,
+                    early_stopping=len(y) >= 1000)
+        model.fit(z, y)
+        layers = list(zip(model.coefs_, model.intercepts_))
+    w0, b0 = layers[0]                 # ((x - mu) / sd) @ W + b  ==  x @ (W / sd) + (b - (mu / sd) @ W)
+    layers[0] = (w0 / sd[:, None], b0 - (mu / sd) @ w0)
+    return Head([(np.asarray(w, np.float32), np.asarray(b, np.float32)) for w, b in layers],
+                cfg.task)
 
 
 def _vectors(sets: list[LabelledSet], rows_of: list[list[dict]], cfg: ClassifierConfig,
@@ -195,7 +215,7 @@ def train_classifier(sets: list[LabelledSet], out: Path, cfg: ClassifierConfig, 
     rows_of = [[r for r, keep in zip(rows, k) if keep] for rows, k in zip(rows_of, ok)]
     counts = check_classes(sets, cfg.task)
     y = np.concatenate([s.labels for s in sets])
-    ids = [r["id"] + f"@{s.name}" for s, rows in zip(sets, rows_of) for r in rows]
+    ids = [f"{k}:{r['id']}" for k, rows in enumerate(rows_of) for r in rows]   # not the paths
     test = _held_out(ids, cfg.holdout, cfg.seed)
     if test.all() or not test.any():
         raise ValueError(f"{len(y)} rows are too few to hold {cfg.holdout:.0%} out; give more rows")
