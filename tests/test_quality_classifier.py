@@ -19,7 +19,7 @@ from thresher.pipeline.select import run_select
 
 def cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "thresher.pipeline.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
+                          check=False, capture_output=True, text=True, cwd=cwd)
 
 
 def _write(path: Path, rows: list[dict]) -> Path:

@@ -109,13 +109,13 @@ DIGITS_1_6 = tuple(str(i) for i in range(1, 7))
 BUILT_IN = {
     "edu": Rubric(
         name="edu", rows="text", threshold=2.5,
-        approximates="FineWeb-Edu's educational-value annotation (Llama-3-70B-Instruct, 0-5; "
+        approximates="an approximation of FineWeb-Edu's educational-value annotation (Llama-3-70B-Instruct, 0-5; "
                      "FineWeb paper appendix F.1), read from one forward pass",
         questions=(Question("rating", EDU_TEMPLATE, "Educational score: ", DIGITS_0_5,
                             tuple(float(i) for i in range(6))),)),
     "deita": Rubric(
         name="deita", rows="turns",
-        approximates="DEITA's complexity and quality scorers (hkust-nlp/deita, 1-6 each; "
+        approximates="an approximation of DEITA's complexity and quality scorers (hkust-nlp/deita, 1-6 each; "
                      "score = sum over turns of complexity x quality) with a generic LM",
         questions=(Question("complexity", DEITA_COMPLEXITY + SCALE_1_6, "##Complexity: ",
                             DIGITS_1_6, tuple(float(i) for i in range(1, 7))),
