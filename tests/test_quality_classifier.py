@@ -241,3 +241,18 @@ def test_unreadable_rows_are_counted_with_a_reason(ft_dir):
     res = stage.run_shard(worker, rows).tables["quality"].to_pylist()
     assert res[0]["quality_score"] is None and res[0]["reason"] == "no first_user text"
     assert res[1]["reason"] is None and 0 <= res[1]["quality_score"] <= 1
+
+
+def test_report_shows_the_score_histogram_with_cut_and_examples_around_it(ft_dir, sample_pool,
+                                                                          tmp_path):
+    from thresher.pipeline.report.build import write_report
+
+    out = tmp_path / "top.jsonl"
+    run_select(sample_pool.path, "classifier", "20%", out, workdir=tmp_path / "w",
+               params={"model": str(ft_dir)})
+    html = write_report([out], tmp_path / "r.html", compute_embeddings=False).read_text()
+    assert "hist-top.jsonl-quality_score" in html or "hist-top-quality_score" in html
+    assert "Quality scores: the top, the cut and the bottom" in html
+    for band in ("top", "last kept", "first dropped", "bottom"):
+        assert f"<td class=''>{band}</td>" in html, band
+    assert "quality_score &gt;= " not in html and "the top 155 by quality_score" in html

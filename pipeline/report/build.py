@@ -12,6 +12,7 @@ appear when their data exists; what each reads (RUN arguments: see `report_data.
 | Scores | numeric columns of the sidecar `X.jsonl.selection.parquet` (id, rank, reason, scores) and, for every candidate, of the score frame the manifest names under `scores` (or `config.method.decisions`): a Parquet of id + score columns (+ optional `reason`, `kept`) |
 | Error-uncertainty plane | `ppl` and `entropy` columns (+ `quadrant`), alpha from `alpha_found` / `alpha` |
 | Clusters | the map's cluster labels vs selected rows; a method's `cluster_table` (list of {cluster, size, and any of budget, selected, degradation, label}; `cluster_table_kind`: "capability" for PASER, "trajectory" for S2L) |
+| Quality | for a cut on a quality score (`quality_score`, `rating` in the score frame): rows at the top, on both sides of the cut and at the bottom, with their text (`report/quality.py`) |
 | Examples | the sidecar's first and last ranks, with reasons; row text from the pool |
 | Comparison | with two or more selections: overlaps of sidecar ids; `budget`, `tokens.selected`, cost from `stages` (sum of seconds and flops; `timings.total` otherwise), verify losses |
 | Verify | `verify.json` (runs, evals: loss, ppl, exact_match), `runs/<name>/train_log.jsonl` |
@@ -70,8 +71,10 @@ def write_report(runs: list[Path], out: Path, *, embedder: str | None = None,
                   [v.path / "verify.json" for v in verifies])
     ctx = ReportContext(selections, verifies, embedder, compute_embeddings,
                         max_points or MAX_POINTS)
+    from thresher.pipeline.report.quality import quality_section
+
     parts = [s for s in (funnel_section(ctx), map_section(ctx), scores_section(ctx),
-                         clusters_section(ctx), examples_section(ctx), comparison_section(ctx),
+                         quality_section(ctx), clusters_section(ctx), examples_section(ctx), comparison_section(ctx),
                          verify_section(ctx), manifest_section(ctx)) if s is not None]
     names = ", ".join(s.name for s in selections) or "verify"
     title = f"thresher report: {names}"
