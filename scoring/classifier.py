@@ -43,10 +43,6 @@ class ClassifierParams:
     part: Literal["first_user", "conversation", "response"] | None = field(default=None, metadata={
         "help": "the text of a row the model reads (default: the one it was trained on)"})
 
-    def __post_init__(self):
-        if not self.model:
-            raise ValueError("--method classifier needs --param model=PATH")
-
 
 class ClassifierMethod(Method):
     name = "classifier"
@@ -60,6 +56,8 @@ class ClassifierMethod(Method):
         return DEFAULT_LM           # `model` is the classifier; tokens are counted as usual
 
     def needs(self, p: ClassifierParams, req: Request) -> dict[str, Stage]:
+        if not p.model:
+            raise ValueError("--method classifier needs --param model=PATH")
         return {"quality": ClassifierScores(model=p.model, part=p.part)}
 
     def score(self, p: ClassifierParams, inputs: Inputs) -> pl.DataFrame:

@@ -204,9 +204,15 @@ def test_empty_file_and_missing_column_are_errors(tmp_path, head_files, sample_p
                     "fasttext trains classes")
 
 
-def test_output_over_an_input_is_refused(sample_pool, tmp_path):
+def test_output_over_an_input_or_a_foreign_directory_is_refused(sample_pool, tmp_path):
     _one_line_error(cli("classifier", "train", "--out", sample_pool.path / "shards", "--pool",
                         sample_pool.path, "--label", "kind=chat"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    _one_line_error(cli("classifier", "train", "--out", tmp_path / "mine", "--pool",
+                        sample_pool.path, "--label", "kind=chat", "--workdir", tmp_path / "w"),
+                    "not a classifier directory")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     n = len(list((sample_pool.path / "shards").iterdir()))
     assert n == len(sample_pool.shards)
 

@@ -206,6 +206,10 @@ def train_classifier(sets: list[LabelledSet], out: Path, cfg: ClassifierConfig, 
     from thresher.pipeline.io.outputs import clean_stale, replace_dir, temp_name
 
     cfg.check()
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not (out / CLASSIFIER_JSON).is_file():
+        raise FileExistsError(f"{out} exists and is not a classifier directory written by "
+                              "thresher; refusing to replace it")
     t0 = time.perf_counter()
     counts = check_classes(sets, cfg.task)
     rows_of = [_texts(s, cfg.part) for s in sets]
@@ -220,7 +224,6 @@ def train_classifier(sets: list[LabelledSet], out: Path, cfg: ClassifierConfig, 
     if test.all() or not test.any():
         raise ValueError(f"{len(y)} rows are too few to hold {cfg.holdout:.0%} out; give more rows")
     check_classes([LabelledSet("train", y[~test])], cfg.task)
-    out = Path(out)
     clean_stale(out)
     tmp = temp_name(out)
     tmp.mkdir(parents=True)
