@@ -16,8 +16,9 @@ and how far a classifier trained on LM ratings agrees with them (issue 24).
               768 wide, 512 tokens; the weights cannot be fetched, the cost does not depend on
               them), and LM ratings with the edu and deita rubrics (SmolLM2). Rows/s of each
               (model load excluded: timed apart) and the ratio to the embedding stage.
-(d) agreement the edu and deita ratings of (c) train a regression head each (the FineWeb-Edu
-              recipe: MiniLM vectors, linear, 25% held out); Spearman's rho between the rating and
+(d) agreement the edu and deita ratings of (c)'s rows (the same stages, in a stable artifact
+              store) train a regression head each (the FineWeb-Edu recipe: MiniLM vectors,
+              linear, its regularisation cross-validated, 25% held out); Spearman's rho between the rating and
               the head's score on the held-out rows, and the agreement of the two at the rubric's
               cut (edu: 2.5) or at the median (deita).
 
@@ -184,21 +185,26 @@ def speed(a, out: Path, pool) -> tuple[list[dict], dict]:
     base = rows[0]["rows_per_s"]
     for r in rows:
         r["vs_embed"] = round(r["rows_per_s"] / base, 3)
-    return rows, {"store": store, "edu": outputs["LM rating: edu (SmolLM2)"],
-                  "deita": outputs["LM rating: deita (SmolLM2)"]}
+    return rows, outputs
 
 
-def agreement(a, out: Path, pool, ratings: dict) -> list[dict]:
+def agreement(a, out: Path, pool) -> list[dict]:
+    """The ratings from a stable artifact store (`out/work`: computed once, then cached)."""
+    from thresher.pipeline.artifacts import ArtifactStore
+    from thresher.pipeline.plan import run_stage
+    from thresher.pipeline.stages.ratings import LmRatings
     from thresher.pipeline.training.classifier import ClassifierConfig, train_classifier
     from thresher.pipeline.training.labels import from_rule
 
+    store = ArtifactStore(out / "work")
     res = []
     for rubric in ("edu", "deita"):
-        frame = ratings[rubric].frame()
-        sets = from_rule(pool, "rating", frame, ratings[rubric].fingerprint)
+        ratings = run_stage(LmRatings(rubric=rubric, max_tokens=a.max_tokens), pool, store)
+        frame = ratings.frame()
+        sets = from_rule(pool, "rating", frame, ratings.fingerprint)
         cut = 2.5 if rubric == "edu" else float(frame["rating"].median())
         cfg = ClassifierConfig(kind="head", task="regression", holdout=0.25, threshold=cut)
-        info = train_classifier(sets, out / f"{rubric}-head", cfg, ratings["store"])
+        info = train_classifier(sets, out / f"{rubric}-head", cfg, store)
         held = info.metrics["held_out"]
         rated = frame.filter(pl.col("rating").is_not_null())
         res.append({"rubric": rubric, "rated": rated.height, "unrated": frame.height - rated.height,
@@ -265,14 +271,13 @@ def main(argv=None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res: dict = {"args": {k: str(v) for k, v in vars(a).items()}}
-    if "dclm" in a.parts or "speed" in a.parts:
+    if "dclm" in a.parts or "speed" in a.parts:      # speed scores with (a)'s classifier
         res["dclm"] = dclm(a, a.out)
         print(markdown({"dclm": res["dclm"]}), flush=True)
     if "speed" in a.parts:
-        pool = speed_pool(a, a.out)
-        res["speed"], ratings = speed(a, a.out, pool)
-        if "agreement" in a.parts:
-            res["agreement"] = agreement(a, a.out, pool, ratings)
+        res["speed"], _ = speed(a, a.out, speed_pool(a, a.out))
+    if "agreement" in a.parts:
+        res["agreement"] = agreement(a, a.out, speed_pool(a, a.out))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     text = markdown(res)
     (a.out / "results.json").write_text(json.dumps(res, indent=1, default=str))

@@ -78,6 +78,7 @@ def train(
     epochs: Annotated[int, typer.Option("--epochs", help="fastText epochs.")] = 5,
     lr: Annotated[float, typer.Option("--lr", help="fastText learning rate.")] = 0.1,
     ngrams: Annotated[int, typer.Option("--ngrams", help="fastText word n-grams.")] = 2,
+    bucket: Annotated[int, typer.Option("--bucket", help="fastText n-gram hash buckets (the model file is about bucket x 400 bytes).")] = 2_000_000,
     workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
@@ -95,7 +96,7 @@ def train(
         cfg = ClassifierConfig(kind=kind, task=task or ("regression" if plain_rating else "binary"),
                                part=part, holdout=holdout, seed=seed, threshold=threshold,
                                embedder=embedder, hidden=hidden, epochs=epochs, lr=lr,
-                               ngrams=ngrams, device=pick_device(device))
+                               ngrams=ngrams, bucket=bucket, device=pick_device(device))
         cfg.check()
         sets, rubric_threshold, store = _labelled_sets(
             positive, negative, pool, label, rate, rate_model, rate_sample, rate_max_tokens,

@@ -18,6 +18,7 @@ counted in the manifest (config.unscored).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import polars as pl
@@ -58,7 +59,9 @@ class ClassifierMethod(Method):
     def needs(self, p: ClassifierParams, req: Request) -> dict[str, Stage]:
         if not p.model:
             raise ValueError("--method classifier needs --param model=PATH")
-        return {"quality": ClassifierScores(model=p.model, part=p.part)}
+        # absolute: Ray workers may not share this process's working directory (the cache key
+        # is the model files' identity, not their path)
+        return {"quality": ClassifierScores(model=str(Path(p.model).resolve()), part=p.part)}
 
     def score(self, p: ClassifierParams, inputs: Inputs) -> pl.DataFrame:
         frame = inputs["quality"].frame()

@@ -17,6 +17,7 @@ unrated rows are not candidates. `cut=auto` keeps rating >= the rubric's publish
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import polars as pl
@@ -53,7 +54,8 @@ class LmRatingMethod(Method):
     score_column = "rating"
 
     def needs(self, p: LmRatingParams, req: Request) -> dict[str, Stage]:
-        return {"ratings": LmRatings(model=p.model, rubric=p.rubric, part=p.part, sample=p.sample,
+        rubric = str(Path(p.rubric).resolve()) if Path(p.rubric).is_file() else p.rubric
+        return {"ratings": LmRatings(model=p.model, rubric=rubric, part=p.part, sample=p.sample,
                                      seed=req.seed, max_tokens=p.max_tokens)}
 
     def score(self, p: LmRatingParams, inputs: Inputs) -> pl.DataFrame:

@@ -32,7 +32,7 @@ def ft_dir(tmp_path_factory, sample_pool):
     """A fastText classifier: the sample's chat responses (positive) vs its C4 text (negative)."""
     out = tmp_path_factory.mktemp("ft") / "clf"
     r = cli("classifier", "train", "--out", out, "--pool", sample_pool.path, "--label", "kind=chat",
-            "--part", "response", "--workdir", out.parent / "work")
+            "--part", "response", "--workdir", out.parent / "work", "--bucket", "100000")
     assert r.returncode == 0, r.stderr
     assert "held-out" in r.stdout and "AUC" in r.stdout
     return out
@@ -53,7 +53,7 @@ def test_fasttext_training_stores_metrics_and_fingerprints(ft_dir, sample_pool):
 def test_fasttext_training_is_reproducible(ft_dir, sample_pool, tmp_path):
     out = tmp_path / "again"
     r = cli("classifier", "train", "--out", out, "--pool", sample_pool.path, "--label", "kind=chat",
-            "--part", "response", "--workdir", tmp_path / "w")
+            "--part", "response", "--workdir", tmp_path / "w", "--bucket", "100000")
     assert r.returncode == 0, r.stderr
     assert (out / "model.bin").read_bytes() == (ft_dir / "model.bin").read_bytes()
 

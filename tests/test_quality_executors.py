@@ -34,7 +34,7 @@ def pool(tmp_path_factory, sample_pool):
 def classifiers(tmp_path_factory, pool, tiny_embedder):
     d = tmp_path_factory.mktemp("qclf")
     out = {}
-    for kind, extra in (("fasttext", []), ("head", ["--embedder", tiny_embedder, "--hidden", "4"])):
+    for kind, extra in (("fasttext", ["--bucket", "100000"]), ("head", ["--embedder", tiny_embedder, "--hidden", "4"])):
         out[kind] = d / kind
         r = subprocess.run([sys.executable, "-m", "thresher.pipeline.cli", "classifier", "train",
                             "--out", str(out[kind]), "--kind", kind, "--pool", str(pool.path),

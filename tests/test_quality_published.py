@@ -60,7 +60,7 @@ def _train_fasttext(path, labels):
         lines.append(f"__label__{labels[1]} buy cheap watches online click here offer {i}")
     train.write_text("\n".join(lines) + "\n")
     model = fasttext.train_supervised(input=str(train), epoch=5, wordNgrams=2, thread=1, seed=1,
-                                      verbose=0)
+                                      bucket=100000, verbose=0)
     model.save_model(str(path))
     return path
 
@@ -110,7 +110,8 @@ def test_dclm_format_is_recognised_and_cut_at_its_threshold(sample_pool, tmp_pat
     row = sample_pool.rows([scores["id"][0]])[0]
     labels, probs = ft.model.predict(fasttext_text(row, "conversation"), k=-1)
     p_hq = dict(zip(labels, probs))["__label__hq"]
-    assert scores["quality_score"][0] == pytest.approx(p_hq, abs=1e-6)   # DCLM's 1 - p(cc)
+    # DCLM's 1 - p(cc) when cc is on top; fastText's +1e-5 clipped at 1
+    assert scores["quality_score"][0] == pytest.approx(min(p_hq, 1.0), abs=1e-6)
     # the published cut can be overridden, or replaced by a top cut
     m2 = run_select(sample_pool.path, "classifier", "10%", tmp_path / "t.jsonl",
                     workdir=tmp_path / "w", params={"model": str(path), "cut": "top"})

@@ -188,7 +188,7 @@ class FastTextModel:
         """DCLM's reading: the top label's probability, inverted when the top label is the
         negative one (`quality_prediction_enrichers_calc_fasttext.py`)."""
         labels, probs = self.model.predict(text, k=1)
-        p = float(probs[0])
+        p = min(float(probs[0]), 1.0)        # fastText adds 1e-5 to each probability
         return p if labels[0] == POSITIVE else 1.0 - p
 
 

@@ -11,7 +11,9 @@ normalised text (`classifiers.fasttext_text`); one thread, seeded, so a rerun gi
 head: the embedding stage's vectors (a pool's cached `Embed` output; a file's rows embedded in
 memory with the same `ShardEmbedder`), then scikit-learn: logistic regression (binary) or ridge
 regression (regression) when `hidden` is 0 (FineWeb-Edu: one linear regression output on a frozen
-encoder), else a one-hidden-layer MLP; exported to safetensors (`classifiers.Head`).
+encoder), their regularisation chosen by cross-validation on the training rows (RidgeCV's
+leave-one-out, LogisticRegressionCV's 5 folds by ROC AUC), else a one-hidden-layer MLP;
+exported to safetensors (`classifiers.Head`).
 
 Held-out rows are chosen by a seeded hash of the id (`holdout` of them); the metrics (accuracy,
 ROC AUC; for a regression also MSE and Spearman's rho, and accuracy / AUC of the values cut at
@@ -57,6 +59,8 @@ class ClassifierConfig:
     epochs: int = 5                       # fastText
     lr: float = 0.1                       # fastText
     ngrams: int = 2                       # fastText word n-grams
+    bucket: int = 2_000_000               # fastText n-gram hash buckets (its default; the model
+                                          # file is about bucket x 100 x 4 bytes)
     balance: bool = True                  # binary: repeat the smaller class's rows to match
     device: str = "cpu"
 
@@ -72,8 +76,8 @@ class ClassifierConfig:
                              "or cut the values with --label 'FIELD>=X'")
         if not 0 < self.holdout < 1:
             raise ValueError(f"--holdout {self.holdout}: must be in (0, 1)")
-        if self.hidden < 0 or self.epochs < 1 or self.ngrams < 1 or self.lr <= 0:
-            raise ValueError("--hidden must be >= 0, --epochs and --ngrams >= 1, --lr > 0")
+        if self.hidden < 0 or self.epochs < 1 or self.ngrams < 1 or self.lr <= 0 or self.bucket < 1:
+            raise ValueError("--hidden must be >= 0, --epochs, --ngrams and --bucket >= 1, --lr > 0")
 
 
 def _held_out(ids: list[str], fraction: float, seed: int) -> np.ndarray:
@@ -145,6 +149,7 @@ def _fit_fasttext(texts: list[str], y: np.ndarray, cfg: ClassifierConfig, out: P
                          for i in _training_order(y, cfg))
         model = fasttext.train_supervised(input=str(train), lr=cfg.lr, dim=100, ws=5,
                                           epoch=cfg.epochs, minCount=1, wordNgrams=cfg.ngrams,
+                                          bucket=cfg.bucket,
                                           thread=1, seed=cfg.seed, verbose=0)
     model.save_model(str(out / FASTTEXT_FILE))
     ft = FastTextModel(out / FASTTEXT_FILE)
@@ -152,16 +157,20 @@ def _fit_fasttext(texts: list[str], y: np.ndarray, cfg: ClassifierConfig, out: P
 
 
 def _fit_head(x: np.ndarray, y: np.ndarray, cfg: ClassifierConfig) -> Head:
-    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.neural_network import MLPClassifier, MLPRegressor
 
     order = _training_order(y, cfg)
     x, y = x[order].astype(np.float64), y[order]
     mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6       # standardised inputs, folded back below
     z = (x - mu) / sd
-    if cfg.hidden == 0:
-        model = (LogisticRegression(C=1.0, max_iter=5000) if cfg.task == "binary"
-                 else Ridge(alpha=1.0))
+    if cfg.hidden == 0:      # the regularisation chosen by cross-validation on the training rows
+        if cfg.task == "binary":
+            folds = int(min(5, (y == 1).sum(), (y == 0).sum()))
+            model = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=max(folds, 2),
+                                         scoring="roc_auc", max_iter=5000)
+        else:
+            model = RidgeCV(alphas=np.logspace(-2, 5, 15))
         model.fit(z, y)
         layers = [(np.asarray(model.coef_).reshape(1, -1).T,
                    np.atleast_1d(np.asarray(model.intercept_)).reshape(1))]
