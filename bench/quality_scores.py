@@ -76,7 +76,7 @@ def select_all(a, out: Path, models: dict) -> dict:
             run_select(out / "pool", method, str(a.budget), dst, workdir=out / "work", params=params)
         m = json.loads(man.read_text())
         srcs = [source_of[r["id"]] for r in qb.read_jsonl(dst)]
-        top = max(set(srcs), key=srcs.count)
+        top = max(sorted(set(srcs)), key=srcs.count)     # ties: the first name
         chosen[label] = {"path": dst, "seconds": qb.selection_cost(m), "rows": len(srcs),
                          "top_source": top, "top_share": round(srcs.count(top) / len(srcs), 3)}
     return chosen

@@ -60,7 +60,7 @@ def _train_fasttext(path, labels):
         lines.append(f"__label__{labels[1]} buy cheap watches online click here offer {i}")
     train.write_text("\n".join(lines) + "\n")
     model = fasttext.train_supervised(input=str(train), epoch=5, wordNgrams=2, thread=1, seed=1,
-                                      bucket=100000, verbose=0)
+                                      bucket=100000, lr=0.05, verbose=0)
     model.save_model(str(path))
     return path
 

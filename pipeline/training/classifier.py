@@ -147,10 +147,15 @@ def _fit_fasttext(texts: list[str], y: np.ndarray, cfg: ClassifierConfig, out: P
         with open(train, "w", encoding="utf-8") as f:
             f.writelines(f"{POSITIVE if y[i] == 1 else NEGATIVE} {texts[i]}\n"
                          for i in _training_order(y, cfg))
-        model = fasttext.train_supervised(input=str(train), lr=cfg.lr, dim=100, ws=5,
-                                          epoch=cfg.epochs, minCount=1, wordNgrams=cfg.ngrams,
-                                          bucket=cfg.bucket,
-                                          thread=1, seed=cfg.seed, verbose=0)
+        try:
+            model = fasttext.train_supervised(input=str(train), lr=cfg.lr, dim=100, ws=5,
+                                              epoch=cfg.epochs, minCount=1, wordNgrams=cfg.ngrams,
+                                              bucket=cfg.bucket, thread=1, seed=cfg.seed, verbose=0)
+        except RuntimeError as e:
+            if "NaN" not in str(e):
+                raise
+            raise ValueError(f"fastText training diverged ({e}); retry with a lower --lr "
+                             f"(was {cfg.lr})") from None
     model.save_model(str(out / FASTTEXT_FILE))
     ft = FastTextModel(out / FASTTEXT_FILE)
     return lambda ts: np.array([ft.p_positive(t) for t in ts])
