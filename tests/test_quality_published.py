@@ -51,17 +51,19 @@ def fineweb_edu_dir(tmp_path_factory, sample_pool):
 
 
 def _train_fasttext(path, labels):
-    import fasttext
-
+    """A fastText model with these two labels, trained in a fresh process: fastText training in
+    a process that has run torch models diverged (NaN) now and then here (`classifier train`
+    turns that into a one-line error)."""
     train = path.with_suffix(".txt")
     lines = []
     for i in range(60):
         lines.append(f"__label__{labels[0]} explain step by step how to solve equation {i} answer")
         lines.append(f"__label__{labels[1]} buy cheap watches online click here offer {i}")
     train.write_text("\n".join(lines) + "\n")
-    model = fasttext.train_supervised(input=str(train), epoch=5, wordNgrams=2, thread=1, seed=1,
-                                      bucket=100000, lr=0.05, verbose=0)
-    model.save_model(str(path))
+    code = (f"import fasttext; fasttext.train_supervised(input={str(train)!r}, epoch=5, "
+            f"wordNgrams=2, thread=1, seed=1, bucket=100000, lr=0.05, verbose=0)"
+            f".save_model({str(path)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)
     return path
 
 
