@@ -193,6 +193,81 @@ def report(runs: Sequence[PathLike], out: PathLike | None = None, embedder: str 
                         max_points=max_points)
 
 
+def train_classifier(out: PathLike, kind: str = "fasttext",
+                     positive: Sequence[PathLike] = (), negative: Sequence[PathLike] = (),
+                     pool: PathLike | None = None, label: str | None = None,
+                     rate: str | None = None, rate_model: str = "smollm2-135m-instruct",
+                     rate_sample: float = 1.0, rate_max_tokens: int = 1024,
+                     task: str | None = None, workdir: PathLike | None = None,
+                     device: str | None = None, **config):
+    """Train a quality classifier (`thresher classifier train`): from positive and negative
+    files or pools, or one pool labelled by a rule (`label="source=gsm8k"`, "score>=3") or by LM
+    ratings on a rubric (`rate="edu"`). `config`: part, holdout, seed, threshold, embedder,
+    hidden, epochs, lr, ngrams, bucket (`pipeline/training/classifier.ClassifierConfig`).
+    Returns the `ClassifierInfo` also written to OUT/classifier.json (held-out accuracy, AUC,
+    the training data's fingerprints)."""
+    from dataclasses import replace
+
+    from thresher.pipeline.io.outputs import check_outputs
+    from thresher.pipeline.models.resolve import check_device, pick_device
+    from thresher.pipeline.training.classifier import ClassifierConfig
+    from thresher.pipeline.training.classifier import train_classifier as fit
+
+    check_device(device)
+    positive, negative = [Path(p) for p in positive or ()], [Path(n) for n in negative or ()]
+    pool = Path(pool) if pool else None
+    check_outputs([], [*positive, *negative, *([pool] if pool else [])], dir_outputs=[Path(out)])
+    plain_rating = rate is not None and (label is None or label.strip() in ("rating",))
+    cfg = ClassifierConfig(kind=kind, task=task or ("regression" if plain_rating else "binary"),
+                           device=pick_device(device), **config)
+    cfg.check()
+    sets, rubric_threshold, store = _labelled_sets(
+        positive, negative, pool, label, rate, rate_model, rate_sample, rate_max_tokens,
+        config.get("seed", 0), device, workdir)
+    if cfg.threshold is None and rubric_threshold is not None and cfg.task == "regression":
+        cfg = replace(cfg, threshold=rubric_threshold)
+    return fit(sets, Path(out), cfg, store)
+
+
+def _labelled_sets(positive, negative, pool, label, rate, rate_model, rate_sample, max_tokens,
+                   seed, device, workdir):
+    """The labelled inputs and, with --rate, the rubric's threshold."""
+    from thresher.pipeline.artifacts import ArtifactStore
+    from thresher.pipeline.io.pool import Pool
+    from thresher.pipeline.select import default_workdir
+    from thresher.pipeline.training.labels import from_files, from_rule
+
+    if (positive or negative) and pool:
+        raise ValueError("give --positive/--negative inputs, or --pool with --label or --rate, "
+                         "not both")
+    if positive or negative:
+        if label or rate:
+            raise ValueError("--label and --rate go with --pool")
+        store = ArtifactStore(workdir or default_workdir(Path(positive[0] if positive else negative[0])))
+        return from_files(list(positive or []), list(negative or [])), None, store
+    if pool is None:
+        raise ValueError("give --positive and --negative (files or pools), or --pool with "
+                         "--label RULE or --rate RUBRIC")
+    p = Pool(pool)
+    store = ArtifactStore(workdir or default_workdir(p.path))
+    if not rate:
+        if not label:
+            raise ValueError("--pool needs --label RULE (e.g. 'source=gsm8k', 'quality_label', "
+                             "'score>=3') or --rate RUBRIC")
+        return from_rule(p, label), None, store
+    from thresher.pipeline.models.resolve import pick_device
+    from thresher.pipeline.models.rubrics import load_rubric
+    from thresher.pipeline.plan import run_stage
+    from thresher.pipeline.stages.ratings import LmRatings
+
+    stage = LmRatings(model=rate_model, rubric=rate, sample=rate_sample, seed=seed,
+                      max_tokens=max_tokens)
+    ratings = run_stage(stage, p, store, pick_device(device))
+    extra = ratings.frame()
+    return (from_rule(p, label or "rating", extra, f"{ratings.fingerprint}"),
+            load_rubric(rate).threshold, store)
+
+
 def methods(name: str | None = None) -> list[dict]:
     """Every method (or one): its summary, cost, typed parameters and needed stages."""
     from thresher.pipeline.registry import describe

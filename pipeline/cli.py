@@ -22,6 +22,11 @@ from thresher.pipeline.models.resolve import MissingPackage, check_device
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Select and curate LLM training data.")
 
+
+classifier_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                              help="Quality classifiers: train one from examples or LM ratings.")
+app.add_typer(classifier_app, name="classifier")
+
 # Errors a user or the environment causes: one line on stderr, exit code 2. Anything else is a
 # bug and keeps its traceback (KeyError, TypeError, AssertionError... are never caught here).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,
@@ -481,6 +486,66 @@ def methods(
                 typer.echo(f"    {flag:<50} {prm['type']:<24} {prm['help']}")
     if not name:
         typer.echo("\n`thresher methods NAME` shows a method's parameters and needs; --json for programs.")
+
+
+@classifier_app.command("train")
+def classifier_train(
+    out: Annotated[Path, typer.Option("--out", help="Classifier directory to write (model + classifier.json).")],
+    kind: Annotated[str, typer.Option("--kind", help="fasttext (DCLM's recipe) | head (a linear or MLP head on embeddings).")] = "fasttext",
+    positive: Annotated[list[Path] | None, typer.Option("--positive", help="Positive examples: a file or a pool; repeatable.")] = None,
+    negative: Annotated[list[Path] | None, typer.Option("--negative", help="Negative examples: a file or a pool; repeatable.")] = None,
+    pool: Annotated[Path | None, typer.Option("--pool", help="One pool, labelled by --label or rated by --rate.")] = None,
+    label: Annotated[str | None, typer.Option("--label", help="FIELD (0/1 or a number), FIELD>=X (or >, <=, <), FIELD=A,B or FIELD!=A,B; FIELD: source, kind, an original field, or (with --rate) rating, complexity, quality.")] = None,
+    rate: Annotated[str | None, typer.Option("--rate", help="Label --pool with LM ratings on this rubric: edu | deita | deita-raw | a rubric file.")] = None,
+    rate_model: Annotated[str, typer.Option("--rate-model", help="The rating causal LM.")] = "smollm2-135m-instruct",
+    rate_sample: Annotated[float, typer.Option("--rate-sample", help="Rate this seeded fraction of the pool.")] = 1.0,
+    rate_max_tokens: Annotated[int, typer.Option("--rate-max-tokens", help="Rating prompt length cap.")] = 1024,
+    task: Annotated[str | None, typer.Option("--task", help="binary | regression (default: regression for --rate with a plain rating, else binary).")] = None,
+    part: Annotated[str, typer.Option("--part", help="Text of a row: conversation | response | first_user.")] = "conversation",
+    threshold: Annotated[float | None, typer.Option("--threshold", help="The cut stored with the model (default for --rate: the rubric's).")] = None,
+    holdout: Annotated[float, typer.Option("--holdout", help="Fraction held out for accuracy / AUC.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed for the split, the rating sample and the fit.")] = 0,
+    embedder: Annotated[str, typer.Option("--embedder", help="head: the sentence embedder.")] = "all-minilm-l6-v2",
+    hidden: Annotated[int, typer.Option("--hidden", help="head: 0 = linear, else one hidden layer of this size.")] = 0,
+    epochs: Annotated[int, typer.Option("--epochs", help="fastText epochs.")] = 5,
+    lr: Annotated[float, typer.Option("--lr", help="fastText learning rate.")] = 0.1,
+    ngrams: Annotated[int, typer.Option("--ngrams", help="fastText word n-grams.")] = 2,
+    bucket: Annotated[int, typer.Option("--bucket", help="fastText n-gram hash buckets (the model file is about bucket x 400 bytes).")] = 2_000_000,
+    workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
+):
+    """Train a quality classifier; print and store its held-out accuracy and AUC."""
+    from thresher.pipeline import api
+
+    try:
+        info = api.train_classifier(
+            out, kind, positive or (), negative or (), pool, label, rate, rate_model,
+            rate_sample, rate_max_tokens, task, workdir, device, part=part, holdout=holdout,
+            seed=seed, threshold=threshold, embedder=embedder, hidden=hidden, epochs=epochs,
+            lr=lr, ngrams=ngrams, bucket=bucket)
+    except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
+        _fail(e)
+    for line in _classifier_summary(info, out):
+        typer.echo(line)
+
+
+def _classifier_summary(info, out: Path) -> list[str]:
+    h = info.metrics["held_out"]
+    counts = info.training["counts"]
+    rows = (f"{counts['positive']} positive, {counts['negative']} negative" if info.task == "binary"
+            else f"{counts['rows']} rows, labels {counts['min']:g}..{counts['max']:g}")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    parts = [f"accuracy {fmt(h.get('accuracy'))}", f"AUC {fmt(h.get('auc'))}"]
+    if info.task == "regression":
+        parts = [f"MSE {fmt(h['mse'])}", f"Spearman {fmt(h['spearman'])}"] + \
+            ([f"at >= {h['cut']:g}: " + ", ".join(parts)] if "cut" in h else [])
+    lines = [(f"trained a {info.kind} {info.task} classifier on {rows} "
+             f"({info.training['config']['part']} text) in {info.training['seconds']:.1f}s")]
+    for where, n in info.training.get("unreadable", {}).items():
+        lines.append(f"  {where}: {n} rows without text left out")
+    lines.append(f"held-out ({h['rows']} rows): " + ", ".join(parts))
+    lines.append(f"-> {out} (metrics and training fingerprints in {out / 'classifier.json'})")
+    return lines
 
 
 @app.command()

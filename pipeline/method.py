@@ -83,6 +83,13 @@ class Method:
     def needs(self, p: Any, req: Request) -> dict[str, Stage]:
         return {}
 
+    def tokenizer(self, p: Any) -> str:
+        """The model whose tokenizer counts this selection's tokens: the method's causal LM
+        (its `model` parameter), or the default LM when `model` names something else."""
+        from thresher.pipeline.models.resolve import DEFAULT_LM
+
+        return getattr(p, "model", DEFAULT_LM)
+
     def score(self, p: Any, inputs: Inputs) -> pl.DataFrame:
         raise NotImplementedError
 

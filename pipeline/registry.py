@@ -36,6 +36,8 @@ METHODS: dict[str, str] = {
     "langid": "thresher.scoring.langid:LangIdMethod",
     "fuzzy-dedup": "thresher.scoring.fuzzy_dedup:FuzzyDedupMethod",
     "decontaminate": "thresher.scoring.decontaminate:DecontaminateMethod",
+    "classifier": "thresher.scoring.classifier:ClassifierMethod",
+    "lm-rating": "thresher.scoring.lm_rating:LmRatingMethod",
 }
 
 # What `thresher select --target F` runs when no --method is given: the combination that won

@@ -30,7 +30,7 @@ from thresher.pipeline.io.outputs import OutputSet, check_outputs
 from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.io.writers import FORMATS, HF_DATA, manifest_path, write_selection
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models.resolve import DEFAULT_LM, pick_device
+from thresher.pipeline.models.resolve import pick_device
 from thresher.pipeline.params import parse_params
 from thresher.pipeline.plan import Plan, make_plan
 from thresher.pipeline.stage import Stage, StageStats
@@ -80,7 +80,7 @@ def prepare(pool: Pool, method: str, params: dict | None = None, selector: str |
         raise ValueError(f"--method {method} needs --target FILE (repeat --target for several tasks)")
     needs = dict(impl.needs(p, req))
     if count_tokens:    # token budgets need per-row counts: the tokenizer only, no weights
-        needs["tokens"] = TokenCounts(tokenizer=getattr(p, "model", DEFAULT_LM))
+        needs["tokens"] = TokenCounts(tokenizer=impl.tokenizer(p))
     plan = make_plan(needs.values(), req.device)
     return Prepared(impl, p, choice.selector_cls, choice.selector_params, req, needs, plan)
 
@@ -293,7 +293,7 @@ class _Tally:
         self.by_source: dict[str, int] = {}
         self.n_tokens = self.n_loss = 0
         self.tok = None if "n_tokens" in inputs.candidates.columns else \
-            load_tokenizer(resolve(getattr(prep.params, "model", DEFAULT_LM)))
+            load_tokenizer(resolve(prep.method.tokenizer(prep.params)))
 
     def add(self, row: dict) -> None:
         from thresher.pipeline.models.chat import encode
@@ -308,7 +308,7 @@ class _Tally:
 
 def _selected_tokens(prep: Prepared, inputs: Inputs, chosen: pl.DataFrame, tally: _Tally) -> dict:
     """Tokens of the selected rows, by the tokenizer only (never model weights)."""
-    name = getattr(prep.params, "model", DEFAULT_LM)
+    name = prep.method.tokenizer(prep.params)
     if "n_tokens" in inputs.candidates.columns:
         picked = chosen.select("id").join(inputs.candidates, on="id", how="left")
         n_tokens, n_loss = picked["n_tokens"].sum(), picked["n_loss_tokens"].sum()

@@ -4,7 +4,7 @@
     thresher select POOL --method quality-rules --annotate-only --out values.parquet
     thresher select POOL --method quality-rules --param min_doc_words=100 --param filters=gopher_quality,c4 ...
 
-The `QualityValues` stage (pipeline/stages/quality.py) measures every rule's value per row,
+The `QualityValues` stage (pipeline/stages/rule_values.py) measures every rule's value per row,
 cached per shard; this method compares them with typed thresholds whose defaults are the
 published ones (DataTrove's classes, FineWeb's pipeline), so a threshold change recomputes
 nothing. A row is kept when it fails no rule; `reason` names the first failing rule in
@@ -43,7 +43,7 @@ import polars as pl
 from thresher.pipeline.filtering import Rule, apply_rules
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.params import parse_params
-from thresher.pipeline.stages.quality import QualityValues
+from thresher.pipeline.stages.rule_values import QualityValues
 from thresher.pipeline.stages.text_rules import STOP_WORDS
 from thresher.selectors.keep_flag import KeepFlag
 

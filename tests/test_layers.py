@@ -21,6 +21,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("selectors", ("selectors",)),
     ("training", ("pipeline.training",)),
     ("stages", ("pipeline.stages",)),
+    # training a quality classifier embeds its examples with the embedding stage
+    ("classifier training", ("pipeline.training.classifier",)),
     ("methods", ("scoring",)),
     ("registry", ("pipeline.registry",)),
     ("select", ("pipeline.select", "pipeline.recipe")),

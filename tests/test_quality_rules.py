@@ -9,7 +9,7 @@ import random
 import polars as pl
 import pytest
 from thresher.pipeline.stages.ngrams import NGrams
-from thresher.pipeline.stages.quality import QualityValues
+from thresher.pipeline.stages.rule_values import QualityValues
 from thresher.pipeline.stages.text_rules import _offsets, duplicated_ngram_chars, top_ngram_chars
 from thresher.pipeline.stages.words import Words
 from thresher.scoring.quality_rules import QualityRulesParams, effective, rules_for, stage_for

@@ -14,6 +14,7 @@ appear when their data exists; what each reads (RUN arguments: see `report_data.
 | Filter rules | a filter method's per-rule counts (`config.method.rules`, `pipeline/filtering.py`) and its score frame's `keep`, `reason` and value columns: counts table, each threshold rule's histogram with its cut, seeded removed rows and the kept rows nearest each threshold (`report/rules.py`) |
 | Clusters | the map's cluster labels vs selected rows; a method's `cluster_table` (list of {cluster, size, and any of budget, selected, degradation, label}; `cluster_table_kind`: "capability" for PASER, "trajectory" for S2L) |
 | Near-duplicate clusters | a fuzzy-dedup selection's decisions (dup_cluster_id, dup_cluster_size, dup_kept, keep) and its clusters stage's `pairs.parquet` (`pipeline/report/dedup.py`) |
+| Quality | for a cut on a quality score (`quality_score`, `rating` in the score frame): rows at the top, on both sides of the cut and at the bottom, with their text (`report/quality.py`) |
 | Examples | the sidecar's first and last ranks, with reasons; row text from the pool |
 | Comparison | with two or more selections: overlaps of sidecar ids; `budget`, `tokens.selected`, cost from `stages` (sum of seconds and flops; `timings.total` otherwise), verify losses |
 | Verify | `verify.json` (runs, evals: loss, ppl, exact_match), `runs/<name>/train_log.jsonl` |
@@ -73,11 +74,12 @@ def write_report(runs: list[Path], out: Path, *, embedder: str | None = None,
     ctx = ReportContext(selections, verifies, embedder, compute_embeddings,
                         max_points or MAX_POINTS)
     from thresher.pipeline.report.dedup import dedup_section
+    from thresher.pipeline.report.quality import quality_section
     from thresher.pipeline.report.rules import rules_section
 
     parts = [s for s in (funnel_section(ctx), map_section(ctx), scores_section(ctx),
-                         rules_section(ctx), dedup_section(ctx), clusters_section(ctx),
-                         examples_section(ctx), comparison_section(ctx),
+                         rules_section(ctx), dedup_section(ctx), quality_section(ctx),
+                         clusters_section(ctx), examples_section(ctx), comparison_section(ctx),
                          verify_section(ctx), manifest_section(ctx)) if s is not None]
     names = ", ".join(s.name for s in selections) or "verify"
     title = f"thresher report: {names}"
