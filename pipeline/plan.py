@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import ArtifactStore
+from thresher.pipeline.io.cachefiles import cache_guard
 from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.progress import stage_bar
 from thresher.pipeline.stage import Stage, StageRun, StageStats, shard_done
@@ -56,7 +57,7 @@ class Plan:
                 lines.append(f"{i}. {stage.describe()}: to run (after its inputs)")
                 continue
             if stage.done(run):
-                outputs[stage] = stage.load(run)
+                outputs[stage] = _load(run)
                 lines.append(f"{i}. {stage.describe()}: cached ({run.dir.dir})")
             elif stage.per_shard:
                 have = sum(shard_done(run, s) is not None for s in run.pool.shards)
@@ -72,7 +73,7 @@ class Plan:
         for stage in self.stages:
             run = self._run_for(stage, pool, store, outputs)
             st = _run_stage(run, executor)
-            outputs[stage] = stage.load(run)
+            outputs[stage] = _load(run)
             stats.append(st)
         return outputs, stats
 
@@ -98,7 +99,32 @@ def make_plan(needs: Iterable[Stage], device: str = "cpu") -> Plan:
     return Plan(order, roots, device)
 
 
+def _cached_files(run: StageRun) -> list:
+    """What a stage reads of the cache: its own artifact directory, its shard files for this
+    pool, and its dependencies' artifact directories."""
+    paths = [run.dir.dir]
+    if run.stage.per_shard and run.shard_dir().is_dir():
+        names = {run.shard_prefix(s).name for s in run.pool.shards}
+        paths += [f for f in run.shard_dir().iterdir() if f.name.split(".")[0] in names]
+    return paths + artifact_dirs(run.deps.values())
+
+
+def artifact_dirs(outputs) -> list:
+    """The artifact directories of stage outputs (those that carry one)."""
+    return [o.dir.dir for o in outputs if hasattr(getattr(o, "dir", None), "dir")]
+
+
+def _load(run: StageRun) -> Any:
+    with cache_guard(lambda: _cached_files(run), run.store.root):
+        return run.stage.load(run)
+
+
 def _run_stage(run: StageRun, executor) -> StageStats:
+    with cache_guard(lambda: _cached_files(run), run.store.root):
+        return _compute(run, executor)
+
+
+def _compute(run: StageRun, executor) -> StageStats:
     stage = run.stage
     st = StageStats(stage=stage.kind, config=stage.key_config(), device=run.device,
                     rows_in=run.pool.n_rows)
@@ -158,7 +184,7 @@ def run_one(plan: Plan, index: int, pool: Pool, store: ArtifactStore, executor) 
     outputs: dict[Stage, Any] = {}
     for s in plan.stages[:index]:
         if s in needed:
-            outputs[s] = s.load(plan._run_for(s, pool, store, outputs))
+            outputs[s] = _load(plan._run_for(s, pool, store, outputs))
     return _run_stage(plan._run_for(stage, pool, store, outputs), executor)
 
 

@@ -44,6 +44,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir, atomic_path, config_key, file_fingerprint
+from thresher.pipeline.io.memmap import reserved_memmap
 from thresher.pipeline.models.grads import DEFAULT_GRAD_TOKENS
 from thresher.pipeline.stage import Resources, Stage, StageRun
 
@@ -367,7 +368,7 @@ def _concat(files: list[Path], out: ArtifactDir, name: str, d: int) -> None:
     """Shard matrices -> one float16 [N, d] .npy in pool order, streamed (never all in memory)."""
     n = sum(np.load(f, mmap_mode="r").shape[0] for f in files)
     with out.writing(name) as tmp:
-        dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
+        dest = reserved_memmap(tmp, np.float16, (n, d))
         at = 0
         for f in files:
             block = np.load(f, mmap_mode="r")
