@@ -31,7 +31,12 @@ def read_shard(shard: Path, columns: list[str]) -> list[dict]:
 
 def compute_shard(run: StageRun, shard: Path, worker) -> int:
     """The per-shard unit every executor runs: read the shard, run the stage, write its files."""
-    rows = read_shard(shard, run.stage.columns())
+    try:
+        rows = read_shard(shard, run.stage.columns())
+    except OSError:
+        run.pool.check_unchanged()   # a shard gone mid-read: the pool was replaced
+        raise
+    run.pool.check_unchanged()   # never cache a replaced pool's rows under this pool's shard key
     write_shard(run, shard, run.stage.run_shard(worker, rows))
     return len(rows)
 

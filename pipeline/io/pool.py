@@ -14,11 +14,19 @@ every pool it is part of (per-shard stage caches then reuse its artifacts). With
 ingesting over an existing pool copies the shards and quarantine entries of every input whose
 path and sha256 are unchanged instead of reading it again, and reports the inputs that are gone
 (`IngestReport.reused`, `.removed`): incremental curation of a folder that grows.
+
+Which files are read is `inputs.py`'s (each once, every file not read listed in pool.json's
+`skipped_files`); pool.json's checks are `poolfile.py`'s; rows no chat template can render are
+quarantined (`models/chat.py: RenderCheck`). This module is longer than most (~600 lines)
+because it is both sides of one on-disk format, the reader (`Pool`) and the writer (`ingest`),
+whose invariants (shard entries, counts, fingerprints) must change together; every command and
+many modules import both from here.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
@@ -33,12 +41,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import file_fingerprint, write_json_atomic
-from thresher.pipeline.io.outputs import check_outputs, clean_stale, replace_dir, temp_name
-from thresher.pipeline.io.readers import expand_inputs, read_records
+from thresher.pipeline.io.guard import check_outputs, is_pool, write_error
+from thresher.pipeline.io.inputs import Found, walk_inputs
+from thresher.pipeline.io.outputs import clean_stale, replace_dir, temp_name
+from thresher.pipeline.io.poolfile import file_stamp, read_pool_json
+from thresher.pipeline.io.readers import file_type, read_records
 from thresher.pipeline.io.schema import POOL_SCHEMA, SHAPES, RowError, detect_shape, to_canonical
 
 FORMAT_VERSION = 2  # 2: per-shard entries {"name", "rows", "bytes", "sha256"} in pool.json
-READABLE_VERSIONS = (1, 2)
 SNIPPET = 300
 
 
@@ -57,22 +67,25 @@ class Pool:
         if not manifest.is_file():
             what = "no such directory" if not self.path.exists() else "no pool.json"
             raise FileNotFoundError(f"{self.path}: not a pool ({what}); run `thresher ingest` first")
-        try:
-            self.info = json.loads(manifest.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{manifest}: unreadable ({e}); re-run `thresher ingest`") from None
-        version = self.info.get("format_version") if isinstance(self.info, dict) else None
-        if version not in READABLE_VERSIONS:
-            raise ValueError(
-                f"{manifest}: pool format version {version!r} is not one this thresher reads "
-                f"({', '.join(map(str, READABLE_VERSIONS))}); re-run `thresher ingest` with this "
-                "version (or upgrade thresher)")
-        # version 1 listed shard names only
-        self.entries = [{"name": e} if isinstance(e, str) else e for e in self.info["shards"]]
+        self._stamp = file_stamp(manifest)
+        self.info = read_pool_json(self.path)
+        self.entries = self.info["shards"]
         self.shards = [self.path / "shards" / e["name"] for e in self.entries]
         self._by_path = {str(p): e for p, e in zip(self.shards, self.entries)}
         self._hashes_checked = False
         self._check_layout()
+
+    def check_unchanged(self) -> None:
+        """ValueError when the pool was replaced (re-ingested) since this object opened it: the
+        rows read so far and those still to read would come from two different pools."""
+        if file_stamp(self.path / "pool.json") != self._stamp:
+            raise ValueError(f"{self.path}: the pool changed while this command ran (another "
+                             "`thresher ingest` replaced it); nothing was written: run the "
+                             "command again")
+
+    def input_files(self) -> list[Path]:
+        """The files this pool was ingested from (the user's data: never an output)."""
+        return [Path(i["path"]) for i in self.info["inputs"]]
 
     def _check_layout(self) -> None:
         for shard, entry in zip(self.shards, self.entries):
@@ -96,6 +109,7 @@ class Pool:
             return
         for shard, entry in zip(self.shards, self.entries):
             if "sha256" in entry and file_fingerprint(shard) != entry["sha256"]:
+                self.check_unchanged()
                 raise ValueError(f"{shard}: content differs from pool.json's sha256: the shard "
                                  "was changed after ingest; re-run ingest")
         self._hashes_checked = True
@@ -126,7 +140,19 @@ class Pool:
     def frame(self, columns: list[str] | None = None) -> pl.DataFrame:
         """Columns of every row, in pool order (row index = position)."""
         lf = self.scan()
-        return (lf.select(columns) if columns else lf).collect()
+        with self._reading():
+            out = (lf.select(columns) if columns else lf).collect()
+        self.check_unchanged()
+        return out
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A shard that vanished or broke mid-read: first, was the whole pool replaced?"""
+        try:
+            yield
+        except (OSError, pa.ArrowException, pl.exceptions.ComputeError):
+            self.check_unchanged()
+            raise
 
     def meta_field(self, name: str) -> pl.Series:
         """One original field (a top-level key of `meta`) for every row, as strings."""
@@ -135,14 +161,21 @@ class Pool:
     def iter_rows(self, columns: list[str] | None = None, batch_rows: int = 1024) -> Iterator[dict]:
         self.verify_contents()
         for shard in self.shards:
-            for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=columns):
+            with self._reading():
+                batches = list(pq.ParquetFile(shard).iter_batches(batch_size=batch_rows,
+                                                                  columns=columns))
+            self.check_unchanged()
+            for batch in batches:
                 yield from batch.to_pylist()
 
     def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[str, list[dict]]]:
         """(shard name, rows) per shard: the unit at which stages cache and resume."""
         self.verify_contents()
         for shard in self.shards:
-            yield shard.stem, pq.read_table(shard, columns=columns).to_pylist()
+            with self._reading():
+                table = pq.read_table(shard, columns=columns)
+            self.check_unchanged()
+            yield shard.stem, table.to_pylist()
 
     def iter_selected(self, ids: list[str]) -> Iterator[tuple[np.ndarray, pa.Table]]:
         """Shard by shard (one in memory at a time), the rows of `ids` the shard holds, in pool
@@ -154,7 +187,9 @@ class Pool:
         found = np.zeros(len(ids), dtype=bool)
         self.verify_contents()
         for shard in self.shards:
-            table = pq.read_table(shard)
+            with self._reading():
+                table = pq.read_table(shard)
+            self.check_unchanged()
             pos = pc.index_in(table["id"], value_set=wanted)
             keep = pc.is_valid(pos)
             if not pc.any(keep).as_py():
@@ -168,13 +203,16 @@ class Pool:
             found[at] = True
             yield at, table.filter(keep)
         if not found.all():
+            self.check_unchanged()
             missing = [ids[i] for i in np.flatnonzero(~found)[:3]]
             raise KeyError(f"{int((~found).sum())} ids not in pool {self.path}, e.g. {missing}")
 
     def rows(self, ids: list[str]) -> list[dict]:
         """Full canonical rows for `ids`, in the order given."""
         wanted = pl.Series("id", ids, dtype=pl.String)
-        found = self.scan().filter(pl.col("id").is_in(wanted.implode())).collect()
+        with self._reading():
+            found = self.scan().filter(pl.col("id").is_in(wanted.implode())).collect()
+        self.check_unchanged()
         by_id: dict[str, dict] = {}
         for r in found.to_dicts():
             if r["id"] in by_id:  # only pools from before ids were made unique can have this
@@ -207,6 +245,7 @@ class IngestReport:
     inputs: list[InputReport] = field(default_factory=list)
     duplicate_ids: int = 0
     removed: list[dict] = field(default_factory=list)   # inputs of the previous pool now gone
+    skipped: list[dict] = field(default_factory=list)   # files found and not read: path, reason
 
     @property
     def reused(self) -> list[str]:
@@ -287,6 +326,28 @@ def load_rows(path: Path | str, shape: str | None = None, encoding: str | None =
         raise ValueError(f"{path}: no usable rows ({len(bad)} quarantined"
                          + (f", e.g. {bad[0]['location']}: {bad[0]['reason']})" if bad else ")"))
     return rows, bad
+
+
+def check_rows_file(path: Path | str, option: str, shape: str | None = None) -> None:
+    """Fail before any work when `path` (a target set, an eval set, a subset) is missing, not a
+    readable file, or holds no usable row; reads only up to its first usable row."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory; give a file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"{option} {path}: {what}")
+    file_type(path)
+    bad, file_shape = [], shape
+    for where, rec, err in read_records(path):
+        if err is None:
+            row_shape, file_shape = _row_shape(rec, shape, file_shape)
+            try:
+                _convert(rec, row_shape, path)
+                return
+            except RowError as e:
+                err = str(e)
+        bad.append(f"{where}: {err}")
+    detail = f"{len(bad)} unusable, e.g. {bad[0]}" if bad else "the file is empty"
+    raise ValueError(f"{option} {path}: no usable rows ({detail})")
 
 
 def _id_key(rid: str) -> bytes:
@@ -406,6 +467,17 @@ class _Run:
         self.shards = _ShardWriter(tmp / "shards", rows_per_shard)
         self.prev_inputs, self.prev_quarantine = (_previous(out, shape, rows_per_shard)
                                                   if reuse else ({}, {}))
+        self._render = None
+
+    def unrenderable(self, row: dict) -> str | None:
+        """Why the default chat template cannot render a chat row (quarantined), or None."""
+        if row["kind"] != "chat":
+            return None
+        if self._render is None:
+            from thresher.pipeline.models.chat import RenderCheck
+
+            self._render = RenderCheck.default()
+        return self._render.check(row["messages"])
 
     def close(self) -> None:
         self.qf.close()
@@ -441,6 +513,7 @@ class _Run:
                     shapes_seen.add(row_shape)
                 try:
                     row = _convert(rec, row_shape, path)
+                    err = self.unrenderable(row)
                 except RowError as e:
                     err = str(e)
             if err is not None:
@@ -462,11 +535,14 @@ class _Run:
 
 
 def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_shard: int = 10_000,
-           progress=None, reuse: bool = False, encoding: str | None = None) -> IngestReport:
+           progress=None, reuse: bool = False, encoding: str | None = None,
+           exclude: list[Path] = (), cache: bool = False) -> IngestReport:
     """Read every source file into a new pool at `out` (replacing a pool already there, never
     anything else, and never a directory this ingest reads from).
 
-    reuse: copy what an unchanged input gave the pool already at `out` instead of reading it."""
+    reuse: copy what an unchanged input gave the pool already at `out` instead of reading it.
+    exclude: paths never read (a recipe's own outputs); like `out`, listed as skipped.
+    cache: `out` is in a stage's own artifact directory (a target set's pool, `TargetPool`)."""
     if shape is not None and shape not in SHAPES:
         raise ValueError(f"unknown format {shape!r}; expected one of {', '.join(SHAPES)}")
     if rows_per_shard < 1:
@@ -477,7 +553,7 @@ def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_sh
         except LookupError:
             raise ValueError(f"--encoding {encoding!r}: unknown encoding") from None
     out = Path(out)
-    files = _inputs_outside(expand_inputs([Path(s) for s in sources]), sources, out)
+    found = _inputs_outside(sources, out, exclude, cache)
     if out.exists() and not (out.is_dir() and (out / "pool.json").exists()):
         raise FileExistsError(f"{out} exists and is not a pool; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -487,39 +563,44 @@ def ingest(sources: list[Path], out: Path, shape: str | None = None, rows_per_sh
         (tmp / "shards").mkdir(parents=True)
         run = _Run(tmp, out, shape, encoding, rows_per_shard, progress, reuse)
         try:
-            report = _ingest_into(files, run, tmp, out, shape, rows_per_shard)
+            report = _ingest_into(found, run, tmp, out, shape, rows_per_shard)
         finally:
             run.close()
         replace_dir(tmp, out, lambda d: (d / "pool.json").exists())
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # Ctrl-C included: no temporary left behind
+        named = write_error(e, out) if isinstance(e, OSError) else e
+        if named is not e:
+            raise named from e
         raise
     return report
 
 
-def _inputs_outside(files: list[Path], sources: list[Path], out: Path) -> list[Path]:
-    """The input files minus an earlier version of the output pool found inside an input
-    directory (so `ingest data --out data/pool` can be rerun); refuses an output that would
-    replace an input or land inside an input pool."""
+def _inputs_outside(sources: list[Path], out: Path, exclude, cache: bool = False) -> Found:
+    """The input files, never the output pool (an earlier version of it inside an input
+    directory is skipped, so `ingest data --out data/pool` can be rerun) nor `exclude`;
+    refuses an output that would replace an input or land inside a pool or a cache."""
     real_out = Path(os.path.realpath(out))
     named = [Path(s) for s in sources if Path(s).exists()]
     for src in named:
         real = Path(os.path.realpath(src))
-        if real.is_relative_to(real_out):
+        # a file inside the pool being replaced (a glob's match: its pool.json, quarantine) is
+        # skipped by the walk instead; anything else inside --out would be lost with it
+        if real == real_out or (real.is_relative_to(real_out) and not is_pool(real_out)):
             raise ValueError(f"--out {out} would replace the input {src}; write the pool elsewhere")
         if real.is_dir() and (real / "pool.json").exists() and real_out.is_relative_to(real):
             raise ValueError(f"--out {out} lies inside the input pool {src}; write it elsewhere")
-    kept = [f for f in files if not Path(os.path.realpath(f)).is_relative_to(real_out)]
-    if not kept:
+    found = walk_inputs([Path(s) for s in sources], exclude=[out, *exclude])
+    if not found.files:
         raise ValueError(f"no input files outside --out {out}")
-    check_outputs([], inputs=kept, dir_outputs=[out])
-    return kept
+    check_outputs([], inputs=found.files, dir_outputs=[out], pools=[out], cache=cache)
+    return found
 
 
-def _ingest_into(files: list[Path], run: _Run, tmp: Path, out: Path, shape, rows_per_shard
+def _ingest_into(found: Found, run: _Run, tmp: Path, out: Path, shape, rows_per_shard
                  ) -> IngestReport:
-    report = IngestReport(pool=str(out), fingerprint="")
-    for path in files:
+    report = IngestReport(pool=str(out), fingerprint="", skipped=found.skipped)
+    for path in found.files:
         report.inputs.append(run.read(path))
     report.duplicate_ids = run.ids.renamed
     content = hashlib.sha256()
@@ -537,6 +618,7 @@ def _ingest_into(files: list[Path], run: _Run, tmp: Path, out: Path, shape, rows
         "declared_format": shape, "rows_per_shard": rows_per_shard,
         "shards": run.shards.entries,
         "inputs": [vars(i) for i in report.inputs],
+        "skipped_files": found.summary(),
     })
     if report.read != report.kept + report.quarantined:  # an invariant: a bug if it fails
         raise AssertionError(f"read {report.read} != kept {report.kept} + quarantined {report.quarantined}")
