@@ -200,7 +200,7 @@ def test_rds_method_end_to_end_on_tiny_model(tmp_path, sample_pool, tiny_lm_dir)
     with pytest.raises(ValueError, match="needs --target"):
         run_select(tmp_path / "pool", "rds", "9", tmp_path / "o3.jsonl", workdir=tmp_path / "w",
                    params={"model": str(tiny_lm_dir)})
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="--target .*nope.jsonl: no such file"):
         run_select(tmp_path / "pool", "rds", "9", tmp_path / "o3.jsonl", workdir=tmp_path / "w",
                    params={"model": str(tiny_lm_dir)}, targets=[str(tmp_path / "nope.jsonl")])
 

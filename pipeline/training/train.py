@@ -47,6 +47,9 @@ from thresher.scoring.qtuning import QTuningConfig, prune_batch, read_masks, sco
 log = logging.getLogger(__name__)
 
 STATE = "state.json"   # + state.safetensors (pipeline/io/safestate.py)
+# what a run writes into OUT (an existing folder holding these is refused unless it is a run's)
+RUN_FILES = ("adapter", "merged", "train.json", "train_log.jsonl", "qtuning.jsonl",
+             "quarantine.jsonl", "checkpoint-*")
 OLD_STATE = "state.pt"  # pickled by thresher before safestate; never loaded
 MEGABATCH = 50
 
@@ -468,14 +471,17 @@ def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
 def train_file(subset: Path | str, out: Path | str, cfg: TrainConfig | None = None,
                **kwargs) -> dict:
     """`train` on a file (any reader format) or pool directory; quarantined rows are counted in
-    the summary and listed in OUT/quarantine.jsonl. OUT may not be or lie inside an input pool,
-    its files may not be inputs, and one run at a time writes it (a second is refused)."""
-    from thresher.pipeline.io.outputs import check_outputs, output_lock
+    the summary and listed in OUT/quarantine.jsonl. OUT passes the output guard (never an input,
+    never in a pool or a cache, no file of another's replaced: pipeline/io/guard.py), and one
+    run at a time writes it (a second is refused)."""
+    from thresher.pipeline.io.guard import check_outputs, check_writes_into
+    from thresher.pipeline.io.outputs import output_lock
 
     out = Path(out)
     inputs = [Path(subset)] + ([Path(kwargs["token_masks"])] if kwargs.get("token_masks") else [])
-    check_outputs([out / n for n in ("train.json", "train_log.jsonl", "quarantine.jsonl",
-                                     "qtuning.jsonl")], inputs=inputs)
+    check_outputs([out / n for n in RUN_FILES if n.endswith((".json", ".jsonl"))], inputs,
+                  [out / "adapter", out / "merged"])
+    check_writes_into(out, RUN_FILES, ("train.json", "train_log.jsonl"))
     rows, bad = load_rows(subset)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out, wait=False):
