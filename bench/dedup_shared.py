@@ -32,7 +32,8 @@ REFERENCE = {"fastchat_dummy_conversation": "82.8% -> 62.6% (largest 137 -> 126)
 def main() -> None:
     import polars as pl
     from thresher.pipeline.artifacts import ArtifactStore
-    from thresher.pipeline.io.pool import Pool, ingest
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.plan import run_stage
     from thresher.pipeline.stages.lsh import MinHashClusters
     from thresher.pipeline.stages.textnorm import row_key

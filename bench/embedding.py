@@ -42,8 +42,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from thresher.pipeline.artifacts import ArtifactStore
-    from thresher.pipeline.io.pool import Pool, ingest
-    from thresher.pipeline.io.readers import expand_inputs
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.inputs import expand_inputs
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.io.schema import row_text
     from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER, load_embedder, resolve
     from thresher.pipeline.stages.embed import embed_pool

@@ -22,7 +22,7 @@ import resource, sys, time
 from pathlib import Path
 t = time.perf_counter()
 if sys.argv[1] == "thresher":
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
     ingest([Path(sys.argv[2])], Path(sys.argv[3]))
 else:
     import json

@@ -31,7 +31,7 @@ from shared_data import SHARED
 
 
 def build(out: Path, n_rows: int, n_targets: int, seed: int = 0) -> tuple[Path, Path]:
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
 
     rng = random.Random(seed)
     rows = []

@@ -9,7 +9,7 @@ Each step runs in a fresh Python process (its peak RSS, `ru_maxrss`, is its own,
 included), on the pipeline's own functions, reading what the previous steps wrote under
 bench/out/pretrain/<N>/work:
 
-    ingest       pipeline.io.pool.ingest of the generated Parquet files (10k-row shards)
+    ingest       pipeline.io.ingest.ingest of the generated Parquet files (10k-row shards)
     signatures   the MinHashSignatures stage (14 x 8, word 5-grams), local executor
     clusters     the MinHashClusters stage: 14 bands one at a time, the 0.7 check, union-find
     fuzzy_e2e    `run_select(..., "fuzzy-dedup", annotate_only=True)` from an empty work
@@ -45,7 +45,7 @@ EVALS = ("gsm8k_test.jsonl", "mbpp_test.jsonl", "t0_p3_heldout.jsonl")
 
 
 def step_ingest(d: Path, work: Path) -> dict:
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
 
     shutil.rmtree(work, ignore_errors=True)
     rep = ingest(sorted((d / "src").glob("*.parquet")), work / "pool", rows_per_shard=10_000)

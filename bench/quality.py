@@ -118,7 +118,7 @@ def build(a, out: Path) -> dict:
         write_jsonl(out / "targets" / f"{fam}.jsonl", [slim(r) for r in rows[:a.targets]])
         write_jsonl(out / "eval" / f"{fam}.jsonl", [slim(r) for r in rows[a.targets:a.targets + a.eval]])
         fams[fam] = {"from": f"{where}/{name}", "targets": a.targets, "eval": a.eval}
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
 
     ingest([out / "rows.jsonl"], out / "pool", rows_per_shard=256)
     info = {"key": key, "pool_rows": len(pool), "held_out_sources": sorted(held_out),

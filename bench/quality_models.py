@@ -50,7 +50,8 @@ def run_cli(*args) -> str:
 
 
 def dclm(a, out: Path) -> dict:
-    from thresher.pipeline.io.pool import Pool, ingest
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.select import run_select
 
     pool_dir = out / "shared-pool"
@@ -89,7 +90,8 @@ def dclm(a, out: Path) -> dict:
 
 
 def speed_pool(a, out: Path):
-    from thresher.pipeline.io.pool import Pool, ingest
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.pool import Pool
 
     pool_dir = out / f"speed-pool-{a.rows}"
     if not (pool_dir / "pool.json").exists():

@@ -6,7 +6,7 @@
 
 Each stage runs in a fresh Python process (so its peak RSS is its own: imports included,
 `ru_maxrss`), on the pipeline's own functions, reading what the previous stages wrote:
-    ingest     pipeline.pool.ingest of the generated JSONL files (streaming, 10k-row shards)
+    ingest     pipeline.io.ingest.ingest of the generated JSONL files (streaming, 10k-row shards)
     exact      scoring.semdedup.exact_duplicates over the pool's conversation texts (streamed)
     kmeans     pipeline.cluster.kmeans on the float16 embeddings, memory-mapped (k = default_k)
     semdedup   scoring.semdedup.semantic_matches within clusters (eps 0.05), exact copies excluded
@@ -46,7 +46,7 @@ def _candidates(pool):
 
 
 def stage_ingest(d: Path, work: Path) -> dict:
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
 
     rep = ingest(sorted((d / "src").glob("*.jsonl")), work / "pool", rows_per_shard=10_000)
     return {"rows": rep.kept, "quarantined": rep.read - rep.kept}

@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from thresher.flows import prefect_env  # noqa: F401  (analytics off before prefect loads)
 from thresher.pipeline.recipe import load_recipe
 from thresher.pipeline.run import (
+    check_recipe,
     describe_step,
     finish,
     ingest_step,
@@ -144,6 +145,7 @@ def recipe_flow(recipe: str, executor: str = "local") -> dict:
     """Run a recipe file: the tasks follow its plan, stage by stage."""
     t_start = time.perf_counter()
     spec = load_recipe(recipe)
+    check_recipe(spec)   # every output, target and eval file, before the first task
     ingested = ingest_task(recipe)
     planned = plan_of(spec)
     stages = [stage_task.with_options(task_run_name=f"stage-{i + 1}-{stage.kind}")(
@@ -168,6 +170,7 @@ def serve(recipe: str, cron: str, executor: str = "local", name: str | None = No
         raise ValueError("thresher serve needs a Prefect server: start one with "
                          "`prefect server start` and set PREFECT_API_URL (see docs/recipes.md)")
     spec = load_recipe(recipe)   # fail now on a bad recipe, not at 3 a.m.
+    check_recipe(spec)
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
@@ -176,9 +179,27 @@ def serve(recipe: str, cron: str, executor: str = "local", name: str | None = No
     except ValidationError:
         raise ValueError(f"--cron {cron!r}: not a cron schedule (e.g. \"0 3 * * *\": "
                          "minute hour day-of-month month day-of-week)") from None
+    check_server(PREFECT_API_URL.value())
 
     recipe_flow.serve(name=name or spec.name, cron=cron, pause_on_shutdown=False,
                       parameters={"recipe": str(Path(recipe).resolve()), "executor": executor})
+
+
+def check_server(url: str, timeout: float = 5.0) -> None:
+    """One line when no Prefect server answers at `url` (PREFECT_API_URL), not a client's
+    hundred-line retry traceback."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            why = f"HTTP {r.status}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        why = str(getattr(e, "reason", e))
+    raise ValueError(f"PREFECT_API_URL={url}: no Prefect server answers ({why}); start one with "
+                     "`prefect server start` or point PREFECT_API_URL at a running one")
 
 
 if __name__ == "__main__":

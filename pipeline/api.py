@@ -23,7 +23,6 @@ line or option; the CLI prints it as `error: ...` and exits 2), the same files.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +77,7 @@ class Selection:
 
 def open_selection(path: PathLike) -> Selection:
     """A subset written earlier by `select` (or a recipe), from its manifest beside it."""
+    from thresher.pipeline.io.manifests import read_manifest
     from thresher.pipeline.io.writers import manifest_path
 
     path = Path(path)
@@ -85,11 +85,7 @@ def open_selection(path: PathLike) -> Selection:
     if not mpath.is_file():
         raise FileNotFoundError(f"{path}: no manifest ({mpath.name}) beside it; not a subset "
                                 "written by thresher")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{mpath}: not a readable manifest ({e})") from None
-    return Selection(path, manifest)
+    return Selection(path, read_manifest(mpath))
 
 
 def ingest(sources: Sequence[PathLike], out: PathLike, format: str | None = None,
@@ -98,7 +94,7 @@ def ingest(sources: Sequence[PathLike], out: PathLike, format: str | None = None
     """Read files or folders into a pool of canonical Parquet shards at `out`; rows that
     cannot be read go to `out/quarantine.jsonl` with file, line and reason. Returns the
     `IngestReport` (read = kept + quarantined, per input file)."""
-    from thresher.pipeline.io.pool import ingest as run_ingest
+    from thresher.pipeline.io.ingest import ingest as run_ingest
 
     return run_ingest([Path(s) for s in sources], Path(out), shape=format,
                       rows_per_shard=rows_per_shard, progress=progress, encoding=encoding)
@@ -120,17 +116,10 @@ def select(pool: PathLike, method: str | None, budget: str | int, out: PathLike,
     check_device(device)
     targets = [Path(t) for t in targets or ()]
     method, params = registry.method_for(method, targets, dict(params or {}))
-    m = run_select(pool, method, budget, Path(out), fmt=format, seed=seed, workdir=workdir,
+    m = run_select(pool, method, budget, out, fmt=format, seed=seed, workdir=workdir,
                    params=params, selector=selector, targets=targets, device=device,
                    executor=executor, ray_address=ray_address, dry_run=dry_run)
-    if dry_run:
-        return m["plan"]
-    if format == "hf":            # the dataset directory's own README.md
-        from thresher.pipeline.io.card import write_card
-        from thresher.pipeline.io.writers import HF_DATA
-
-        write_card(Path(out), m, HF_DATA)
-    return Selection(Path(out), m)
+    return m["plan"] if dry_run else Selection(Path(m["output"]), m)
 
 
 @dataclass
@@ -160,10 +149,10 @@ def annotate(pool: PathLike, method: str | None, out: PathLike, seed: int = 0,
     check_device(device)
     targets = [Path(t) for t in targets or ()]
     method, params = registry.method_for(method, targets, dict(params or {}))
-    m = run_select(pool, method, None, Path(out), fmt="messages", seed=seed, workdir=workdir,
+    m = run_select(pool, method, None, out, fmt="messages", seed=seed, workdir=workdir,
                    params=params, targets=targets, device=device, executor=executor,
                    ray_address=ray_address, dry_run=dry_run, annotate_only=True)
-    return m["plan"] if dry_run else Annotation(Path(out), m)
+    return m["plan"] if dry_run else Annotation(Path(m["output"]), m)
 
 
 def verify(subsets: Sequence[PathLike], evals: Sequence[PathLike], out: PathLike, **kwargs) -> dict:
@@ -172,13 +161,8 @@ def verify(subsets: Sequence[PathLike], evals: Sequence[PathLike], out: PathLike
     report.html; returns the comparison (`["table"]`, `["comparisons"]`, `["runs"]`).
     `kwargs`: pool, full, seed, seeds, cfg (a `TrainConfig`), max_eval, max_new_tokens,
     reference (see `pipeline/training/verify.run_verify`)."""
-    from thresher.pipeline.io.outputs import check_outputs
     from thresher.pipeline.run import verify_with_report
 
-    out = Path(out)
-    check_outputs([out / "verify.json", out / "verify.md"],
-                  inputs=[*map(Path, subsets), *map(Path, evals)] +
-                  ([Path(kwargs["pool"])] if kwargs.get("pool") else []))
     return verify_with_report([Path(s) for s in subsets], [Path(e) for e in evals], Path(out),
                               **kwargs)
 
@@ -189,7 +173,7 @@ def report(runs: Sequence[PathLike], out: PathLike | None = None, embedder: str 
     from thresher.pipeline.report.build import default_out, write_report
 
     runs = [Path(r) for r in runs]
-    return write_report(runs, Path(out) if out else default_out(runs), embedder=embedder,
+    return write_report(runs, out if out else default_out(runs), embedder=embedder,
                         max_points=max_points)
 
 

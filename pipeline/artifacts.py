@@ -43,13 +43,24 @@ def file_fingerprint(path: Path) -> str:
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `final` only if the block succeeds."""
+    """Yield a temporary sibling path; rename it onto `final` only if the block succeeds. A write
+    that fails for the machine's reasons (disk full, file-size limit) is raised naming `final`."""
+    from thresher.pipeline.io.guard import write_error
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as e:
+        named = e
+        if e.filename is not None and Path(e.filename) == tmp:   # name the file being written
+            named = OSError(e.errno, e.strerror, str(final))
+        named = write_error(named, final)
+        if named is e:
+            raise
+        raise named from e
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -103,13 +114,14 @@ class ArtifactDir:
         """Stack per-shard `.npy` matrices (in the order given) into one `.npy` here, streamed
         through a memory map so the whole matrix is never in RAM; returns its shape."""
         import numpy as np
+        from thresher.pipeline.io.memmap import reserved_memmap
 
         arrays = [np.load(p, mmap_mode="r") for p in parts]
         n = sum(a.shape[0] for a in arrays)
         d = arrays[0].shape[1] if arrays else 0
         dtype = arrays[0].dtype if arrays else np.float16
         with self.writing(name) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, d))
+            out = reserved_memmap(tmp, dtype, (n, d))
             at = 0
             for a in arrays:
                 out[at:at + a.shape[0]] = a

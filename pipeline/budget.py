@@ -1,5 +1,10 @@
 """Budgets: how much to select, in rows (`100`), a fraction of the candidates (`10%`), or
-tokens (`50000tok`, counted with the model's tokenizer and chat template)."""
+tokens (`50000tok`, counted with the model's tokenizer and chat template).
+
+A token budget fills: the cut walks down the ranking and takes every row that still fits,
+skipping a row too long for what is left (the next, shorter ones may fit), until no remaining
+row fits. The manifest records the budget beside the tokens selected (`tokens.budget`,
+`tokens.selected`)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|tok|tokens)?\s*$", re.IGNORECASE)
@@ -48,11 +54,32 @@ class Budget:
         return min(n, max(1, int(self.value // mean)))
 
     def cut(self, ranked: pl.DataFrame, candidates: pl.DataFrame) -> pl.DataFrame:
-        """The longest prefix of `ranked` that fits the budget."""
+        """Rows budget: the first rows of `ranked`. Token budget: down the ranking, every row
+        that still fits (see the module doc), in ranked order."""
         if self.kind != "tokens":
             return ranked.head(self.rows(candidates))
         if "n_tokens" not in ranked.columns:
             ranked = ranked.join(candidates.select("id", "n_tokens"), on="id", how="left",
                                  maintain_order="left")
-        fits = ranked["n_tokens"].cum_sum() <= self.value
-        return ranked.filter(fits)
+        if ranked["n_tokens"].null_count():
+            raise ValueError("a token budget needs token counts for every ranked row")
+        return ranked.filter(pl.Series(fill(ranked["n_tokens"].to_numpy(), int(self.value))))
+
+
+def fill(tokens: np.ndarray, budget: int) -> np.ndarray:
+    """Which rows, taken greedily in order, fit `budget`: a row too long for what is left is
+    skipped and the walk goes on; it stops once no later row fits."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    take = np.cumsum(tokens) <= budget            # the prefix that fits: no loop for it
+    start = int(take.argmin()) if not take.all() else len(tokens)
+    left = budget - int(tokens[:start].sum())
+    if start == len(tokens):
+        return take
+    later_min = np.minimum.accumulate(tokens[::-1])[::-1]   # shortest row from i on
+    for i in range(start, len(tokens)):
+        if later_min[i] > left:
+            break
+        if tokens[i] <= left:
+            take[i] = True
+            left -= int(tokens[i])
+    return take

@@ -34,7 +34,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError
 # OSErrors that are the machine's state, not a bug: disk full, quota, read-only file system,
 # permissions, a name too long, too many open files, a missing device.
 ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-              errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.ENODEV, errno.ENXIO}
+              errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.ENODEV, errno.ENXIO,
+              errno.EFBIG, errno.EIO}
 
 
 def user_error_message(e: BaseException) -> str | None:
@@ -79,6 +80,11 @@ def ingest(
             typer.echo(f"  {i.path}: {i.quarantined} of {i.read} rows quarantined", err=True)
     if rep.quarantined:
         typer.echo(f"  reasons and line numbers: {out / 'quarantine.jsonl'}", err=True)
+    if rep.skipped:
+        from thresher.pipeline.io.inputs import describe_skipped
+
+        typer.echo(f"  files: {describe_skipped(rep.skipped)} (listed in {out / 'pool.json'})",
+                   err=True)
     dup = f", {rep.duplicate_ids} duplicate ids renamed (see duplicate_ids.jsonl)" if rep.duplicate_ids else ""
     typer.echo(f"ingested {len(rep.inputs)} files: read {rep.read} = kept {rep.kept} + "
                f"quarantined {rep.quarantined}{dup} -> {out}")
@@ -89,7 +95,7 @@ def select(
     pool: Annotated[Path, typer.Argument(help="Pool directory made by `thresher ingest`.")],
     budget: Annotated[str | None, typer.Option("--budget", help="Rows (100), percent (10%) or tokens (50000tok); not with --annotate-only.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Selection method; see `thresher methods`. With --target and no --method: the measured target default (less: LoRA gradient features, 2 warm-up checkpoints, at most half the budget from one source).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Output file for the subset.")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Output file for the subset (a directory for --format hf).")] = None,
     format: Annotated[str, typer.Option("--format", help="messages|alpaca|sharegpt|parquet|hf (a Hugging Face dataset directory with its card)")] = "messages",
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     workdir: Annotated[Path | None, typer.Option(help="Artifact directory (default: .thresher-work beside the pool).")] = None,
@@ -115,7 +121,7 @@ def select(
                                workdir=workdir, device=device, executor=executor,
                                ray_address=ray_address, dry_run=dry_run)
         else:
-            got = api.select(pool, method, budget, out or Path("-"), format=format, seed=seed,
+            got = api.select(pool, method, budget, out or "-", format=format, seed=seed,
                              params=params, selector=selector, targets=target or (),
                              workdir=workdir, device=device, executor=executor,
                              ray_address=ray_address, dry_run=dry_run)
@@ -130,13 +136,14 @@ def select(
     m = got.manifest
     for line in m["config"]["method"].get("report_lines", []):
         typer.echo(line)
-    c = m["counts"]
+    c, tok = m["counts"], m.get("tokens", {})
     if annotate_only:
         kept = f" ({c['keep']} keep, {c['drop']} drop)" if "keep" in c else ""
         typer.echo(f"annotated {c['scored']} of {c['candidates']} rows{kept} by {method} -> {out} "
                    f"(manifest: {out}.manifest.json) in {m['timings']['total']:.1f}s")
         return
-    typer.echo(f"selected {c['selected']} of {c['candidates']} rows ({m['tokens']['selected']} tokens) "
+    used = f" of a {tok['budget']}-token budget" if "budget" in tok else ""
+    typer.echo(f"selected {c['selected']} of {c['candidates']} rows ({tok['selected']} tokens{used}) "
                f"by {method} -> {out} (manifest: {out}.manifest.json) in {m['timings']['total']:.1f}s")
 
 
@@ -176,15 +183,14 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="Texts per batch.")] = 64,
 ):
     """Embed every row of a pool (cached, resumable per shard) and print the matrix path."""
-    from thresher.pipeline.artifacts import ArtifactStore
     from thresher.pipeline.io.pool import Pool
-    from thresher.pipeline.select import default_workdir
+    from thresher.pipeline.select import open_store
     from thresher.pipeline.stages.embed import embed_pool
 
     try:
         check_device(device)
         p = Pool(pool)
-        store = ArtifactStore(workdir or default_workdir(p.path))
+        store = open_store(workdir, p)
         e = embed_pool(p, store, model, part=part, device=device, batch_size=batch_size)
     except Exception as err:  # noqa: BLE001 - _fail re-raises programming errors
         _fail(err)
@@ -204,16 +210,15 @@ def cluster(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
     """k-means over a pool's embeddings (embedding first if needed); print the artifact paths."""
-    from thresher.pipeline.artifacts import ArtifactStore
     from thresher.pipeline.io.pool import Pool
-    from thresher.pipeline.select import default_workdir
+    from thresher.pipeline.select import open_store
     from thresher.pipeline.stages.cluster import cluster_matrix
     from thresher.pipeline.stages.embed import embed_pool
 
     try:
         check_device(device)
         p = Pool(pool)
-        store = ArtifactStore(workdir or default_workdir(p.path))
+        store = open_store(workdir, p)
         e = embed_pool(p, store, model, part=part, device=device)
         c = cluster_matrix(store, e.matrix(), k, fingerprint=e.fingerprint, niter=niter,
                            seed=seed, spherical=spherical)
@@ -333,7 +338,7 @@ def verify(
 @app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Selection outputs (X.jsonl), verify directories, or a directory of selections.")],
-    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default: X.jsonl.report.html, or DIR/report.html).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="HTML file to write (default: X.jsonl.report.html, or DIR/report.html).")] = None,
     embedder: Annotated[str | None, typer.Option(help="Embedder for the map when no embeddings are cached (default all-minilm-l6-v2).")] = None,
     max_points: Annotated[int, typer.Option(help="Most pool rows drawn on the map (a seeded sample beyond).")] = 5000,
 ):
@@ -350,7 +355,7 @@ def report(
 @app.command("qtuning-masks")
 def qtuning_masks(
     source: Annotated[Path, typer.Argument(help="Pool directory or any input file.")],
-    out: Annotated[Path, typer.Option("--out", help="JSONL of {id, keep, quadrant, ppl, entropy, input_ids, keep_mask}.")],
+    out: Annotated[str, typer.Option("--out", help="JSONL of {id, keep, quadrant, ppl, entropy, input_ids, keep_mask}.")],
     model: Annotated[str | None, typer.Option(help="Causal LM that scores the rows (default smollm2-135m-instruct).")] = None,
     sample_ratio: Annotated[float, typer.Option(help="Q-Tuning sample ratio r_sample.")] = 0.25,
     token_ratio: Annotated[float, typer.Option(help="Q-Tuning token ratio r_token.")] = 0.5,
@@ -359,12 +364,13 @@ def qtuning_masks(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
     """Offline Q-Tuning: base-model EU plane over all rows at once; per-row token keep masks."""
-    from thresher.pipeline.io.outputs import check_outputs
+    from thresher.pipeline.io.guard import check_outputs, file_output
     from thresher.pipeline.io.pool import load_rows
     from thresher.pipeline.training.qtuning import QTuningConfig, write_masks
 
     try:
         check_device(device)
+        out = file_output(out)
         check_outputs([out], inputs=[source])
         rows, bad = load_rows(source)
         if bad:
@@ -430,14 +436,13 @@ def capability_clusters(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
 ):
     """PASER's capability clusters of a pool's instructions; prints the cluster table and the AMI with --label."""
-    from thresher.pipeline.artifacts import ArtifactStore
     from thresher.pipeline.io.pool import Pool
-    from thresher.pipeline.select import default_workdir
+    from thresher.pipeline.select import open_store
     from thresher.pipeline.stages.capability import cluster_table, pool_clusters
 
     try:
         p = Pool(pool)
-        store = ArtifactStore(workdir or default_workdir(p.path))
+        store = open_store(workdir, p)
         cl = pool_clusters(p, store, k=k, algo=algo, neighbours=neighbours, seed=seed, device=device)
         table = cluster_table(p, cl.labels, label=label)
     except Exception as e:  # noqa: BLE001 - _fail re-raises programming errors
@@ -596,8 +601,12 @@ def main() -> None:
     # on a shared CPU (bench/RESULTS.md); passive waiting matched one thread. Set before torch and
     # faiss load; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=os.environ.get("THRESHER_LOG", "WARNING"),
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("THRESHER_LOG", "WARNING").strip().upper() or "WARNING"
+    if not isinstance(logging.getLevelName(level), int):
+        typer.echo(f"error: THRESHER_LOG={os.environ['THRESHER_LOG']!r}: unknown log level; use "
+                   "DEBUG, INFO, WARNING, ERROR or CRITICAL", err=True)
+        sys.exit(2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = app(standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently

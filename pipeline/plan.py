@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from thresher.pipeline.artifacts import ArtifactStore
+from thresher.pipeline.artifacts import ArtifactStore, config_key
+from thresher.pipeline.io.cachefiles import cache_guard
 from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.progress import stage_bar
-from thresher.pipeline.stage import Stage, StageRun, StageStats, Unit, unit_done
+from thresher.pipeline.stage import WHOLE, Stage, StageRun, StageStats, Unit, unit_done
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Plan:
                 lines.append(f"{i}. {stage.describe()}: to run (after its inputs)")
                 continue
             if stage.done(run):
-                outputs[stage] = stage.load(run)
+                outputs[stage] = _load(run)
                 lines.append(f"{i}. {stage.describe()}: cached ({run.dir.dir})")
             else:
                 units = stage.units(run)
@@ -72,7 +73,7 @@ class Plan:
         for stage in self.stages:
             run = self._run_for(stage, pool, store, outputs)
             st = _run_stage(run, executor)
-            outputs[stage] = stage.load(run)
+            outputs[stage] = _load(run)
             stats.append(st)
         return outputs, stats
 
@@ -98,7 +99,33 @@ def make_plan(needs: Iterable[Stage], device: str = "cpu") -> Plan:
     return Plan(order, roots, device)
 
 
+def _cached_files(run: StageRun) -> list:
+    """What a stage reads of the cache: its own artifact directory, its unit files for this
+    pool, and its dependencies' artifact directories."""
+    paths = [run.dir.dir]
+    units = run.store.root / run.stage.kind / config_key(run.stage.key_config()) / "units"
+    if units.is_dir():
+        names = {run.unit_prefix(u).name for u in run.stage.units(run) if u.key != WHOLE}
+        paths += [f for f in units.iterdir() if f.name.split(".")[0] in names]
+    return paths + artifact_dirs(run.deps.values())
+
+
+def artifact_dirs(outputs) -> list:
+    """The artifact directories of stage outputs (those that carry one)."""
+    return [o.dir.dir for o in outputs if hasattr(getattr(o, "dir", None), "dir")]
+
+
+def _load(run: StageRun) -> Any:
+    with cache_guard(lambda: _cached_files(run), run.store.root):
+        return run.stage.load(run)
+
+
 def _run_stage(run: StageRun, executor) -> StageStats:
+    with cache_guard(lambda: _cached_files(run), run.store.root):
+        return _compute(run, executor)
+
+
+def _compute(run: StageRun, executor) -> StageStats:
     stage = run.stage
     st = StageStats(stage=stage.kind, config=stage.key_config(), device=run.device,
                     rows_in=run.pool.n_rows)
@@ -161,7 +188,7 @@ def run_stage_at(plan: Plan, index: int, pool: Pool, store: ArtifactStore, execu
     outputs: dict[Stage, Any] = {}
     for s in plan.stages[:index]:
         if s in needed:
-            outputs[s] = s.load(plan._run_for(s, pool, store, outputs))
+            outputs[s] = _load(plan._run_for(s, pool, store, outputs))
     return _run_stage(plan._run_for(stage, pool, store, outputs), executor)
 
 

@@ -313,6 +313,8 @@ def load_recipe(path: Path | str) -> Recipe:
         update={"eval": [_abs(e, base) for e in recipe.verify.eval]})
     report = recipe.report and recipe.report.model_copy(
         update={"out": _abs(recipe.report.out, Path(_abs(recipe.out, base)))})
+    if report and Path(report.out) == path.resolve():
+        raise RecipeError(f"{path}: report.out is this recipe file; give another file name")
     return recipe.model_copy(update={
         "name": recipe.name or path.stem,
         "out": _abs(recipe.out, base),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 import json
+import os
 import platform
 import sys
 import time
@@ -26,14 +27,29 @@ from thresher.pipeline import registry
 from thresher.pipeline.artifacts import ArtifactStore, write_json_atomic
 from thresher.pipeline.budget import Budget
 from thresher.pipeline.executors import make_executor
-from thresher.pipeline.io.outputs import OutputSet, check_outputs
+from thresher.pipeline.io.cachefiles import cache_guard
+from thresher.pipeline.io.card import write_card
+from thresher.pipeline.io.guard import (
+    check_outputs,
+    check_replace_dir,
+    check_workdir,
+    file_output,
+)
+from thresher.pipeline.io.outputs import OutputSet
 from thresher.pipeline.io.pool import Pool
-from thresher.pipeline.io.writers import FORMATS, HF_DATA, manifest_path, write_selection
+from thresher.pipeline.io.writers import (
+    FORMATS,
+    HF_DATA,
+    HF_OWN,
+    manifest_path,
+    write_selection,
+)
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models.resolve import pick_device
 from thresher.pipeline.params import parse_params
-from thresher.pipeline.plan import Plan, make_plan
+from thresher.pipeline.plan import Plan, artifact_dirs, make_plan
 from thresher.pipeline.stage import Stage, StageStats
+from thresher.pipeline.stages.targets import check_targets
 from thresher.pipeline.stages.tokens import TokenCounts
 
 VERSIONED = ["thresher", "polars", "pyarrow", "numpy", "torch", "transformers", "peft",
@@ -43,6 +59,14 @@ VERSIONED = ["thresher", "polars", "pyarrow", "numpy", "torch", "transformers", 
 def default_workdir(pool: Path) -> Path:
     """Artifacts live beside the pool, shared by every pool in that folder (keys differ)."""
     return Path(pool).resolve().parent / ".thresher-work"
+
+
+def open_store(workdir: Path | str | None, pool: Pool, read_only: bool = False) -> ArtifactStore:
+    """The artifact store of a command on `pool`: --workdir, checked by the output guard (not
+    inside a pool or another cache, not a folder of other files), or the default beside it."""
+    if workdir is not None:
+        check_workdir(Path(workdir), [pool.path])
+    return ArtifactStore(workdir or default_workdir(pool.path), read_only=read_only)
 
 
 def versions() -> dict[str, str]:
@@ -78,10 +102,13 @@ def prepare(pool: Pool, method: str, params: dict | None = None, selector: str |
         raise ValueError(f"--target: method {method} does not use a target set")
     if impl.needs_targets and not targets:
         raise ValueError(f"--method {method} needs --target FILE (repeat --target for several tasks)")
+    check_targets(req.targets)
     needs = dict(impl.needs(p, req))
     if count_tokens:    # token budgets need per-row counts: the tokenizer only, no weights
         needs["tokens"] = TokenCounts(tokenizer=impl.tokenizer(p))
     plan = make_plan(needs.values(), req.device)
+    for stage in plan.stages:   # every model resolved, every target found: before any work
+        stage.key_config()
     return Prepared(impl, p, choice.selector_cls, choice.selector_params, req, needs, plan)
 
 
@@ -110,7 +137,8 @@ def _score(prep: Prepared, inputs: Inputs, store: ArtifactStore, stats: list[Sta
     """The method's score frame, checked and saved as the selection's scores artifact."""
     impl, p, cands = prep.method, prep.params, inputs.candidates
     t0 = time.perf_counter()
-    scores = check_scores(impl.score(p, inputs), cands, impl.name)
+    with cache_guard(lambda: artifact_dirs(inputs.outputs.values()), store.root):
+        scores = check_scores(impl.score(p, inputs), cands, impl.name)
     keyed = [o.fingerprint for o in inputs.outputs.values()]
     out = store.dir("scores", [prep.request.pool.fingerprint, *keyed],
                     {"method": impl.name, "params": dataclasses.asdict(p), "seed": inputs.seed})
@@ -146,22 +174,21 @@ def _score_and_cut(prep: Prepared, inputs: Inputs, budget: Budget, store: Artifa
     return scored, chosen, selector, scores_path
 
 
-def _output_files(out: Path, fmt: str, pool: Pool, targets, check: bool = True,
+def _output_files(out: Path, fmt: str, pool: Pool, targets, workdir: Path,
                   annotate_only: bool = False) -> dict:
     """The OutputSet arguments of one selection (subset, reasons, manifest; `--format hf` writes
-    a directory; annotate-only: the per-row table and manifest), checked against the inputs:
-    nothing lands in the pool or replaces a target."""
+    a directory; annotate-only: the per-row table and manifest), checked by the output guard
+    against every input (the pool, the files it was ingested from, the targets) and the work
+    directory."""
     finals = [out, out.with_name(out.name + ".selection.parquet"), manifest_path(out)]
     if annotate_only:
         finals, fmt = [out, manifest_path(out)], "parquet"
     dirs = [out] if fmt == "hf" else []
-    inputs = [pool.path, *(Path(t) for t in targets or ())]
-    if check:
-        check_outputs([f for f in finals if f not in dirs], inputs, dirs)
-        if fmt == "hf" and out.exists() and not (out / HF_DATA).exists():
-            raise FileExistsError(f"{out} exists and is not a dataset directory written by "
-                                  "thresher; refusing to replace it")
-    return {"finals": finals, "inputs": inputs, "dir_outputs": dirs}
+    inputs = [pool.path, *pool.input_files(), *(Path(t) for t in targets or ())]
+    check_outputs([f for f in finals if f not in dirs], inputs, dirs, workdir=workdir)
+    if fmt == "hf":
+        check_replace_dir(out, HF_OWN, manifest_path(out))
+    return {"finals": finals, "inputs": inputs, "dir_outputs": dirs, "workdir": workdir}
 
 
 def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Path | str,
@@ -184,17 +211,20 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
         budget = None
     else:
         budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    out = out if fmt == "hf" or os.fspath(out) == "-" else file_output(out)
     pool = Pool(pool_path)
     if pool.n_rows == 0:
         raise ValueError(f"{pool.path}: the pool has no rows to select from")
     out = Path(out)
-    files = _output_files(out, fmt, pool, targets, check=not dry_run,  # refused before any work
-                          annotate_only=annotate_only)
+    cache = Path(workdir) if workdir else default_workdir(pool.path)
+    if workdir:
+        check_workdir(cache, [pool.path])
+    if not (dry_run and os.fspath(out) == "-"):   # refused before any work, dry run or not
+        files = _output_files(out, fmt, pool, targets, cache, annotate_only)
     prep = prepare(pool, method, params, selector, targets, seed, device,
                    budget is not None and budget.kind == "tokens")
-    store = ArtifactStore(workdir or default_workdir(pool.path),   # after every check: a mistake
-                          read_only=dry_run)                       # leaves no empty work directory
-    run_with = make_executor(executor, ray_address)
+    store = open_store(workdir, pool, read_only=dry_run)   # after every check: a mistake
+    run_with = make_executor(executor, ray_address)       # leaves no empty work directory
     if dry_run:
         return {"plan": prep.plan.show(pool, store)}
     outputs, stats = prep.plan.run(pool, store, run_with)
@@ -208,6 +238,7 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
     scored, chosen, sel, scores_path = _score_and_cut(prep, inputs, budget, store, stats, among)
     if chosen.height == 0:
         raise ValueError(f"method {method} selected nothing under budget {budget}")
+    pool.check_unchanged()
     with OutputSet(**files) as outs:  # all renamed into place together, the manifest last
         t0 = time.perf_counter()
         tally = _Tally(prep, inputs)   # sources and tokens of the rows as they stream past
@@ -223,6 +254,9 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
             manifest["counts"]["eligible"] = scored.height
         manifest["timings"] = {s.stage: round(s.seconds, 3) for s in stats}
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
+        if fmt == "hf":   # the dataset directory's own card, part of the unit
+            write_card(outs.temp(out), manifest, HF_DATA)
+        pool.check_unchanged()   # the rows written are the pool's the manifest names
         write_json_atomic(outs.temp(manifest_path(out)), manifest)
     return manifest
 
@@ -260,17 +294,23 @@ def _write_annotations(prep: Prepared, inputs: Inputs, store: ArtifactStore,
                           if hasattr(getattr(o, "dir", None), "dir")},
             "stages": [s.as_dict() for s in stats], "executor": executor,
             "models": _models(stats),
-            "inputs": {"pool": str(pool.path), "pool_fingerprint": pool.fingerprint,
-                       "files": [{"path": i["path"], "sha256": i["sha256"]}
-                                 for i in pool.info["inputs"]]},
+            "inputs": _inputs_record(pool),
             "counts": counts, "versions": versions(), "workdir": str(store.root),
             "command": sys.argv if sys.argv and "thresher" in Path(sys.argv[0]).name else None,
             **(label or {}),
         }
         manifest["timings"] = {s.stage: round(s.seconds, 3) for s in stats}
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
+        pool.check_unchanged()   # the rows annotated are the pool's the manifest names
         write_json_atomic(outs.temp(manifest_path(out)), manifest)
     return manifest
+
+
+def _inputs_record(pool: Pool) -> dict:
+    """What a manifest says of its pool: its absolute path and fingerprint (`report` and
+    `verify` find the pool by them, and refuse another), and the files it was ingested from."""
+    return {"pool": str(pool.path.resolve()), "pool_fingerprint": pool.fingerprint,
+            "files": [{"path": i["path"], "sha256": i["sha256"]} for i in pool.info["inputs"]]}
 
 
 def stage_key(stage: str, config: dict) -> str:
@@ -354,13 +394,13 @@ def _manifest(prep, inputs, scored, chosen, sel, tally, stats, budget, fmt, out,
         "stages": [s.as_dict() for s in stats],
         "executor": executor,
         "models": _models(stats),
-        "inputs": {"pool": str(pool.path), "pool_fingerprint": pool.fingerprint,
-                   "files": [{"path": i["path"], "sha256": i["sha256"]} for i in pool.info["inputs"]]},
+        "inputs": _inputs_record(pool),
         "counts": {"read": pool.info["read"], "quarantined": pool.info["quarantined"],
                    "duplicate_ids": pool.info["duplicate_ids"],
                    "candidates": inputs.candidates.height, "scored": scored.height,
                    "unscored": inputs.candidates.height - scored.height, "selected": chosen.height},
-        "tokens": _selected_tokens(prep, inputs, chosen, tally),
+        "tokens": {**_selected_tokens(prep, inputs, chosen, tally),
+                   **({"budget": int(budget.value)} if budget.kind == "tokens" else {})},
         "by_source": dict(sorted(tally.by_source.items())),
         "versions": versions(),
         "workdir": str(store.root),

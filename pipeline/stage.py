@@ -217,7 +217,13 @@ class Stage:
         into `run.dir` and returns its statistics)."""
         if unit.key == WHOLE:
             return self.run_whole(run) or {}
-        return self.run_shard(worker, read_unit_rows(unit, self.columns()))
+        try:
+            rows = read_unit_rows(unit, self.columns())
+        except OSError:
+            run.pool.check_unchanged()   # a shard gone mid-read: the pool was replaced
+            raise
+        run.pool.check_unchanged()   # never cache a replaced pool's rows under this shard's key
+        return self.run_shard(worker, rows)
 
     # -- per-shard stages -----------------------------------------------------------------
     def run_shard(self, worker: Any, rows: list[dict]) -> ShardResult:

@@ -29,7 +29,8 @@ def sample_pool_dir() -> Path:
 @pytest.fixture(scope="session")
 def sample_pool(tmp_path_factory, sample_pool_dir):
     """The bundled sample ingested once per session (read-only for tests)."""
-    from thresher.pipeline.io.pool import Pool, ingest
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.pool import Pool
 
     out = tmp_path_factory.mktemp("sample") / "pool"
     ingest([sample_pool_dir], out)
@@ -95,7 +96,8 @@ def mixed_pool(d: Path, sample_pool, per_source: int, max_chars: int, rows_per_s
     import json
 
     import polars as pl
-    from thresher.pipeline.io.pool import Pool, ingest
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.pool import Pool
 
     frame = sample_pool.frame(["id", "source", "kind", "messages", "text", "n_chars"])
     frame = frame.filter(pl.col("n_chars") < max_chars)

@@ -15,7 +15,8 @@ from thresher.pipeline import registry
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.budget import Budget
 from thresher.pipeline.filtering import Rule, apply_rules
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.plan import run_stage
 from thresher.pipeline.select import run_select

@@ -35,7 +35,8 @@ def test_atomic_path_replaces_existing(tmp_path):
 
 
 def test_token_counts_stage_resumes_from_finished_shards(tmp_path, sample_pool_dir, monkeypatch):
-    from thresher.pipeline.io.pool import Pool, ingest
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.pool import Pool
     from thresher.pipeline.models.resolve import DEFAULT_LM, resolve
     from thresher.pipeline.stages import tokens
 

@@ -53,15 +53,16 @@ def test_hf_format_is_a_dataset_directory(tmp_path, sample_pool):
     out = tmp_path / "gsm-hf"
     m = run_select(sample_pool.path, "random", "12", out, fmt="hf", seed=1,
                    workdir=tmp_path / "work")
-    write_card(out, m, data_files=HF_DATA)
-    assert (out / HF_DATA).exists() and (out / "README.md").exists()
+    assert (out / "README.md").read_text() == render_card(m, HF_DATA)   # the card, in the unit
+    assert (out / HF_DATA).exists()
     ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert ds["id"] == run_ids(out / HF_DATA) and len(ds) == 12
     # a rerun replaces the directory it wrote, and refuses a folder it did not write
     run_select(sample_pool.path, "random", "5", out, fmt="hf", seed=1, workdir=tmp_path / "work")
     assert len(run_ids(out / HF_DATA)) == 5
-    (tmp_path / "mine").mkdir()
-    with pytest.raises(FileExistsError, match="not a dataset directory written by thresher"):
+    (tmp_path / "mine" / "data").mkdir(parents=True)
+    (tmp_path / "mine" / HF_DATA).write_bytes((out / HF_DATA).read_bytes())  # no manifest beside
+    with pytest.raises(ValueError, match="was not written by thresher"):
         run_select(sample_pool.path, "random", "5", tmp_path / "mine", fmt="hf",
                    workdir=tmp_path / "work")
 

@@ -7,7 +7,8 @@ import json
 
 import polars as pl
 import pytest
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.select import run_select
 from thresher.pipeline.stages.textnorm import normalise
 
@@ -92,7 +93,7 @@ def test_min_ngrams_and_annotate_only(tmp_path, evals):
 
 
 @pytest.mark.parametrize("content,match", [
-    (None, "evaluation file .*missing.jsonl: no such file"),
+    (None, "--target .*missing.jsonl: no such file"),
     ('{"id": "x", "text": "fine row here"}\n{not json\n', r"bad\.jsonl: line 2: .*1 of 2 rows"),
     ('{"id": "x", "foo": 1}\n', r"bad\.jsonl.*no usable rows"),
 ])

@@ -9,7 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.io.schema import row_text
 from thresher.pipeline.stages import embed as embed_mod
 from thresher.pipeline.stages.cluster import cluster_matrix, kmeans

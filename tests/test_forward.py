@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.models import engine
 from thresher.pipeline.models.chat import encode
 from thresher.pipeline.models.engine import length_batches, run_forward

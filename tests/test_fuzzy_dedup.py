@@ -14,7 +14,8 @@ import regex
 import spacy
 import xxhash
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.plan import run_stage
 from thresher.pipeline.select import run_select
 from thresher.pipeline.stages import ngram_kernels as K

@@ -2,7 +2,8 @@
 
 import json
 
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 
 
 def _write(path, ids, tag="x"):

@@ -4,7 +4,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.io.schema import RowError, to_canonical
 
 

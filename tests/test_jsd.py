@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.models.chat import encode
 from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
 from thresher.pipeline.stages import jsd as jsd_mod

@@ -50,7 +50,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def shard_pool(tmp_path_factory):
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
 
     d = tmp_path_factory.mktemp("kill")
     rows = [{"id": f"r{i}", "messages": [

@@ -16,6 +16,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("files", ("pipeline", "pipeline.io", "pipeline.artifacts", "pipeline.budget", "pipeline.params",
                "pipeline.progress")),
     ("models", ("pipeline.models",)),
+    # ingest quarantines rows no chat template can render (models/chat.py)
+    ("ingest", ("pipeline.io.ingest",)),
     ("core", ("pipeline.stage", "pipeline.method", "pipeline.plan", "pipeline.executors",
               "pipeline.filtering")),
     ("selectors", ("selectors",)),

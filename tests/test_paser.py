@@ -61,7 +61,8 @@ def test_concepts_are_capped_and_lower_cased():
 
 @pytest.fixture(scope="module")
 def labelled_pool(tmp_path_factory, sample_pool):
-    from thresher.pipeline.io.pool import Pool, ingest
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.pool import Pool
 
     frame = sample_pool.frame(["id", "source", "kind", "messages", "meta", "n_chars"])
     frame = frame.filter((pl.col("kind") == "chat") & (pl.col("n_chars") < 700))

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.select import run_select
 
 

@@ -12,7 +12,8 @@ import sys
 
 import polars as pl
 import pytest
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.method import Inputs
 from thresher.pipeline.select import run_select
 from thresher.pipeline.stages.langid import LangId, chat_text

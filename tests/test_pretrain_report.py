@@ -8,7 +8,7 @@ import json
 
 import polars as pl
 import pytest
-from thresher.pipeline.io.pool import ingest
+from thresher.pipeline.io.ingest import ingest
 from thresher.pipeline.select import run_select
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import polars as pl
 import pytest
 from thresher.pipeline.budget import Budget
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.select import run_select
 
 

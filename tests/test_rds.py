@@ -174,7 +174,7 @@ def _head(src, dst, n):
 
 
 def test_rds_method_end_to_end_on_tiny_model(tmp_path, sample_pool, tiny_lm_dir):
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
     from thresher.pipeline.select import run_select
 
     _small_pool_file(tmp_path / "rows.jsonl", sample_pool, per_source=6)
@@ -201,7 +201,7 @@ def test_rds_method_end_to_end_on_tiny_model(tmp_path, sample_pool, tiny_lm_dir)
     with pytest.raises(ValueError, match="needs --target"):
         run_select(tmp_path / "pool", "rds", "9", tmp_path / "o3.jsonl", workdir=tmp_path / "w",
                    params={"model": str(tiny_lm_dir)})
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="--target .*nope.jsonl: no such file"):
         run_select(tmp_path / "pool", "rds", "9", tmp_path / "o3.jsonl", workdir=tmp_path / "w",
                    params={"model": str(tiny_lm_dir)}, targets=[str(tmp_path / "nope.jsonl")])
 
@@ -210,7 +210,7 @@ def test_rds_method_end_to_end_on_tiny_model(tmp_path, sample_pool, tiny_lm_dir)
 def test_rds_with_smollm2_picks_rows_like_the_target(tmp_path, sample_pool, request):
     """Real SmolLM2-135M on ~30 sample rows: a GSM8K target picks mostly gsm8k, MBPP mostly mbpp."""
     import torch
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
     from thresher.pipeline.select import run_select
 
     _small_pool_file(tmp_path / "rows.jsonl", sample_pool, per_source=6)
@@ -231,7 +231,7 @@ def test_rds_with_smollm2_picks_rows_like_the_target(tmp_path, sample_pool, requ
 def test_rds_with_embedder_vectors_and_source_guard(tmp_path, sample_pool):
     """vectors=embed: the sentence embedder represents pool and targets (no LM loaded); the guard
     caps every source at its share and the manifest says so."""
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
     from thresher.pipeline.select import run_select
 
     _small_pool_file(tmp_path / "rows.jsonl", sample_pool, per_source=6)
@@ -255,7 +255,7 @@ def test_rds_with_embedder_vectors_and_source_guard(tmp_path, sample_pool):
 def test_cluster_guard_caps_clusters_of_a_single_source_pool(tmp_path, sample_pool, caplog):
     """One source: the source cap cannot bind (a warning says so); guard_by=cluster caps k-means
     clusters of the same vectors, reported in the manifest, and the plan holds the k-means."""
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
     from thresher.pipeline.select import run_select
 
     _small_pool_file(tmp_path / "mixed.jsonl", sample_pool, per_source=6)

@@ -165,3 +165,6 @@ def test_dry_run_and_serve_mistakes(tmp_path, sample_pool_dir):
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: --cron '61 * * *': not a cron schedule (e.g. \"0 3 * * *\": minute hour "
         "day-of-month month day-of-week)")
+    r = _cli(["serve", str(tmp_path / "r.yaml"), "--cron", "0 3 * * *"], env=env)   # nobody there
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: PREFECT_API_URL=http://127.0.0.1:9/api: no Prefect server")

@@ -262,13 +262,13 @@ def test_funnel_steps_count_dedup_from_the_method(tmp_path):
 
 
 def test_recorded_relative_paths_resolve_from_any_directory(tmp_path, monkeypatch):
-    from thresher.pipeline.report.data import _recorded_path
+    from thresher.pipeline.io.manifests import recorded_path
 
     (tmp_path / "out" / "pool").mkdir(parents=True)
     manifest = tmp_path / "out" / "x.jsonl.manifest.json"
     manifest.write_text(json.dumps({}))
     monkeypatch.chdir(tmp_path / "out")     # elsewhere than where `select` ran
-    assert _recorded_path("out/pool", manifest, "out/x.jsonl") == tmp_path / "out" / "pool"
+    assert recorded_path("out/pool", manifest, "out/x.jsonl") == tmp_path / "out" / "pool"
 
 
 def test_projection_is_cached_and_subsampled(tmp_path, monkeypatch):

@@ -20,7 +20,8 @@ def test_budget_parsing():
 
 def test_token_budget_cut():
     cands = pl.DataFrame({"id": list("abcd"), "n_tokens": [5, 10, 20, 1]})
-    assert Budget.parse("16tok").cut(cands, cands)["id"].to_list() == ["a", "b"]
+    # c does not fit what is left after a and b: skipped, and the cut goes on to d
+    assert Budget.parse("16tok").cut(cands, cands)["id"].to_list() == ["a", "b", "d"]
     assert Budget.parse("50%").rows(cands) == 2
 
 

@@ -15,7 +15,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A workspace: a small input file, a pool, an empty pool, a pool with a truncated shard."""
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
 
     d = tmp_path_factory.mktemp("cli")
     rows = [{"id": f"r{i}", **CHAT, "messages": [{"role": "user", "content": f"q{i}"},
@@ -117,7 +117,7 @@ def test_misuse_is_one_line_exit_2(ws, monkeypatch, capsys, args, message):
 
 
 def test_disk_full_is_one_line(ws, monkeypatch, capsys, tmp_path):
-    from thresher.pipeline.io import pool
+    from thresher.pipeline.io import ingest as pool
 
     def full(self):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "p" / "x"))
@@ -130,7 +130,7 @@ def test_disk_full_is_one_line(ws, monkeypatch, capsys, tmp_path):
 
 
 def test_programming_errors_keep_their_traceback(ws, monkeypatch, tmp_path):
-    from thresher.pipeline.io import pool
+    from thresher.pipeline.io import ingest as pool
 
     def bug(*a, **k):
         raise KeyError("a bug, not a user error")
@@ -143,7 +143,7 @@ def test_programming_errors_keep_their_traceback(ws, monkeypatch, tmp_path):
 
 
 def test_ctrl_c_during_ingest_leaves_no_temporary(ws, monkeypatch, capsys, tmp_path):
-    from thresher.pipeline.io import pool
+    from thresher.pipeline.io import ingest as pool
 
     real = pool._ShardWriter.flush
 
@@ -189,7 +189,7 @@ def test_hf_directory_output_replaces_an_earlier_one_whole(tmp_path):
 
 
 def test_a_rejected_select_leaves_no_work_directory(tmp_path, monkeypatch, capsys):
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
 
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(
         {"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"},
@@ -206,7 +206,7 @@ def test_a_rejected_select_leaves_no_work_directory(tmp_path, monkeypatch, capsy
 def test_a_parameter_refused_by_the_method_itself_is_one_named_line(tmp_path, monkeypatch, capsys):
     """A check in a method's own parameter class (its __post_init__) reads as that check's
     message, not as pydantic's field-less `?=...: Value error, ...`."""
-    from thresher.pipeline.io.pool import ingest
+    from thresher.pipeline.io.ingest import ingest
 
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(
         {"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"},

@@ -9,8 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from thresher.pipeline.io.pool import Pool, ingest, load_rows
-from thresher.pipeline.io.readers import expand_inputs, read_records
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.inputs import expand_inputs
+from thresher.pipeline.io.pool import Pool, load_rows
+from thresher.pipeline.io.readers import read_records
 from thresher.pipeline.io.writers import to_record
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -252,7 +254,7 @@ def test_pool_format_version_is_checked(tmp_path):
     with pytest.raises(ValueError, match="format version 99"):
         Pool(tmp_path / "p")
     (tmp_path / "p" / "pool.json").write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match="damaged pool.json .not JSON"):
         Pool(tmp_path / "p")
 
 

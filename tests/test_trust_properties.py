@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.io.schema import TURN_FIELDS
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,

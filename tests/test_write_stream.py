@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.io.writers import FORMATS, HF_DATA, write_rows, write_selection
 
 

@@ -52,3 +52,22 @@ def gather(x: np.ndarray, rows: np.ndarray, dtype=np.float32, block: int = BLOCK
             b = min(hi, a + SCATTER)
             out[a:b] = copy_rows(x, rows[a:b], dtype)
     return out
+
+
+def reserved_memmap(path, dtype, shape) -> np.memmap:
+    """`np.lib.format.open_memmap(path, "w+")` with the file's blocks reserved before anything
+    is written: a fresh mapping is a sparse file, and writing its pages on a full disk (or past
+    a file-size limit) kills the process with SIGBUS; reserving them first raises the OSError
+    (ENOSPC, EFBIG) naming the file instead."""
+    import os
+
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        del out
+        raise OSError(e.errno, os.strerror(e.errno), str(path)) from None
+    finally:
+        os.close(fd)
+    return out

@@ -9,10 +9,10 @@
     # so a manifest on disk always describes the files beside it. On any exception (Ctrl-C
     # included) the temporaries are removed and nothing final is touched.
 
-`check_outputs` refuses an output that is an input, lies inside an input directory (a pool's
-shards, its pool.json), or is a directory holding an input; and a file output that names an
-existing directory. `output_lock(dir)` is the same lock for commands that write a directory
-in place (ingest's swap, train's run directory).
+Where a command may write at all is `guard.py`'s question (`check_outputs`, which OutputSet
+asks of its paths too). A write that fails for the machine's reasons (a full disk, a file-size
+limit) is re-raised naming the output. `output_lock(dir)` is the same lock for commands that
+write a directory in place (ingest's swap, train's run directory).
 """
 
 from __future__ import annotations
@@ -27,38 +27,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Self
 
+from thresher.pipeline.io.guard import check_outputs, write_error
+
 TMP_TAG = ".thresher-tmp-"
-
-
-def _real(p: Path) -> Path:
-    return Path(os.path.realpath(Path(p).expanduser()))
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)  # hard links and symlinks included
-    except OSError:
-        return False
-
-
-def check_outputs(outputs: Iterable[Path], inputs: Iterable[Path], dir_outputs: Iterable[Path] = ()
-                  ) -> None:
-    """Raise ValueError when writing `outputs` (files) or `dir_outputs` (directories replaced
-    whole) could overwrite or land inside any of `inputs` (files or directories)."""
-    ins = [(Path(i), _real(i)) for i in inputs]
-    outs = [(Path(o), False) for o in outputs] + [(Path(o), True) for o in dir_outputs]
-    for out, is_dir in outs:
-        real = _real(out)
-        if not is_dir and real.is_dir():
-            raise ValueError(f"--out {out} is a directory; give a file name")
-        for given, rin in ins:
-            if real == rin or _same_file(real, rin):
-                raise ValueError(f"--out {out} is the input {given}; refusing to overwrite what "
-                                 "this command reads")
-            if rin.is_dir() and real.is_relative_to(rin):
-                raise ValueError(f"--out {out} lies inside the input {given}; write it elsewhere")
-            if is_dir and rin.is_relative_to(real):
-                raise ValueError(f"--out {out} would replace a directory holding the input {given}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -112,14 +83,16 @@ class OutputSet:
     """Temporary names for a run's output files, renamed onto the final names together."""
 
     def __init__(self, finals: Iterable[Path], inputs: Iterable[Path] = (),
-                 dir_outputs: Iterable[Path] = ()):
+                 dir_outputs: Iterable[Path] = (), workdir: Path | None = None):
         """`finals`: every output, the commit record last; those also in `dir_outputs` are
-        directories (an existing one is replaced whole)."""
+        directories (an existing one is replaced whole); `workdir`: the run's artifact cache,
+        where no output may land."""
         self.finals = [Path(f) for f in finals]
         if not self.finals:
             raise ValueError("OutputSet needs at least one output path")
         self.dirs = {Path(d) for d in dir_outputs}
-        check_outputs([f for f in self.finals if f not in self.dirs], inputs, self.dirs)
+        check_outputs([f for f in self.finals if f not in self.dirs], inputs, self.dirs,
+                      workdir=workdir)
         self.temps: dict[Path, Path] = {}
 
     def __enter__(self) -> Self:
@@ -146,6 +119,10 @@ class OutputSet:
                 raise
         else:
             self.abort()
+            if isinstance(exc, OSError):
+                named = write_error(exc, self.finals[0])
+                if named is not exc:
+                    raise named from exc
 
     def commit(self) -> None:
         dirs = sorted({f.parent.resolve() for f in self.finals})

@@ -1,4 +1,5 @@
-"""Streaming readers: JSONL, JSON, Parquet and CSV, plain or .gz/.zst/.bz2, in bounded memory.
+"""Streaming readers: JSONL, JSON, Parquet, CSV and TSV, plain or .gz/.zst/.bz2/.xz, in bounded
+memory. Which files are read (directory walks, globs) is `inputs.py`'s.
 
 `read_records(path)` yields `(location, record, error)` one row at a time: `record` is the
 decoded object, or, when the raw row could not even be decoded (bad bytes, malformed JSON),
@@ -17,10 +18,10 @@ from __future__ import annotations
 import bz2
 import codecs
 import csv
-import glob
 import gzip
 import io
 import json
+import lzma
 import re
 import zlib
 from collections.abc import Iterator
@@ -30,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
-            ".csv": "csv"}
-COMPRESSIONS = (".gz", ".zst", ".bz2")
+            ".csv": "csv", ".tsv": "tsv"}
+COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 # our own files beside a subset: never input rows
 SIDECARS = (".manifest.json", ".selection.parquet")
 BATCH_ROWS = 1024
@@ -43,7 +44,7 @@ BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
 Row = tuple[str, "dict | str | None", "str | None"]
 
 
-def _suffixes(path: Path) -> tuple[str, str | None]:
+def suffixes(path: Path) -> tuple[str, str | None]:
     """(data suffix, compression suffix or None): `a.jsonl.gz` -> ('.jsonl', '.gz')."""
     name = path.name.lower()
     for comp in COMPRESSIONS:
@@ -53,7 +54,7 @@ def _suffixes(path: Path) -> tuple[str, str | None]:
 
 
 def file_type(path: Path) -> str:
-    suffix, _ = _suffixes(Path(path))
+    suffix, _ = suffixes(Path(path))
     try:
         return SUFFIXES[suffix]
     except KeyError:
@@ -62,69 +63,15 @@ def file_type(path: Path) -> str:
             f", optionally compressed ({', '.join(COMPRESSIONS)})") from None
 
 
-def _supported(path: Path) -> bool:
-    name = path.name.lower()
-    return _suffixes(path)[0] in SUFFIXES and not name.endswith(SIDECARS)
-
-
-def _is_pool(d: Path) -> bool:
-    return (d / "pool.json").is_file() and (d / "shards").is_dir()
-
-
-def _walk(root: Path) -> list[Path]:
-    """Supported files under `root`, sorted; hidden entries (work dirs, temporaries) skipped;
-    a pool inside contributes its shards only (not its pool.json or quarantine)."""
-    if _is_pool(root):
-        return sorted((root / "shards").glob("*.parquet"))
-    found: list[Path] = []
-    for p in sorted(root.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if p.is_dir():
-            found.extend(_walk(p))
-        elif p.is_file() and _supported(p):
-            found.append(p)
-    return found
-
-
-def expand_inputs(sources: list[Path | str]) -> list[Path]:
-    """Files named directly, every supported file under named directories (sorted; a pool
-    directory gives its shards), and glob patterns (`data/*.jsonl.gz`, `data/**/*.json`)."""
-    files: list[Path] = []
-    for src in sources:
-        src = Path(src)
-        if src.is_dir():
-            found = _walk(src)
-            if not found:
-                raise ValueError(f"{src}: directory holds no {'/'.join(sorted(SUFFIXES))} files")
-            files.extend(found)
-        elif src.is_file():
-            file_type(src)
-            files.append(src)
-        elif glob.has_magic(str(src)):
-            matched = sorted(Path(p) for p in glob.glob(str(src), recursive=True))
-            matched = [p for p in matched if p.is_file() and _supported(p)]
-            if not matched:
-                raise FileNotFoundError(f"{src}: the pattern matches no supported file")
-            files.extend(matched)
-        else:
-            raise FileNotFoundError(f"{src}: no such file or directory")
-    seen, unique = set(), []
-    for f in files:  # the same file named twice (a file and its directory) is read once
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
-
-
 def open_binary(path: Path):
-    """The file's bytes, decompressed by suffix (.gz, .zst, .bz2), as a buffered stream."""
-    _, comp = _suffixes(Path(path))
+    """The file's bytes, decompressed by suffix (.gz, .zst, .bz2, .xz), as a buffered stream."""
+    _, comp = suffixes(Path(path))
     if comp == ".gz":
         return gzip.open(path, "rb")
     if comp == ".bz2":
         return bz2.open(path, "rb")
+    if comp == ".xz":
+        return io.BufferedReader(lzma.open(path, "rb"))
     if comp == ".zst":
         import zstandard
 
@@ -162,7 +109,8 @@ def _bad_text(s: str) -> str | None:
 # Errors a damaged stream raises while being read: truncated or corrupt compression, a wrong
 # encoding that even surrogate escapes cannot carry (UTF-16 with an odd byte count).
 def _stream_errors() -> tuple[type[BaseException], ...]:
-    errs: list[type[BaseException]] = [OSError, EOFError, UnicodeDecodeError, zlib.error]
+    errs: list[type[BaseException]] = [OSError, EOFError, UnicodeDecodeError, zlib.error,
+                                       lzma.LZMAError]
     try:
         import zstandard
 
@@ -175,7 +123,7 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
 def read_records(path: Path, encoding: str | None = None) -> Iterator[Row]:
     path = Path(path)
     kind = file_type(path)
-    reader = {"jsonl": _jsonl, "json": _json, "parquet": _parquet, "csv": _csv}[kind]
+    reader = {"jsonl": _jsonl, "json": _json, "parquet": _parquet, "csv": _csv, "tsv": _tsv}[kind]
     last = "start of file"
     try:
         for row in reader(path, encoding):
@@ -373,7 +321,7 @@ def _json_array(s: _JsonScanner) -> Iterator[Row]:
 
 def _parquet(path: Path, encoding: str | None) -> Iterator[Row]:
     src = path
-    if _suffixes(path)[1]:  # Parquet needs random access: decompress into memory-backed temp
+    if suffixes(path)[1]:  # Parquet needs random access: decompress into memory-backed temp
         import tempfile
 
         src = tempfile.TemporaryFile()  # noqa: SIM115 - closed when the generator ends
@@ -401,10 +349,14 @@ def _parquet(path: Path, encoding: str | None) -> Iterator[Row]:
             n += left
 
 
-def _csv(path: Path, encoding: str | None) -> Iterator[Row]:
+def _tsv(path: Path, encoding: str | None) -> Iterator[Row]:
+    return _csv(path, encoding, delimiter="\t")
+
+
+def _csv(path: Path, encoding: str | None, delimiter: str = ",") -> Iterator[Row]:
     csv.field_size_limit(1 << 30)
     with open_text(path, encoding, newline="") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)
         except StopIteration:
@@ -429,7 +381,7 @@ def _csv(path: Path, encoding: str | None) -> Iterator[Row]:
             if not fields:  # a blank line is not a row
                 continue
             where = f"line {start}" if start == end else f"lines {start}-{end}"
-            raw = ",".join(fields)[:300]
+            raw = delimiter.join(fields)[:300]
             reason = bad and f"header: {bad}"
             if dups:
                 reason = f"the header repeats column(s) {', '.join(dups)}; values would be lost"

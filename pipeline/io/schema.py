@@ -189,10 +189,15 @@ def validate_messages(msgs: list[dict]) -> None:
     for i, m in enumerate(msgs):
         if not m["content"].strip():
             raise RowError(f"empty content in turn {i} ({m['role']})")
-    if not any(m["role"] == "user" for m in msgs):
+    roles = [m["role"] for m in msgs]
+    if "user" not in roles:
         raise RowError("conversation has no user turn")
-    if not any(m["role"] == "assistant" for m in msgs):
+    if "assistant" not in roles:
         raise RowError("conversation has no assistant turn")
+    first = roles.index("assistant")
+    if first < roles.index("user"):
+        raise RowError(f"turn {first} (assistant) comes before any user turn: no prompt to "
+                       "answer (a chat template cannot render the reply's prompt)")
 
 
 def content_hash(kind: str, messages: list[dict] | None, text: str | None) -> str:
@@ -250,12 +255,37 @@ def _chat(record: dict, shape: str) -> tuple[list[dict], dict]:
     return messages, extras
 
 
+CANONICAL = {"kind", "n_chars", "meta"}   # columns of a pool row beyond the input's own
+
+
+def _unwrap_canonical(record: dict) -> dict:
+    """A row thresher wrote in its canonical shape (a pool shard, a `--format parquet` or `hf`
+    subset) as the record it came from: `meta`'s fields back at the top level, so that reading
+    it again does not wrap `meta` in another `meta`."""
+    if not (CANONICAL <= record.keys() and record.get("kind") in ("chat", "text")
+            and isinstance(record["meta"], str)):
+        return record
+    try:
+        inner = json.loads(record["meta"]) if record["meta"] else {}
+    except (ValueError, RecursionError):
+        return record
+    if not isinstance(inner, dict):
+        return record
+    outer = {k: v for k, v in record.items() if k not in CANONICAL
+             and not (k in ("messages", "text") and v is None)}
+    merged = {**inner, **outer}
+    if "source" in inner:   # an unusable original source, kept in meta: the original wins
+        merged["source"] = inner["source"]
+    return merged
+
+
 def to_canonical(record: Any, shape: str, default_source: str) -> dict:
     """Convert one decoded record of the given shape into a canonical row, or raise RowError."""
     if not isinstance(record, dict):
         raise RowError(f"record is {type(record).__name__}, expected a JSON object")
     if not record:
         raise RowError("empty object")
+    record = _unwrap_canonical(record)
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     extras: dict = {}

@@ -9,7 +9,9 @@ Formats
     parquet   the canonical rows (id, source, kind, messages, text, n_chars, meta)
     hf        a Hugging Face dataset directory: OUT/data/train-00000-of-00001.parquet (the
               canonical rows); its dataset card OUT/README.md (pipeline/io/card.py) names the
-              files, so `datasets.load_dataset(OUT)` and the Hub read it as is
+              files, so `datasets.load_dataset(OUT)` and the Hub read it as is. An existing
+              OUT is replaced only when thresher wrote it (OUT.manifest.json beside it) and it
+              holds nothing else (pipeline/io/guard.py)
 Plain-text rows are written as {"id", "text"} in every JSONL shape (pretraining format).
 Output is a pure function of the rows and their order: the same selection gives the same bytes.
 
@@ -34,10 +36,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from thresher.pipeline.artifacts import atomic_path
+from thresher.pipeline.io.guard import check_replace_dir
 from thresher.pipeline.io.schema import POOL_SCHEMA, TURN_FIELDS
 
 FORMATS = ("messages", "alpaca", "sharegpt", "parquet", "hf")
 HF_DATA = "data/train-00000-of-00001.parquet"   # the Hub's file naming for one train shard
+HF_OWN = (HF_DATA, "README.md")                 # every file of an hf directory thresher writes
 SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation"}
 
 
@@ -89,9 +93,7 @@ def _canonical_table(rows: list[dict]) -> pa.Table:
 def write_hf(table: pa.Table, out: Path) -> None:
     """A Hugging Face dataset directory at `out`, replacing an earlier one written here."""
     out = Path(out)
-    if out.exists() and not (out / HF_DATA).exists():
-        raise FileExistsError(f"{out} exists and is not a dataset directory written by thresher; "
-                              "refusing to replace it")
+    check_replace_dir(out, HF_OWN, manifest_path(out))   # never a directory of other files
     with atomic_path(out) as tmp:
         (tmp / HF_DATA).parent.mkdir(parents=True)
         pq.write_table(table, tmp / HF_DATA)

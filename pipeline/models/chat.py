@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
 import numpy as np
 
 # Used only when a tokenizer has no chat template (e.g. tiny test tokenizers); ChatML, as SmolLM2.
@@ -55,7 +56,12 @@ def encode(tok, row: dict, max_tokens: int, response_only: bool = True) -> Encod
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         mask = np.ones(len(ids), dtype=bool)
     else:
-        text, spans = assistant_spans(tok, row["messages"])
+        try:
+            text, spans = assistant_spans(tok, row["messages"])
+        except (ValueError, jinja2.exceptions.TemplateError) as e:   # the template refused it
+            raise ValueError(f"row {row.get('id')!r}: the chat template cannot render it "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); pools "
+                             "ingested now quarantine such rows: re-run `thresher ingest`") from e
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         if response_only:
@@ -77,3 +83,75 @@ def prompt_text(tok, messages: list[dict]) -> str:
     """The conversation up to (not including) its last assistant turn, ready for generation."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return _render(tok, messages[:last], add_generation_prompt=True)
+
+
+class RenderCheck:
+    """Whether the default chat model's template renders a conversation, for ingest's
+    quarantine: the template's text only (no tokenizer, no weights), compiled once with
+    jinja2's sandbox as transformers compiles it. `check(messages)` is the reason a row cannot
+    be rendered, or None.
+
+    The template is the default LM's (`chat_template.jinja` or `tokenizer_config.json` of its
+    local copy); before that copy exists, and for a model without a template, the ChatML
+    fallback every encode uses. What a template refuses is a sequence of roles (turns that do
+    not alternate, a misplaced system turn, an unknown role): contents are plain strings by
+    now. So each distinct sequence of roles is rendered once, with the first row that has it,
+    and the verdict is reused (rendering every row cost ~19 us a row, +25% on ingest;
+    bench/ingest_checks.py)."""
+
+    def __init__(self, template: str | None = None):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(template or FALLBACK_TEMPLATE)
+        self.errors = (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError,
+                       IndexError, AttributeError)
+        self.verdicts: dict[tuple[str, ...], str | None] = {}
+
+    @classmethod
+    def default(cls) -> RenderCheck:
+        return cls(default_template())
+
+    def check(self, messages: list[dict]) -> str | None:
+        roles = tuple(m["role"] for m in messages)
+        if roles not in self.verdicts:
+            self.verdicts[roles] = self.render(messages)
+        return self.verdicts[roles]
+
+    def render(self, messages: list[dict]) -> str | None:
+        """The conversation, and its prompt before each assistant turn (as `encode` renders
+        them for the loss mask)."""
+        try:
+            self.template.render(messages=messages, add_generation_prompt=False)
+            for i, m in enumerate(messages):
+                if m["role"] == "assistant":
+                    self.template.render(messages=messages[:i], add_generation_prompt=True)
+            return None
+        except self.errors as e:
+            return f"the default chat template cannot render this conversation: {e}"
+
+
+def default_template() -> str | None:
+    """The default LM's chat template text, read from its local copy (never converted or
+    downloaded for this); None when there is none yet."""
+    import json
+    from pathlib import Path
+
+    from thresher.pipeline.models.resolve import DEFAULT_LM, MissingPackage, resolve
+
+    try:
+        local = Path(resolve(DEFAULT_LM).path)
+    except (MissingPackage, ValueError, OSError):
+        return None
+    if (local / "chat_template.jinja").is_file():
+        return (local / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        template = json.loads((local / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    return template if isinstance(template, str) else None

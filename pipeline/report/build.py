@@ -36,7 +36,7 @@ from thresher.pipeline.report.data import (
     cuts,
     first_user_turn,
     load_runs,
-    pool_path,
+    open_pool,
     quarantine_reasons,
     score_columns,
     workdir,
@@ -45,6 +45,7 @@ from thresher.pipeline.report.html import (
     details,
     esc,
     figure,
+    is_report,
     json_block,
     page,
     section,
@@ -57,22 +58,26 @@ MAX_SCORE_PLOTS = 4
 EXAMPLES = 5
 
 
-def write_report(runs: list[Path], out: Path, *, embedder: str | None = None,
+def write_report(runs: list[Path], out: Path | str, *, embedder: str | None = None,
                  compute_embeddings: bool = True, max_points: int | None = None) -> Path:
     """Write the HTML report of the given runs to `out` and return its path.
 
     `compute_embeddings=False` draws the map only from embeddings already cached (verify uses
-    this so it never embeds the pool just for a picture); `max_points` caps the map's sample."""
+    this so it never embeds the pool just for a picture); `max_points` caps the map's sample.
+    The pool is the one each manifest records (an absolute path), refused when its fingerprint
+    is not the manifest's; `out` is never one of the files read, nor inside a pool or cache."""
     from thresher.pipeline.artifacts import atomic_path
-    from thresher.pipeline.io.outputs import check_outputs
+    from thresher.pipeline.io.guard import check_outputs, check_replace_file, file_output
     from thresher.pipeline.stages.umap2d import MAX_POINTS
 
+    out = file_output(out)
+    check_replace_file(out, is_report, "a thresher report")
     selections, verifies = load_runs([Path(r) for r in runs])
-    out = Path(out)
-    check_outputs([out], [p for s in selections for p in s.files()] +
-                  [v.path / "verify.json" for v in verifies])
     ctx = ReportContext(selections, verifies, embedder, compute_embeddings,
                         max_points or MAX_POINTS)
+    check_outputs([out], [p for s in selections for p in s.files()] +
+                  [v.path / "verify.json" for v in verifies] +
+                  ([ctx.pool.path, *ctx.pool.input_files()] if ctx.pool is not None else []))
     from thresher.pipeline.report.dedup import dedup_section
     from thresher.pipeline.report.quality import quality_section
     from thresher.pipeline.report.rules import rules_section
@@ -95,14 +100,12 @@ class ReportContext:
 
     def __init__(self, selections: list[Selection], verifies: list[VerifyRun],
                  embedder: str | None, compute_embeddings: bool, max_points: int):
-        from thresher.pipeline.io.pool import Pool
-
         self.selections, self.verifies = selections, verifies
         self.embedder, self.compute_embeddings, self.max_points = embedder, compute_embeddings, max_points
-        pools = [p for p in (pool_path(s) for s in selections) if p is not None]
-        self.pool = Pool(pools[0]) if pools else None
-        if len({p.resolve() for p in pools}) > 1:
-            log.warning("selections come from different pools; pool sections use %s", pools[0])
+        pools = [p for p in (open_pool(s) for s in selections) if p is not None]
+        self.pool = pools[0] if pools else None
+        if len({p.fingerprint for p in pools}) > 1:
+            log.warning("selections come from different pools; pool sections use %s", pools[0].path)
         self.rows = None        # id, source, capability?, row  (whole pool, no text)
         if self.pool is not None:
             self.rows = self.pool.frame(["id", "source"]).with_row_index("row")
@@ -289,9 +292,14 @@ def examples_section(ctx: ReportContext):
 # ------------------------------------------------------------------ map and clusters
 
 def map_section(ctx: ReportContext):
+    from thresher.pipeline.io.cachefiles import cache_guard
     from thresher.pipeline.report.map import map_figure
 
-    got = map_figure(ctx)
+    if ctx.pool is None:
+        return None
+    root = ctx.store().root
+    with cache_guard(lambda: [root], root):    # a damaged cached embedding is named
+        got = map_figure(ctx)
     if got is None:
         if ctx.pool is None:
             return None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from thresher.pipeline.io.manifests import read_manifest, recorded_path
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +69,20 @@ class VerifyRun:
     train_logs: dict[str, list[dict]] = field(default_factory=dict)   # run name -> steps
 
 
-def _recorded_path(recorded: str, manifest_path: Path, output: str | None) -> Path:
-    """A path the manifest recorded relative to the directory `select` ran in: that directory
-    is the manifest's folder with the recorded output's parent folders stripped off."""
-    p = Path(recorded)
-    if p.is_absolute() or p.exists():
-        return p
-    if output and not Path(output).is_absolute():
-        base = manifest_path.resolve().parent
-        for _ in Path(output).parent.parts:
-            base = base.parent
-        if (base / p).exists():
-            return base / p
-    return p
+def read_table(path: Path, what: str) -> pl.DataFrame:
+    """A Parquet file the report reads, or ValueError naming it."""
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
 
 
 def load_selection(path: Path, name: str) -> Selection:
     path = Path(path)
     manifest_path = Path(f"{path}{MANIFEST}")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     sidecar = Path(f"{path}{SIDECAR}")
     if manifest.get("annotate_only"):      # the per-row table itself; "chosen": what it keeps
         decisions = pl.read_parquet(path)
@@ -96,16 +92,18 @@ def load_selection(path: Path, name: str) -> Selection:
         return Selection(name, path, manifest, chosen, decisions)
     if not sidecar.exists():
         raise FileNotFoundError(f"{sidecar}: missing (the per-row reasons of {path.name})")
-    chosen = pl.read_parquet(sidecar)
+    chosen = read_table(sidecar, "selection sidecar")
+    if "id" not in chosen.columns:
+        raise ValueError(f"{sidecar}: not a selection sidecar (no id column)")
     if "rank" not in chosen.columns:
         chosen = chosen.with_row_index("rank")
     decisions = None
     for key in ("scores", "decisions"):
         recorded = manifest.get(key) or manifest.get("config", {}).get("method", {}).get(key)
         if isinstance(recorded, str):
-            p = _recorded_path(recorded, manifest_path, manifest.get("output"))
+            p = recorded_path(recorded, manifest_path, manifest.get("output"))
             if p.exists():
-                decisions = pl.read_parquet(p)
+                decisions = read_table(p, "score frame")
                 break
             log.warning("%s: recorded %s %s not found; scores of unselected rows unknown",
                         manifest_path, key, recorded)
@@ -121,7 +119,7 @@ def selection_base(path: Path) -> Path | None:
 
 
 def load_verify(path: Path) -> VerifyRun:
-    data = json.loads((path / "verify.json").read_text())
+    data = read_manifest(path / "verify.json")
     logs = {}
     for name in data.get("runs", {}):
         log_file = path / "runs" / name / "train_log.jsonl"
@@ -173,7 +171,7 @@ def load_runs(runs: list[Path]) -> tuple[list[Selection], list[VerifyRun]]:
         verifies += [load_verify(d) for d in v]
     for v in verifies:
         for subset in v.data.get("subsets", {}).values():
-            p = _recorded_path(subset, v.path / "verify.json", None)
+            p = recorded_path(subset, v.path / "verify.json", None)
             base = selection_base(p)
             if base is not None:
                 bases.append(base)
@@ -183,16 +181,39 @@ def load_runs(runs: list[Path]) -> tuple[list[Selection], list[VerifyRun]]:
 
 
 def pool_path(sel: Selection) -> Path | None:
-    recorded = sel.manifest.get("inputs", {}).get("pool")
-    if not recorded:
+    """The pool the selection was made from, as its manifest records it (None: not found)."""
+    inputs = sel.manifest.get("inputs")
+    recorded = inputs.get("pool") if isinstance(inputs, dict) else None
+    if not isinstance(recorded, str):
         return None
-    p = _recorded_path(recorded, Path(f"{sel.path}{MANIFEST}"), sel.manifest.get("output"))
-    return p if (p / "pool.json").exists() else None
+    p = recorded_path(recorded, Path(f"{sel.path}{MANIFEST}"), sel.manifest.get("output"))
+    if not (p / "pool.json").exists():
+        log.warning("%s: its pool %s is gone; pool sections are left out", sel.path, p)
+        return None
+    return p
+
+
+def open_pool(sel: Selection):
+    """The selection's pool, refused when its fingerprint is not the one the manifest records
+    (re-ingested since, or another pool of the same name): its rows would not be the ones
+    the selection was made from."""
+    from thresher.pipeline.io.pool import Pool
+
+    path = pool_path(sel)
+    if path is None:
+        return None
+    pool = Pool(path)
+    want = sel.manifest.get("inputs", {}).get("pool_fingerprint")
+    if want and want != pool.fingerprint:
+        raise ValueError(f"{path}: fingerprint {pool.fingerprint} is not that of the pool "
+                         f"{sel.path.name} was selected from ({want}): the pool was re-ingested "
+                         "or is another one; report it with the pool it was selected from")
+    return pool
 
 
 def workdir(sel: Selection) -> Path | None:
     w = sel.manifest.get("workdir")
-    return Path(w) if w else None
+    return Path(w) if isinstance(w, str) and w else None
 
 
 def quarantine_reasons(pool_dir: Path, top: int = 10) -> list[tuple[str, int]]:

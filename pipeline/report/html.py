@@ -115,6 +115,15 @@ def json_block(obj: Any) -> str:
     return f"<pre>{esc(json.dumps(obj, indent=2, sort_keys=True, default=str))}</pre>"
 
 
+REPORT_MARK = b"<title>thresher report"   # `page`'s title comes first in <head>
+
+
+def is_report(path) -> bool:
+    """Whether the file at `path` is an HTML report thresher wrote (its title says so)."""
+    with open(path, "rb") as f:
+        return REPORT_MARK in f.read(1024)
+
+
 def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
     """The whole document: sections are (anchor, nav label, html)."""
     from plotly.offline import get_plotlyjs

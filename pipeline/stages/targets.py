@@ -9,10 +9,18 @@ from pathlib import Path
 from typing import ClassVar
 
 from thresher.pipeline.artifacts import file_fingerprint
-from thresher.pipeline.io.pool import Pool, ingest
+from thresher.pipeline.io.ingest import ingest
+from thresher.pipeline.io.pool import Pool, check_rows_file
 from thresher.pipeline.stage import Stage, StageRun
 
 log = logging.getLogger(__name__)
+
+
+def check_targets(paths) -> None:
+    """Every target file exists and holds a usable row: checked before any stage runs (a
+    mistake found after the pool's stages would cost their whole run)."""
+    for p in paths:
+        check_rows_file(p, "--target")
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,7 @@ class TargetPool(Stage):
 
     def run_whole(self, run: StageRun) -> dict:
         out = run.dir.path("pool")
-        ingest([Path(self.path)], out)
+        ingest([Path(self.path)], out, cache=True)   # its own artifact directory
         pool = Pool(out)
         if pool.info["quarantined"]:
             log.warning("target %s: %d of %d rows could not be read (see %s)", self.path,

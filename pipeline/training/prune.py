@@ -161,11 +161,17 @@ def _counts(model) -> tuple[int, int]:
     return total, nonzero
 
 
-def check_out(out: Path, source: Path | None) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out (nothing is overwritten)")
+def check_out(out: Path, source: Path | None, calib_source: str | None = None) -> None:
+    """The output guard for a new model directory: empty or new, never the model or the
+    calibration data, never inside a pool or a work directory's cache."""
+    from thresher.pipeline.io.guard import check_outputs
+
     if source is not None and out.resolve() == source.resolve():
         raise ValueError(f"--out {out} is the model being pruned")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out (nothing is overwritten)")
+    inputs = [p for p in (source, Path(calib_source) if calib_source else None) if p is not None]
+    check_outputs([], inputs, [out])
 
 
 def prune_model(model: str, ratio: float, out: Path | str, method: str = "structured",
@@ -183,7 +189,7 @@ def prune_model(model: str, ratio: float, out: Path | str, method: str = "struct
         raise ValueError("wanda needs calibration rows: pass --calib POOL_OR_FILE")
     out = Path(out)
     resolved = resolve(model)
-    check_out(out, None if resolved.remote else Path(resolved.path))
+    check_out(out, None if resolved.remote else Path(resolved.path), calib_source)
     t0 = time.perf_counter()
     tok = load_tokenizer(resolved)
     lm = load_causal_lm(resolved, "cpu", torch.float32)

@@ -235,10 +235,9 @@ def write_masks(rows: list[dict], out: Path, model_name: str, cfg: QTuningConfig
     nll, ent, mask, att = score_tokens(model, tok, encs, cfg.entropy_over)
     ppl, ent_s = sample_scores(nll, ent, mask, att, cfg.entropy_over)
     res = prune_batch(nll, ent, mask, att, cfg)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    from thresher.pipeline.artifacts import atomic_path
+
+    with atomic_path(Path(out)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for i, (r, e) in enumerate(zip(rows, encs)):
             n = len(e.input_ids)
             f.write(json.dumps({
@@ -246,7 +245,6 @@ def write_masks(rows: list[dict], out: Path, model_name: str, cfg: QTuningConfig
                 "ppl": float(ppl[i]), "entropy": float(ent_s[i]),
                 "input_ids": e.input_ids.tolist(),
                 "keep_mask": res.loss_mask[i, :n].astype(int).tolist()}) + "\n")
-    tmp.replace(out)
     return {"rows": len(rows), "model": resolved.identity, "config": asdict(cfg), **res.report}
 
 

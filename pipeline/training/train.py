@@ -43,6 +43,9 @@ from thresher.pipeline.training.qtuning import QTuningConfig, read_masks, summar
 
 log = logging.getLogger(__name__)
 
+# what a run writes into OUT (an existing folder holding these is refused unless it is a run's)
+RUN_FILES = ("adapter", "merged", "train.json", "train_log.jsonl", "qtuning.jsonl",
+             "quarantine.jsonl", "checkpoint-*")
 OLD_STATE = "state.pt"  # pickled by thresher before safestate; never loaded
 
 
@@ -202,14 +205,17 @@ def _previous_run(out: Path, resume: bool, run_key: str) -> dict | None:
 def train_file(subset: Path | str, out: Path | str, cfg: TrainConfig | None = None,
                **kwargs) -> dict:
     """`train` on a file (any reader format) or pool directory; quarantined rows are counted in
-    the summary and listed in OUT/quarantine.jsonl. OUT may not be or lie inside an input pool,
-    its files may not be inputs, and one run at a time writes it (a second is refused)."""
-    from thresher.pipeline.io.outputs import check_outputs, output_lock
+    the summary and listed in OUT/quarantine.jsonl. OUT passes the output guard (never an input,
+    never in a pool or a cache, no file of another's replaced: pipeline/io/guard.py), and one
+    run at a time writes it (a second is refused)."""
+    from thresher.pipeline.io.guard import check_outputs, check_writes_into
+    from thresher.pipeline.io.outputs import output_lock
 
     out = Path(out)
     inputs = [Path(subset)] + ([Path(kwargs["token_masks"])] if kwargs.get("token_masks") else [])
-    check_outputs([out / n for n in ("train.json", "train_log.jsonl", "quarantine.jsonl",
-                                     "qtuning.jsonl")], inputs=inputs)
+    check_outputs([out / n for n in RUN_FILES if n.endswith((".json", ".jsonl"))], inputs,
+                  [out / "adapter", out / "merged"])
+    check_writes_into(out, RUN_FILES, ("train.json", "train_log.jsonl"))
     rows, bad = load_rows(subset)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out, wait=False):

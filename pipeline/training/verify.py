@@ -13,7 +13,8 @@ model on every eval set:
 With `reference=` (the CLI's `--base-model PRUNED`: the source recorded in its prune.json) that
 untrained model is evaluated too, as the `original` row: the level a recovery aims at.
 Both use the first `max_eval` rows of each eval set; generation stops at `max_new_tokens`
-(0 = no generation). The pool comes from `<subset>.manifest.json` (inputs.pool) or `pool=`.
+(0 = no generation). The pool comes from `<subset>.manifest.json` (inputs.pool, an absolute
+path) or `pool=`; a pool whose fingerprint is not the manifest's is refused (`find_pool`).
 
 Writes OUT/verify.json, OUT/verify.md (the comparison table, also returned) and OUT/verify.png
 when matplotlib is installed (it is not a dependency; the table says when the plot is skipped),
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from thresher.pipeline.artifacts import atomic_path, write_json_atomic
-from thresher.pipeline.io.pool import load_rows
+from thresher.pipeline.io.pool import check_rows_file, load_rows
 from thresher.pipeline.training.evaluate import evaluate
 from thresher.pipeline.training.train import TrainConfig, load_trained, train
 
@@ -50,14 +51,60 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- the comparison
 
-def find_pool(subset: Path) -> Path:
+def recorded_pool(subset: Path) -> tuple[Path, str | None] | None:
+    """(pool path, its fingerprint) as the subset's manifest records them; None without one."""
+    from thresher.pipeline.io.manifests import read_manifest, recorded_path
+
     manifest = Path(f"{subset}.manifest.json")
     if not manifest.exists():
-        raise FileNotFoundError(f"{subset}: no manifest {manifest.name} to find its pool; pass --pool")
-    pool = json.loads(manifest.read_text()).get("inputs", {}).get("pool")
-    if not pool:
-        raise ValueError(f"{manifest}: no inputs.pool; pass --pool")
-    return Path(pool)
+        return None
+    m = read_manifest(manifest)
+    inputs = m.get("inputs")
+    pool = inputs.get("pool") if isinstance(inputs, dict) else None
+    if isinstance(pool, str) and pool:
+        output = m.get("output") if isinstance(m.get("output"), str) else None
+        return recorded_path(pool, manifest, output), inputs.get("pool_fingerprint")
+    raise ValueError(f"{manifest}: no inputs.pool; pass --pool")
+
+
+def find_pool(subsets: list[Path], pool: Path | str | None):
+    """The pool the random baseline is drawn from: --pool, else the one the subsets' manifests
+    name; refused when a subset was selected from a pool with another fingerprint."""
+    from thresher.pipeline.io.pool import Pool
+
+    recorded = [recorded_pool(s) for s in subsets]
+    if pool is None:
+        missing = [s for s, r in zip(subsets, recorded) if r is None]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: no manifest {missing[0].name}.manifest.json "
+                                    "to find its pool; pass --pool")
+        paths = sorted({str(r[0].resolve()) for r in recorded})
+        if len(paths) > 1:
+            raise ValueError(f"subsets come from different pools {paths}; pass --pool to pick "
+                             "the one to draw the random subset from")
+        pool = paths[0]
+    the_pool = Pool(pool)
+    for s, r in zip(subsets, recorded):
+        if r is not None and r[1] and r[1] != the_pool.fingerprint:
+            raise ValueError(f"{the_pool.path}: fingerprint {the_pool.fingerprint} is not that "
+                             f"of the pool {s} was selected from ({r[1]}): the pool was "
+                             "re-ingested or is another one; the random baseline must come "
+                             "from the subset's own pool")
+    return the_pool
+
+
+VERIFY_FILES = ("verify.json", "verify.md", "verify.png", "report.html")
+
+
+def check_verify_outputs(out: Path, subsets: list[Path], evals: list[Path], the_pool) -> None:
+    """The output guard for OUT: never an input, never in a pool or a cache, and fixed file
+    names written into an existing folder only when it is an earlier verify's (verify.json)."""
+    from thresher.pipeline.io.guard import check_outputs, check_writes_into
+
+    inputs = [*subsets, *(Path(f"{s}.manifest.json") for s in subsets), *evals, the_pool.path,
+              *the_pool.input_files()]
+    check_outputs([out / f for f in VERIFY_FILES], inputs, [out / "runs"])
+    check_writes_into(out, [*VERIFY_FILES, "runs"], "verify.json")
 
 
 def random_subset(pool, n: int, seed: int) -> list[dict]:
@@ -88,8 +135,6 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
                pool: Path | str | None = None, full: bool = False, seed: int = 0,
                cfg: TrainConfig | None = None, max_eval: int = 100, max_new_tokens: int = 256,
                progress: bool = True, reference: str | None = None, seeds: int = 1) -> dict:
-    from thresher.pipeline.io.pool import Pool
-
     t_start = time.perf_counter()
     cfg = cfg or TrainConfig(seed=seed)
     if seeds < 1:
@@ -98,21 +143,22 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
     if not subsets or not evals:
         raise ValueError("verify needs at least one --subset and one --eval")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     names = _names(subsets)
+    the_pool = find_pool(subsets, pool)
+    check_verify_outputs(out, subsets, [Path(e) for e in evals], the_pool)
+    for e in evals:
+        check_rows_file(e, "--eval")
+
     quarantine: dict[str, int] = {}
     train_sets = _train_sets(subsets, names, quarantine)
     n = len(next(iter(train_sets.values())))
-    pool_paths = [Path(pool)] if pool else sorted({find_pool(s).resolve() for s in subsets})
-    if len(pool_paths) > 1:
-        raise ValueError(f"subsets come from different pools {[str(p) for p in pool_paths]}; "
-                         "pass --pool to pick the one to draw the random subset from")
-    the_pool = Pool(pool_paths[0])
     train_sets["random"] = random_subset(the_pool, n, seed)
     if full:
         train_sets["full"] = list(the_pool.iter_rows())
     eval_sets = _eval_sets(evals, max_eval, quarantine)
-    report: dict = {"config": asdict(cfg), "seed": seed, "pool": str(the_pool.path),
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"config": asdict(cfg), "seed": seed, "pool": str(the_pool.path.resolve()),
+                    "pool_fingerprint": the_pool.fingerprint,
                     "subset_rows": n, "max_eval": max_eval, "max_new_tokens": max_new_tokens,
                     "seeds": [seed + k for k in range(seeds)],
                     "subsets": {nm: str(s) for nm, s in zip(names, subsets)},
