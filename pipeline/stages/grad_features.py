@@ -6,11 +6,15 @@ checkpoint, every row's LoRA gradient, randomly projected to `d` dimensions and 
     target_feats = GradFeatures(proxy=warm, d=8192, source=TargetPool(path="t.jsonl"))   # SGD
     fs = run_stage(pool_feats, pool, store)                     # -> GradFeatureSet
     fs.features(j)   # float16 [N, d] memmap for checkpoint j, pool order, unit rows (0: no loss token)
+    GradFeatures(proxy=warm, rows=Shortlist(...))               # only the shortlist's rows
     fs.etas          # float64 [K]: each checkpoint's mean learning rate over its epoch, sum 1
 
 Per checkpoint theta_j (base + adapter from the trainer's `checkpoint-<step>/`):
 - g = per-sample gradient of the row's mean response-token loss over the LoRA matrices
-  (`pipeline/models/grads.py`, batched with vmap; LESS: one backward call per row);
+  (`pipeline/models/grads.py`: rows packed into unpadded sequences, one forward and backward
+  per pack, each row's LoRA gradients formed from what the layers saw on its tokens,
+  `packed_grads.py`; bf16 autocast on CPUs with native bf16 (`grad_dtype`), else float32;
+  LESS: one backward call per row);
 - pool rows (`grad="adam"`, the default without `source`): Gamma = m' / sqrt(v' + 1e-8) with
   m' = 0.9 m + 0.1 g and v' = 0.999 v + 0.001 g^2, m and v the checkpoint's AdamW moments
   (saved by the trainer in `state.safetensors`) (LESS `obtain_gradients_with_adam`); target rows
@@ -18,18 +22,24 @@ Per checkpoint theta_j (base + adapter from the trainer's `checkpoint-<step>/`):
 - x R with R a [P, d] Rademacher (+-1) matrix, seeded, never built whole: rows of R come in
   blocks of `ROW_BLOCK` parameters, block b drawn from numpy's `default_rng([seed, b])`
   (`rademacher_block`), so the same seed gives the same R for pool and targets on any machine;
-  pending gradients are gathered to `project_rows` rows so each block is drawn once per group;
+  pending gradients are gathered to `project_rows` (256) rows so each block is drawn once per
+  group (drawing a block costs about as much as multiplying 100 rows by it);
   the product runs in bf16 on CPUs with native bf16 (LESS/TRAK: fp16 input), else fp32;
 - then each projected vector is L2-normalised and stored as float16.
 
-Caching: one float16 file per (checkpoint, pool shard), keyed by the checkpoint's adapter (and
-optimizer state) bytes, the shard's content and the settings, so a killed run resumes at the
-first missing shard and a pool that gains a shard computes only that one; the pool-level
-`c<j>.npy` matrices are then concatenated in pool order. This is a whole-pool stage (the
-checkpoints are known only once the proxy stage has run), with per-shard files inside.
+Units and caching: the rows to compute (every pool row, or those of a `rows` stage such as a
+`Shortlist`: the two-stage selection) are cut into units of at most UNIT_ROWS (256) rows within
+a pool shard. One float16 file per (checkpoint, unit), keyed by the checkpoint's adapter (and
+optimizer state) bytes, the shard's content, the unit's rows and the settings, so a killed run
+resumes at the first missing unit and a pool that gains a shard computes only its units; each
+unit logs a line (rows, tokens, seconds) and advances a progress bar. The `c<j>.npy` matrices
+are then concatenated in pool order (`positions()` maps their rows to the pool's when a `rows`
+stage chose them). This is a whole-pool stage (the checkpoints are known only once the proxy
+stage has run), with per-unit files inside.
 
-Deviations from LESS (README "LESS"): the trainer's LoRA (r=8, alpha 16, lr 2e-4, cosine) instead
-of r=128, alpha 512, lr 2e-5, linear; vmap batches instead of batch size 1 (the same gradients);
+Deviations from LESS (docs/less.md): the trainer's LoRA (r=8, alpha 16, lr 2e-4, cosine) instead
+of r=128, alpha 512, lr 2e-5, linear; packed batches instead of batch size 1 (the same gradients
+in float32; bf16 autocast by default on CPUs with native bf16, within cosine 0.998 of them);
 numpy-drawn blocks instead of TRAK's fast_jl kernel (another +-1 matrix; equal in distribution).
 """
 
@@ -45,117 +55,20 @@ from typing import ClassVar, Literal
 import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir, atomic_path, config_key, file_fingerprint
 from thresher.pipeline.models.grads import DEFAULT_GRAD_TOKENS
+from thresher.pipeline.models.less_maths import (
+    ROW_BLOCK,
+    adam_moments,
+    adam_precondition,
+    checkpoint_etas,
+    normalize_rows,
+    project,
+)
 from thresher.pipeline.stage import Resources, Stage, StageRun
 
 log = logging.getLogger(__name__)
 
-FEATURES_VERSION = 1
-ROW_BLOCK = 1024                 # parameters per block of R (part of R's definition)
-BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8     # LESS obtain_gradients_with_adam
-
-
-# ---------------------------------------------------------------- the random projection
-
-def rademacher_block(seed: int, block: int, rows: int, d: int, dtype=None):
-    """Rows [block*ROW_BLOCK, block*ROW_BLOCK + rows) of R: +-1 entries as a torch tensor
-    [rows, d] (bit 1 of `default_rng([seed, block])`'s bytes, most significant first, is -1)."""
-    import torch
-
-    n = ROW_BLOCK * d
-    raw = np.random.default_rng([seed, block]).bytes((n + 7) // 8)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:rows * d]
-    if dtype in (None, torch.float32):            # the sign bit on 1.0 (no float arithmetic)
-        words = bits.astype(np.uint32) << 31
-        words |= np.uint32(0x3F800000)
-        return torch.from_numpy(words.view(np.float32)).view(rows, d)
-    if dtype == torch.bfloat16:
-        words = bits.astype(np.uint16) << 15
-        words |= np.uint16(0x3F80)
-        return torch.from_numpy(words.view(np.int16)).view(torch.bfloat16).view(rows, d)
-    raise ValueError(f"rademacher_block: unsupported dtype {dtype}")
-
-
-def rademacher_matrix(n_params: int, d: int, seed: int = 0):
-    """R whole, float32 [n_params, d]: for tests and small P only."""
-    import torch
-
-    blocks = [rademacher_block(seed, b, min(ROW_BLOCK, n_params - b * ROW_BLOCK), d)
-              for b in range(-(-n_params // ROW_BLOCK))]
-    return torch.cat(blocks)
-
-
-def project(grads, d: int, seed: int = 0, dtype=None):
-    """grads [B, P] @ R -> float32 [B, d], block by block (R is never held whole); `dtype` is
-    the product's dtype (float32 or bfloat16; accumulation in float32 either way)."""
-    import torch
-
-    dtype = dtype or torch.float32
-    n_params = grads.shape[1]
-    out = torch.zeros(grads.shape[0], d, dtype=torch.float32, device=grads.device)
-    for b in range(-(-n_params // ROW_BLOCK)):
-        lo = b * ROW_BLOCK
-        hi = min(n_params, lo + ROW_BLOCK)
-        r = rademacher_block(seed, b, hi - lo, d, dtype).to(grads.device)
-        out += (grads[:, lo:hi].to(dtype) @ r).float()
-    return out
-
-
-def normalize_rows(x):
-    """Each row / its L2 norm (zero rows stay zero)."""
-    import torch
-
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
-
-
-# ---------------------------------------------------------------- Adam state and LRs
-
-def adam_moments(checkpoint: Path, params: dict):
-    """(m, v): the checkpoint's AdamW exp_avg / exp_avg_sq, flat float32 [P] in `params` order.
-
-    The trainer's optimizer holds exactly the LoRA parameters in model order, which is the order
-    `select_params(model, "lora")` gives for the reloaded model; shapes are checked."""
-    import torch
-    from thresher.pipeline.io.safestate import load_state
-
-    opt = load_state(checkpoint, "state")["optimizer"]
-    order = [i for g in opt["param_groups"] for i in g["params"]]
-    if len(order) != len(params):
-        raise ValueError(f"{checkpoint}: optimizer state has {len(order)} parameters, the model "
-                         f"{len(params)} LoRA parameters; LESS needs the trainer's own checkpoints")
-    m, v = [], []
-    for i, (name, p) in zip(order, params.items()):
-        st = opt["state"].get(i)
-        if st is None or st["exp_avg"].shape != p.shape:
-            raise ValueError(f"{checkpoint}: no matching Adam state for {name}")
-        m.append(st["exp_avg"].reshape(-1).float())
-        v.append(st["exp_avg_sq"].reshape(-1).float())
-    return torch.cat(m), torch.cat(v)
-
-
-def adam_precondition(g, m, v):
-    """LESS's Adam direction for per-sample gradients g [B, P]: m' / sqrt(v' + eps)."""
-    m2 = BETA1 * m + (1 - BETA1) * g
-    v2 = BETA2 * v + (1 - BETA2) * g * g
-    return m2 / (v2 + ADAM_EPS).sqrt()
-
-
-def checkpoint_etas(checkpoints: list[Path]) -> np.ndarray:
-    """eta_j: the mean learning rate over the steps after checkpoint j-1 up to checkpoint j
-    (an epoch with one checkpoint per epoch), renormalised to sum 1 (LESS matching.py)."""
-    from thresher.pipeline.io.safestate import load_state
-
-    history = load_state(checkpoints[-1], "state")["history"]
-    lr = {int(r["step"]): float(r["lr"]) for r in history}
-    steps = [int(Path(c).name.split("-")[1]) for c in checkpoints]
-    means, prev = [], 0
-    for s in steps:
-        window = [lr[k] for k in range(prev + 1, s + 1) if k in lr]
-        if not window:
-            raise ValueError(f"{checkpoints[-1]}: no learning rate logged for steps {prev + 1}..{s}")
-        means.append(np.mean(window))
-        prev = s
-    etas = np.asarray(means, dtype=np.float64)
-    return etas / etas.sum()
+FEATURES_VERSION = 2              # 2: packed per-sample gradients (bf16 autocast by default)
+UNIT_ROWS = 256                   # rows per unit of work: one cached file per checkpoint and unit
 
 
 # ---------------------------------------------------------------- one shard
@@ -175,6 +88,8 @@ class FeatureJob:
     response_only: bool
     token_budget: int
     project_rows: int
+    grad_dtype: str = "fp32"
+    how: str = "auto"                 # grads.iter_grads's way (packed where it applies)
     project_seconds: float = 0.0      # time spent in the projection (for the statistics)
 
 
@@ -197,7 +112,8 @@ def shard_features(job: FeatureJob, rows: list[dict]) -> tuple[np.ndarray, np.nd
         idx.clear()
         job.project_seconds += time.perf_counter() - t0
 
-    for batch_idx, g in iter_grads(job.model, enc, job.params, token_budget=job.token_budget):
+    for batch_idx, g in iter_grads(job.model, enc, job.params, job.how, job.token_budget,
+                                   dtype=job.grad_dtype):
         flat = flatten(g)
         if job.moments is not None:
             flat = adam_precondition(flat, *(t.to(flat.device) for t in job.moments))
@@ -235,6 +151,12 @@ class GradFeatureSet:
     def features(self, j: int) -> np.ndarray:
         return np.load(self.dir.path(f"c{j:03d}.npy"), mmap_mode="r")
 
+    def positions(self) -> np.ndarray | None:
+        """Pool positions of the feature rows when the stage ran over some rows only (a
+        shortlist), ascending; None when it covers every pool row in order."""
+        path = self.dir.path("rows.npy")
+        return np.load(path) if path.exists() else None
+
     def all(self) -> list[np.ndarray]:
         return [self.features(j) for j in range(self.n_checkpoints)]
 
@@ -251,6 +173,7 @@ class GradFeatures(Stage):
     per_shard: ClassVar[bool] = False
     loads_model: ClassVar[bool] = True
     proxy: Stage | None = None
+    rows: Stage | None = None         # only these pool rows (a `Shortlist` stage); None: all
     d: int = 8192
     seed: int = 0
     grad: Literal["auto", "adam", "sgd"] = "auto"
@@ -258,8 +181,9 @@ class GradFeatures(Stage):
     max_tokens: int = 512
     response_only: bool = True
     dtype: str | None = None          # the projection's: bf16 | fp32 (None: by device, `bind`)
+    grad_dtype: str | None = None     # the gradient pass's autocast: bf16 | fp32 (None: `bind`)
     token_budget: int = field(default=DEFAULT_GRAD_TOKENS, compare=False, metadata={"key": False})
-    project_rows: int = field(default=64, compare=False, metadata={"key": False})
+    project_rows: int = field(default=256, compare=False, metadata={"key": False})
 
     def __post_init__(self):
         if self.proxy is None:
@@ -271,17 +195,21 @@ class GradFeatures(Stage):
             raise ValueError(f"grad must be auto, adam or sgd, got {self.grad!r}")
         if self.dtype not in (None, "bf16", "fp32"):
             raise ValueError(f"projection dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.grad_dtype not in (None, "bf16", "fp32"):
+            raise ValueError(f"gradient dtype must be bf16 or fp32, got {self.grad_dtype!r}")
 
     def deps(self) -> tuple[Stage, ...]:
-        return (*super().deps(), self.proxy)
+        return (*super().deps(), self.proxy, *((self.rows,) if self.rows is not None else ()))
 
     def bind(self, device: str) -> GradFeatures:
-        if self.dtype is not None:
+        if self.dtype is not None and self.grad_dtype is not None:
             return self
         import torch
         from thresher.pipeline.models.engine import engine_dtype
 
-        return dataclasses.replace(self, dtype="bf16" if engine_dtype(device) == torch.bfloat16 else "fp32")
+        native = "bf16" if engine_dtype(device) == torch.bfloat16 else "fp32"
+        return dataclasses.replace(self, dtype=self.dtype or native,
+                                   grad_dtype=self.grad_dtype or native)
 
     def mode(self) -> str:
         """adam for the pool, sgd for a target set (LESS), unless `grad` says otherwise."""
@@ -312,52 +240,89 @@ class GradFeatures(Stage):
         moments = adam_moments(ckpt, params) if self.mode() == "adam" else None
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
         return FeatureJob(model, tok, params, moments, self.d, self.seed, dtype, self.max_tokens,
-                          self.response_only, self.token_budget, self.project_rows)
+                          self.response_only, self.token_budget, self.project_rows,
+                          self.grad_dtype or "fp32")
 
-    def _checkpoint(self, run: StageRun, ckpt: Path, stats: dict) -> list[Path]:
-        """Fill the missing shard files of one checkpoint; returns them in pool order."""
+    def _units(self, run: StageRun) -> list[tuple[Path, np.ndarray]]:
+        """(shard, shard-local row positions) of every unit, in pool order: the rows to compute
+        (all, or those of the `rows` stage) in chunks of at most UNIT_ROWS within a shard."""
+        import pyarrow.parquet as pq
+
+        keep = None if self.rows is None else run.deps[self.rows].rows
+        units, start = [], 0
+        for shard in run.pool.shards:
+            n = pq.ParquetFile(shard).metadata.num_rows
+            local = np.arange(n) if keep is None else \
+                keep[(keep >= start) & (keep < start + n)] - start
+            units += [(shard, local[s:s + UNIT_ROWS]) for s in range(0, len(local), UNIT_ROWS)]
+            start += n
+        return units
+
+    def _checkpoint(self, run: StageRun, ckpt: Path, units, stats: dict, bar) -> list[Path]:
+        """Fill the missing unit files of one checkpoint; returns them in pool order."""
+        import hashlib
+
         from thresher.pipeline.executors import read_shard
 
-        folder, files, job = self._shard_dir(run, ckpt), [], None
-        for shard in run.pool.shards:
-            path = folder / f"{run.pool.shard_fingerprint(shard)[:32]}.npy"
+        folder, files, job, cache = self._shard_dir(run, ckpt), [], None, {}
+        for i, (shard, local) in enumerate(units):
+            rows_key = hashlib.sha256(np.ascontiguousarray(local, dtype=np.int64)).hexdigest()[:12]
+            path = folder / f"{run.pool.shard_fingerprint(shard)[:32]}-{rows_key}.npy"
             files.append(path)
             if path.exists():
-                stats["shards_cached"] += 1
+                stats["units_cached"] += 1
+                bar.update(len(local))
                 continue
+            if shard not in cache:                     # consecutive units share a shard read
+                cache = {shard: read_shard(shard, self.columns())}
             job = job or self._job(ckpt, run.device)
-            feats, no_loss, tokens = shard_features(job, read_shard(shard, self.columns()))
+            t0 = time.perf_counter()
+            feats, no_loss, tokens = shard_features(job, [cache[shard][k] for k in local])
             with atomic_path(path.with_suffix(".noloss.npy")) as tmp, open(tmp, "wb") as f:
                 np.save(f, no_loss)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, feats)
-            stats["shards_computed"] += 1
+            sec = time.perf_counter() - t0
+            stats["units_computed"] += 1
             stats["rows_computed"] += len(feats)
             stats["tokens"] += tokens
             stats["project_seconds"] += job.project_seconds
             job.project_seconds = 0.0
-            log.info("grad_features: %s, shard %s done", ckpt.name, shard.stem)
+            bar.update(len(local))
+            log.info("grad_features: %s unit %d/%d done (%d rows, %d tokens, %.1f s, %.2f rows/s)",
+                     ckpt.name, i + 1, len(units), len(feats), tokens, sec, len(feats) / sec)
         return files
 
     def run_whole(self, run: StageRun) -> dict:
+        from thresher.pipeline.progress import stage_bar
+
         proxy = run.deps[self.proxy]
         ckpts = [Path(c) for c in proxy.checkpoints]
-        stats = {"shards_computed": 0, "shards_cached": 0, "rows_computed": 0, "tokens": 0,
+        units = self._units(run)
+        n = sum(len(local) for _, local in units)
+        stats = {"units_computed": 0, "units_cached": 0, "rows_computed": 0, "tokens": 0,
                  "project_seconds": 0.0}
         t0 = time.perf_counter()
-        for j, ckpt in enumerate(ckpts):
-            files = self._checkpoint(run, ckpt, stats)
-            _concat(files, run.dir, f"c{j:03d}.npy", self.d)
-        no_loss = np.concatenate([np.load(f.with_suffix(".noloss.npy")) for f in files])
+        with stage_bar("grad_features", n * len(ckpts)) as bar:
+            for j, ckpt in enumerate(ckpts):
+                files = self._checkpoint(run, ckpt, units, stats, bar)
+                _concat(files, run.dir, f"c{j:03d}.npy", self.d)
+        no_loss = np.concatenate([np.load(f.with_suffix(".noloss.npy")) for f in files]) \
+            if files else np.zeros(0, dtype=bool)
         with run.dir.writing("no_loss.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, no_loss)
+        if self.rows is not None:
+            with run.dir.writing("rows.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, run.deps[self.rows].rows)
         seconds = time.perf_counter() - t0
-        return {"rows": run.pool.n_rows, "checkpoints": [str(c) for c in ckpts],
+        return {"rows": n, "pool_rows": run.pool.n_rows, "checkpoints": [str(c) for c in ckpts],
                 "steps": list(proxy.steps), "etas": checkpoint_etas(ckpts).tolist(),
                 "mode": self.mode(), "d": self.d, "no_loss_rows": int(no_loss.sum()),
-                "feature_seconds": round(seconds, 2),
+                "units": len(units), "feature_seconds": round(seconds, 2),
                 "seconds_per_row": round(seconds / max(1, stats["rows_computed"]), 4),
-                **stats, "project_seconds": round(stats["project_seconds"], 2)}
+                **stats, "project_seconds": round(stats["project_seconds"], 2),
+                # the plan's statistics count this stage's units as its shards
+                "shards_computed": stats["units_computed"], "shards_cached": stats["units_cached"]}
 
     def load(self, run: StageRun) -> GradFeatureSet:
         return GradFeatureSet(run.dir, run.dir.info())
