@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from thresher.pipeline import logs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Select and curate LLM training data.")
@@ -100,8 +100,9 @@ def select(
 ):
     """Select a subset of a pool under a budget and write it with a manifest."""
     from thresher.pipeline import registry
-    from thresher.pipeline.select import run_select
+    from thresher.pipeline.select import default_workdir, run_select
 
+    logs.log_to(workdir or default_workdir(pool))
     try:
         _check_device(device)
         params = parse_param_options(param)
@@ -507,8 +508,7 @@ def main() -> None:
     # on a shared CPU (bench/RESULTS.md); passive waiting matched one thread. Set before torch and
     # faiss load; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=os.environ.get("THRESHER_LOG", "WARNING"),
-                        format="%(levelname)s %(name)s: %(message)s")
+    logs.configure()   # library warnings and bars off the terminal, into WORKDIR/thresher.log
     try:
         code = app(standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently
