@@ -91,8 +91,9 @@ def plan_of(recipe: Recipe, device: str | None = None, read_only: bool = False) 
     pool = Pool(pool_dir(recipe))
     preps = {}
     for s in recipe.selections:
+        budget = Budget.parse(s.budget)
         preps[s.name] = prepare(pool, s.method, s.params, s.selector, s.targets,
-                                _seed(recipe, s), device, Budget.parse(s.budget).kind == "tokens")
+                                _seed(recipe, s), device, budget.kind == "tokens", budget)
     roots = [st for p in preps.values() for st in p.plan.roots]
     plan = make_plan(roots, next(iter(preps.values())).request.device)
     return Planned(recipe, pool, ArtifactStore(workdir(recipe), read_only), preps, plan)

@@ -68,9 +68,20 @@ class Prepared:
     plan: Plan
 
 
+def budget_rows(budget: Budget | None, pool: Pool) -> int | None:
+    """The budget in rows before any stage ran: a token budget by the pool's mean row length at
+    about 4 characters a token (what a method may size its own stages by, e.g. a shortlist)."""
+    if budget is None:
+        return None
+    if budget.kind != "tokens":
+        return budget.rows(pool.frame(["id"]))
+    mean_chars = pool.frame(["n_chars"])["n_chars"].mean() or 4.0
+    return min(pool.n_rows, max(1, int(budget.value // max(1.0, mean_chars / 4))))
+
+
 def prepare(pool: Pool, method: str, params: dict | None = None, selector: str | None = None,
             targets=(), seed: int = 0, device: str | None = None,
-            token_budget: bool = False) -> Prepared:
+            token_budget: bool = False, budget: Budget | None = None) -> Prepared:
     impl = registry.get(method)
     sel_cls = registry.selector_class(selector) if selector else None
     method_raw, sel_raw = split_params(params or {}, impl.Params, sel_cls or NoParams)
@@ -81,7 +92,8 @@ def prepare(pool: Pool, method: str, params: dict | None = None, selector: str |
                              "give --param column=NAME or use its own selector")
         sel_raw = {"column": impl.score_column, **sel_raw}
         parse_params(sel_cls, sel_raw, "selector parameter")        # fail before any work
-    req = Request(pool, tuple(Path(t) for t in targets or ()), seed, pick_device(device))
+    req = Request(pool, tuple(Path(t) for t in targets or ()), seed, pick_device(device),
+                  budget_rows(budget, pool))
     if targets and not impl.needs_targets:
         raise ValueError(f"--target: method {method} does not use a target set")
     if impl.needs_targets and not targets:
@@ -178,7 +190,8 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
         raise ValueError(f"{pool.path}: the pool has no rows to select from")
     out = Path(out)
     files = _output_files(out, fmt, pool, targets, check=not dry_run)  # refused before any work
-    prep = prepare(pool, method, params, selector, targets, seed, device, budget.kind == "tokens")
+    prep = prepare(pool, method, params, selector, targets, seed, device, budget.kind == "tokens",
+                   budget)
     store = ArtifactStore(workdir or default_workdir(pool.path),   # after every check: a mistake
                           read_only=dry_run)                       # leaves no empty work directory
     run_with = make_executor(executor, ray_address)
