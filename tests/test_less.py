@@ -48,6 +48,10 @@ def test_projection_is_the_dense_rademacher_product():
     cos = torch.nn.functional.cosine_similarity(project(g, D, 3, torch.bfloat16), project(g, D, 3))
     assert cos.min() > 0.999
     assert torch.equal(rademacher_block(3, 1, 5, D, torch.bfloat16).float(), R[ROW_BLOCK:ROW_BLOCK + 5])
+    # the definition: bit 1 of default_rng([seed, block])'s bytes, most significant first, is -1
+    raw = np.random.default_rng([3, 1]).bytes(ROW_BLOCK * D // 8)
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:5 * D].reshape(5, D)
+    assert np.array_equal(R[ROW_BLOCK:ROW_BLOCK + 5].numpy(), 1.0 - 2.0 * bits)
 
 
 def test_projection_keeps_norms_and_angles_roughly():

@@ -11,33 +11,58 @@ checkpoints' learning-rate weights. `pipeline/stages/grad_features.py` is the ca
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 
 ROW_BLOCK = 1024                 # parameters per block of R (part of R's definition)
+PROJECT_BLOCKS = 8               # blocks of R per product (a larger GEMM; not part of R)
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8     # LESS obtain_gradients_with_adam
 
 
 # ---------------------------------------------------------------- the random projection
 
-def rademacher_block(seed: int, block: int, rows: int, d: int, dtype=None):
-    """Rows [block*ROW_BLOCK, block*ROW_BLOCK + rows) of R: +-1 entries as a torch tensor
-    [rows, d] (bit 1 of `default_rng([seed, block])`'s bytes, most significant first, is -1)."""
+_WORDS = {"float32": (np.uint32, np.int32, 0x3F800000, 0xBF800000),    # +1.0, -1.0
+          "bfloat16": (np.uint16, np.int16, 0x3F80, 0xBF80)}
+
+
+@functools.lru_cache(maxsize=4)
+def _sign_table(dtype_name: str):
+    """[256, 8] words: byte value -> its 8 bits (most significant first) as +-1.0 in `dtype`."""
     import torch
 
-    n = ROW_BLOCK * d
-    raw = np.random.default_rng([seed, block]).bytes((n + 7) // 8)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:rows * d]
-    if dtype in (None, torch.float32):            # the sign bit on 1.0 (no float arithmetic)
-        words = bits.astype(np.uint32) << 31
-        words |= np.uint32(0x3F800000)
-        return torch.from_numpy(words.view(np.float32)).view(rows, d)
+    unsigned, signed, plus, minus = _WORDS[dtype_name]
+    bits = (np.arange(256)[:, None] >> np.arange(7, -1, -1)) & 1
+    return torch.from_numpy(np.where(bits == 1, minus, plus).astype(unsigned).view(signed))
+
+
+def _dtype_name(dtype) -> str:
+    import torch
+
+    if dtype in (None, torch.float32):
+        return "float32"
     if dtype == torch.bfloat16:
-        words = bits.astype(np.uint16) << 15
-        words |= np.uint16(0x3F80)
-        return torch.from_numpy(words.view(np.int16)).view(torch.bfloat16).view(rows, d)
+        return "bfloat16"
     raise ValueError(f"rademacher_block: unsupported dtype {dtype}")
+
+
+def rademacher_block(seed: int, block: int, rows: int, d: int, dtype=None, out=None):
+    """Rows [block*ROW_BLOCK, block*ROW_BLOCK + rows) of R: +-1 entries as a torch tensor
+    [rows, d] (bit 1 of `default_rng([seed, block])`'s bytes, most significant first, is -1).
+    Each byte becomes its 8 signs by one table look-up (the float words of +-1, no arithmetic);
+    `out` (a contiguous [rows, d] tensor of `dtype`, rows * d a multiple of 8) is filled in place."""
+    import torch
+
+    name = _dtype_name(dtype)
+    raw = np.random.default_rng([seed, block]).bytes((ROW_BLOCK * d + 7) // 8)
+    idx = torch.frombuffer(bytearray(raw), dtype=torch.uint8)[:(rows * d + 7) // 8].int()
+    table = _sign_table(name)
+    if out is not None and (rows * d) % 8 == 0:
+        torch.index_select(table, 0, idx, out=out.view(table.dtype).view(-1, 8))
+        return out
+    words = table[idx].view(-1)[:rows * d]
+    return words.view(getattr(torch, name)).view(rows, d)
 
 
 def rademacher_matrix(n_params: int, d: int, seed: int = 0):
@@ -50,19 +75,26 @@ def rademacher_matrix(n_params: int, d: int, seed: int = 0):
 
 
 def project(grads, d: int, seed: int = 0, dtype=None):
-    """grads [B, P] @ R -> float32 [B, d], block by block (R is never held whole); `dtype` is
-    the product's dtype (float32 or bfloat16; accumulation in float32 either way)."""
+    """grads [B, P] @ R -> float32 [B, d], R drawn block by block and never held whole (the
+    product runs over PROJECT_BLOCKS blocks of R at a time, drawn into one reused buffer);
+    `dtype` is the product's dtype (float32 or bfloat16; the products are summed in float32)."""
     import torch
 
     dtype = dtype or torch.float32
     n_params = grads.shape[1]
-    out = torch.zeros(grads.shape[0], d, dtype=torch.float32, device=grads.device)
-    for b in range(-(-n_params // ROW_BLOCK)):
-        lo = b * ROW_BLOCK
-        hi = min(n_params, lo + ROW_BLOCK)
-        r = rademacher_block(seed, b, hi - lo, d, dtype).to(grads.device)
-        out += (grads[:, lo:hi].to(dtype) @ r).float()
-    return out
+    out = torch.zeros(grads.shape[0], d, dtype=torch.float32)
+    buf = torch.empty(PROJECT_BLOCKS * ROW_BLOCK, d, dtype=dtype)
+    for lo in range(0, n_params, PROJECT_BLOCKS * ROW_BLOCK):
+        hi = min(n_params, lo + PROJECT_BLOCKS * ROW_BLOCK)
+        for b0 in range(lo, hi, ROW_BLOCK):
+            rows = min(ROW_BLOCK, n_params - b0)
+            part = buf[b0 - lo:b0 - lo + rows]
+            filled = rademacher_block(seed, b0 // ROW_BLOCK, rows, d, dtype, out=part)
+            if filled is not part:
+                part.copy_(filled)
+        r = buf[:hi - lo].to(grads.device)
+        out += (grads[:, lo:hi].to(dtype) @ r).float().cpu()
+    return out.to(grads.device)
 
 
 def normalize_rows(x):

@@ -41,7 +41,7 @@ from thresher.pipeline.models.engine import _body_and_head, pack_rows, packing_s
 from thresher.pipeline.models.packed_attention import PackedGradAttention
 
 _active = threading.local()      # the capture of the forward pass running in this thread
-GROUP_PACKS = 4                  # packs per worker computed between two handovers to the caller
+GROUP_PACKS = 8                  # packs per worker computed between two handovers to the caller
 
 
 @dataclass
