@@ -5,6 +5,8 @@ replaced, side by side on SmolLM2 at one warm-up checkpoint, with the bf16 roofl
         [--rows 48] [--rounds 2] [--max-tokens 256] [--pool-rows 200] [--targets 20] [--epochs 2]
     ... --stages     # instead: the whole `less` plan (warm-up, pool and target features), its
                      # stage costs as `thresher select --method less` pays them (cached reruns)
+    ... --overlap    # instead: both paths' features of every pool and target row at every
+                     # checkpoint, and how many of the rows LESS keeps (top 10 / 20 / 40) agree
 
 Build (once, under --out): --pool-rows rows drawn (seed 0) from every file of the shared pool
 (`--data`, default ../shared/data), shards of 50; the target is the first --targets GSM8K test
@@ -179,6 +181,54 @@ def compare(a) -> dict:
             (platform.processor() or platform.machine()), "rounds": rounds}
 
 
+def overlap(a) -> dict:
+    """Both paths' LESS features for every pool row and target row at every warm-up checkpoint,
+    then the rows LESS keeps at several budgets: how many the two paths share."""
+    from thresher.pipeline.artifacts import ArtifactStore
+    from thresher.pipeline.executors import LocalExecutor
+    from thresher.pipeline.io.pool import Pool, load_rows
+    from thresher.pipeline.models.less_maths import checkpoint_etas
+    from thresher.pipeline.plan import make_plan
+    from thresher.pipeline.stages.grad_features import GradFeatures, shard_features
+    from thresher.scoring.less import less_scores
+
+    pool_dir, target = build(a.out, a.data, a.pool_rows, a.targets)
+    pool = Pool(pool_dir)
+    proxy = less_needs(pool, target, a)["pool"].proxy
+    outputs, _ = make_plan([proxy], a.device).run(pool, ArtifactStore(a.out / "work"), LocalExecutor())
+    ckpts = [Path(c) for c in outputs[proxy].checkpoints]
+    cols = ["id", "kind", "messages", "text"]
+    rows = list(pool.iter_rows(cols))
+    targets = load_rows(target)[0]
+    feats = {"packed": ([], []), "vmap": ([], [])}
+    no_loss = None
+    for ckpt in ckpts:
+        stage = GradFeatures(proxy=proxy, d=a.d, max_tokens=a.max_tokens, dtype="bf16", grad_dtype="bf16")
+        base = stage._job(ckpt, a.device)
+        for name, kw in (("packed", {"token_budget": 1024, "how": "packed", "grad_dtype": "bf16"}),
+                         ("vmap", {"token_budget": 512, "how": "vmap", "grad_dtype": "fp32",
+                                   "project_rows": 64})):
+            job = dataclasses.replace(base, **kw)
+            f_pool, no_loss, _ = shard_features(job, rows)
+            f_tgt, t_no_loss, _ = shard_features(dataclasses.replace(job, moments=None), targets)
+            feats[name][0].append(np.asarray(f_pool))
+            feats[name][1].append(np.asarray(f_tgt)[~t_no_loss])
+        del base
+    etas = checkpoint_etas(ckpts)
+    ok = ~no_loss
+    score = {k: less_scores(p, t, etas) for k, (p, t) in feats.items()}
+    out = {"pool_rows": len(rows), "scored_rows": int(ok.sum()), "target_rows": len(feats["vmap"][1][0]),
+           "checkpoints": len(ckpts)}
+    for k in (10, 20, 40):
+        top = {name: set(np.flatnonzero(ok)[np.argsort(-s[ok], kind="stable")[:k]]) for name, s in score.items()}
+        out[f"top{k}_shared"] = len(top["packed"] & top["vmap"])
+    cos = [float(np.min((np.asarray(p, np.float64)[ok] * np.asarray(v, np.float64)[ok]).sum(1)))
+           for p, v in zip(feats["packed"][0], feats["vmap"][0])]
+    out["feature_cosine_min_per_checkpoint"] = [round(c, 5) for c in cos]
+    out["score_correlation"] = round(float(np.corrcoef(score["packed"][ok], score["vmap"][ok])[0, 1]), 5)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/out/less-features"))
@@ -192,14 +242,16 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=8192)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh)")
     ap.add_argument("--stages", action="store_true", help="run the whole less plan instead")
+    ap.add_argument("--overlap", action="store_true",
+                    help="instead: both paths over the whole pool and the targets, and the rows LESS keeps")
     a = ap.parse_args()
     if not (a.data / "pool").is_dir():
         ap.error(f"{a.data}/pool not found: the shared data is needed (--data DIR)")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    report = stages(a) if a.stages else compare(a)
+    report = stages(a) if a.stages else overlap(a) if a.overlap else compare(a)
     report["load_avg_end"] = os.getloadavg()
     print(json.dumps(report))
-    if not a.stages:
+    if not (a.stages or a.overlap):
         per = report["seconds_per_row_per_ckpt"]
         print(f"seconds per row per checkpoint: packed {per['packed']}, vmap {per['vmap']} "
               f"({report['rows']} rows, {report['tokens']} tokens, {report['device']})")
