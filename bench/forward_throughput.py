@@ -134,7 +134,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.budget = args.budget or engine.default_token_budget(args.device)
+    args.budget = args.budget or engine.default_batch_tokens(args.device)
     m = resolve(DEFAULT_LM)
     tok = load_tokenizer(m)
     device = args.device
@@ -155,7 +155,7 @@ def main() -> None:
           "GFLOP/token")
 
     def run_engine(idx, signals, pack=None, workers=None):
-        engine.run_forward(model, tok, [rows[i] for i in idx], signals, token_budget=args.budget,
+        engine.run_forward(model, tok, [rows[i] for i in idx], signals, batch_tokens=args.budget,
                            encoded=[encs[i] for i in idx], pack=pack, workers=workers)
         sync(device)
 

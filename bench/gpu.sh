@@ -10,6 +10,9 @@
 #               bf16, vs one-at-a-time; roofline = an 8192^3 bf16 GEMM on the same GPU)
 #   k-means     bench/kmeans.py --gpu (faiss-gpu, 1M x 384 float16, k = 1000) vs scikit-learn
 #   trainer     bench/trainer.py --device cuda (bf16 autocast both; thresher vs a plain loop)
+#   less        bench/less_features.py --device cuda (LESS gradient features: packed bf16
+#               per-sample gradients vs the float32 vmap path, seconds per row per checkpoint,
+#               roofline fraction; needs the shared data, ../shared/data)
 # and appends every figure, with the GPU's name and the commands, to bench/RESULTS.md
 # (raw outputs in bench/out/gpu/).
 set -euo pipefail
@@ -32,8 +35,10 @@ declare -A CMDS=(
     [forward]="$PY bench/forward_throughput.py --device cuda --rows 256 --rounds 3 --padded"
     [kmeans]="$PY bench/kmeans.py --gpu --data bench/out/scale/1000000/embeddings.npy --k 1000"
     [trainer]="$PY bench/trainer.py --device cuda --rows 64 --max-tokens 512"
+    [less]="$PY bench/less_features.py --device cuda --out bench/out/gpu/less-features --rows 256 --rounds 2"
 )
-for name in embedding forward kmeans trainer; do
+NAMES="embedding forward kmeans trainer less"
+for name in $NAMES; do
     echo "== $name: ${CMDS[$name]}"
     ${CMDS[$name]} 2>&1 | grep -v "Loading weights" | tee "$OUT/$name.txt"
 done
@@ -44,7 +49,7 @@ done
     echo
     echo "Machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1);" \
          "$(nproc) CPU cores; $("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')."
-    for name in embedding forward kmeans trainer; do
+    for name in $NAMES; do
         echo
         echo "### $name"
         echo

@@ -50,7 +50,7 @@ def main() -> None:
     for r in range(a.rounds):
         for how in (("loop", "vmap") if r % 2 == 0 else ("vmap", "loop")):
             t0 = time.perf_counter()
-            norms[how] = grad_norms(model, enc, params, how=how, token_budget=a.budget)
+            norms[how] = grad_norms(model, enc, params, how=how, batch_tokens=a.budget)
             best[how] = min(best[how], time.perf_counter() - t0)
     rel = float(np.max(np.abs(norms["vmap"] - norms["loop"]) / np.maximum(norms["loop"], 1e-12)))
     out = {"rows": len(enc), "tokens": tokens, "params": a.params, "n_params": n_params(params),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from thresher.pipeline import logs
 from thresher.pipeline.models.resolve import MissingPackage, check_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -606,7 +607,7 @@ def main() -> None:
         typer.echo(f"error: THRESHER_LOG={os.environ['THRESHER_LOG']!r}: unknown log level; use "
                    "DEBUG, INFO, WARNING, ERROR or CRITICAL", err=True)
         sys.exit(2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logs.configure()   # library warnings and bars off the terminal, into WORKDIR/thresher.log
     try:
         code = app(standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, silently

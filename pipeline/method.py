@@ -44,6 +44,7 @@ class Request:
     targets: tuple[Path, ...] = ()
     seed: int = 0
     device: str = "cpu"
+    budget_rows: int | None = None    # the budget in rows (a token budget: an estimate); None: unknown
 
     @property
     def n_rows(self) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from thresher.pipeline import logs
 from thresher.pipeline.artifacts import ArtifactStore, write_json_atomic
 from thresher.pipeline.io.writers import HF_DATA
 from thresher.pipeline.recipe import Recipe, SelectionSpec
@@ -204,12 +205,15 @@ def plan_of(recipe: Recipe, device: str | None = None, read_only: bool = False) 
     pool = Pool(pool_dir(recipe))
     preps = {}
     for s in recipe.selections:
-        tokens = s.budget is not None and Budget.parse(s.budget).kind == "tokens"
+        budget = Budget.parse(s.budget) if s.budget is not None else None
         preps[s.name] = prepare(pool, s.method, s.params, s.selector, s.targets,
-                                _seed(recipe, s), device, tokens)
+                                _seed(recipe, s), device, budget)
     roots = [st for p in preps.values() for st in p.plan.roots]
     plan = make_plan(roots, next(iter(preps.values())).request.device)
-    return Planned(recipe, pool, ArtifactStore(workdir(recipe), read_only), preps, plan)
+    store = ArtifactStore(workdir(recipe), read_only)
+    if not read_only:
+        logs.log_to(store.root)      # the CLI's log file (library warnings, INFO lines)
+    return Planned(recipe, pool, store, preps, plan)
 
 
 def _seed(recipe: Recipe, sel: SelectionSpec) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from thresher.pipeline import registry
+from thresher.pipeline import logs, registry
 from thresher.pipeline.artifacts import ArtifactStore, write_json_atomic
 from thresher.pipeline.budget import Budget
 from thresher.pipeline.executors import make_executor
@@ -66,7 +66,10 @@ def open_store(workdir: Path | str | None, pool: Pool, read_only: bool = False) 
     inside a pool or another cache, not a folder of other files), or the default beside it."""
     if workdir is not None:
         check_workdir(Path(workdir), [pool.path])
-    return ArtifactStore(workdir or default_workdir(pool.path), read_only=read_only)
+    store = ArtifactStore(workdir or default_workdir(pool.path), read_only=read_only)
+    if not read_only:
+        logs.log_to(store.root)      # the CLI's log file (library warnings, INFO lines)
+    return store
 
 
 def versions() -> dict[str, str]:
@@ -92,19 +95,31 @@ class Prepared:
     plan: Plan
 
 
+def budget_rows(budget: Budget | None, pool: Pool) -> int | None:
+    """The budget in rows before any stage ran: a token budget by the pool's mean row length at
+    about 4 characters a token (what a method may size its own stages by, e.g. a shortlist)."""
+    if budget is None:
+        return None
+    if budget.kind != "tokens":
+        return budget.rows(pool.frame(["id"]))
+    mean_chars = pool.frame(["n_chars"])["n_chars"].mean() or 4.0
+    return min(pool.n_rows, max(1, int(budget.value // max(1.0, mean_chars / 4))))
+
+
 def prepare(pool: Pool, method: str, params: dict | None = None, selector: str | None = None,
             targets=(), seed: int = 0, device: str | None = None,
-            count_tokens: bool = False) -> Prepared:
+            budget: Budget | None = None) -> Prepared:
     choice = registry.choose(method, params, selector)       # fails before any work
     impl, p = choice.method, choice.params
-    req = Request(pool, tuple(Path(t) for t in targets or ()), seed, pick_device(device))
+    req = Request(pool, tuple(Path(t) for t in targets or ()), seed, pick_device(device),
+                  budget_rows(budget, pool))
     if targets and not impl.needs_targets:
         raise ValueError(f"--target: method {method} does not use a target set")
     if impl.needs_targets and not targets:
         raise ValueError(f"--method {method} needs --target FILE (repeat --target for several tasks)")
     check_targets(req.targets)
     needs = dict(impl.needs(p, req))
-    if count_tokens:    # token budgets need per-row counts: the tokenizer only, no weights
+    if budget is not None and budget.kind == "tokens":    # token budgets need per-row counts: the tokenizer only, no weights
         needs["tokens"] = TokenCounts(tokenizer=impl.tokenizer(p))
     plan = make_plan(needs.values(), req.device)
     for stage in plan.stages:   # every model resolved, every target found: before any work
@@ -221,8 +236,7 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
         check_workdir(cache, [pool.path])
     if not (dry_run and os.fspath(out) == "-"):   # refused before any work, dry run or not
         files = _output_files(out, fmt, pool, targets, cache, annotate_only)
-    prep = prepare(pool, method, params, selector, targets, seed, device,
-                   budget is not None and budget.kind == "tokens")
+    prep = prepare(pool, method, params, selector, targets, seed, device, budget)
     store = open_store(workdir, pool, read_only=dry_run)   # after every check: a mistake
     run_with = make_executor(executor, ray_address)       # leaves no empty work directory
     if dry_run:

@@ -59,7 +59,8 @@ class Unit:
 
     `key` names its files in the stage's unit directory (a shard's content hash, with whatever
     else its output depends on: a checkpoint's fingerprint, a row range); `shard` and `rows` say
-    what it reads (a pool shard, a half-open row range of it; None: all of it); units whose
+    what it reads (a pool shard, a half-open row range of it; None: all of it; or only the
+    shard-local rows of `positions`); units whose
     `worker` is equal share one loaded worker (a checkpoint's model); `size` is what its
     progress counts; `label` names it in logs."""
 
@@ -69,6 +70,7 @@ class Unit:
     worker: tuple = ()
     size: int = 1
     label: str = ""
+    positions: tuple[int, ...] | None = None   # only these shard-local rows (ascending), if given
 
 
 @dataclass
@@ -265,6 +267,8 @@ def read_unit_rows(unit: Unit, columns: list[str]) -> list[dict]:
     table = pq.read_table(unit.shard, columns=[c for c in columns if c in schema.names])
     if unit.rows is not None:
         table = table.slice(unit.rows[0], unit.rows[1] - unit.rows[0])
+    if unit.positions is not None:
+        table = table.take(list(unit.positions))
     return table.to_pylist()
 
 

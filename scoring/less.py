@@ -27,6 +27,7 @@ rows with no response token within max_tokens are not scored (counted as `unscor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,13 @@ from typing import Literal
 import numpy as np
 import polars as pl
 from thresher.pipeline.method import Inputs, Method, Request
-from thresher.pipeline.models.resolve import DEFAULT_LM
+from thresher.pipeline.models.resolve import DEFAULT_EMBEDDER, DEFAULT_LM
 from thresher.pipeline.params import Share
 from thresher.pipeline.stage import Stage
+from thresher.pipeline.stages.embed import Embed
 from thresher.pipeline.stages.grad_features import GradFeatures
 from thresher.pipeline.stages.proxy import warmup_proxy
+from thresher.pipeline.stages.shortlist import Shortlist
 from thresher.pipeline.stages.targets import TargetPool
 from thresher.selectors.round_robin import RoundRobin, StaticList
 from thresher.selectors.score_band import ScoreBand
@@ -110,6 +113,25 @@ def less_representation(feats: Sequence[np.ndarray], etas: Sequence[float], rows
     return np.concatenate([np.sqrt(eta) * _unit(f[rows]) for eta, f in zip(etas, feats)], axis=1)
 
 
+def shortlist_rows(p: LessParams, req: Request) -> int | None:
+    """The shortlist's size (`shortlist` x the budget in rows), or None: no shortlist (off, a
+    pool of at most `shortlist_above` rows, an unknown budget, or a shortlist of the whole pool)."""
+    if p.shortlist <= 0 or req.n_rows <= p.shortlist_above or req.budget_rows is None:
+        return None
+    m = math.ceil(p.shortlist * req.budget_rows)
+    return m if m < req.n_rows else None
+
+
+def feature_rows(positions: np.ndarray | None, pool_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index into the feature matrices, bool: has features) for pool positions; `positions`
+    are the feature rows' pool positions (ascending), None when the features cover the pool."""
+    if positions is None:
+        return pool_rows, np.ones(len(pool_rows), dtype=bool)
+    at = np.minimum(np.searchsorted(positions, pool_rows), max(0, len(positions) - 1))
+    listed = positions[at] == pool_rows if len(positions) else np.zeros(len(pool_rows), bool)
+    return at, listed
+
+
 @dataclass(frozen=True)
 class LessParams:
     model: str = field(default=DEFAULT_LM, metadata={"help": "causal LM (LoRA warm-up and gradients)"})
@@ -128,11 +150,23 @@ class LessParams:
         "help": "warm-up autocast: bf16 or fp32 (default by CPU)"})
     unit_rows: int = field(default=256, metadata={
         "help": "rows per unit of gradient work (a progress line and a resume point each)"})
-    grad_tokens: int = field(default=512, metadata={
-        "help": "padded tokens per per-sample-gradient batch (peak memory grows with it; scores do not change)"})
+    grad_tokens: int = field(default=1024, metadata={
+        "help": "tokens per packed per-sample-gradient batch (peak memory grows with it; scores do not change)"})
+    grad_dtype: Literal["bf16", "fp32"] | None = field(default=None, metadata={
+        "help": "per-sample gradient pass: bf16 autocast (default on CPUs with native bf16) or fp32"})
     max_share: Share = field(default=1.0, metadata={
         "help": "diversity guard: at most this share of the budget from one source (1 = off, as LESS)"})
+    shortlist: float = field(default=0.0, metadata={
+        "help": "two-stage: first keep shortlist x budget rows nearest the targets by embedder "
+                "vectors, then LESS ranks only those (0 = LESS over every row)"})
+    shortlist_above: int = field(default=0, metadata={
+        "help": "the shortlist applies only to pools of more rows than this"})
+    embedder: str = field(default=DEFAULT_EMBEDDER, metadata={"help": "sentence embedder of the shortlist"})
 
+    def __post_init__(self):
+        if self.shortlist < 0 or self.shortlist_above < 0:
+            raise ValueError(f"shortlist and shortlist_above must be >= 0, got {self.shortlist} "
+                             f"and {self.shortlist_above}")
 
 
 class LessMethod(Method):
@@ -149,8 +183,15 @@ class LessMethod(Method):
         warm = warmup_proxy(req.n_rows, p.model, p.proxy_part, p.proxy_min_rows, p.epochs,
                             p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens, p.proxy_dtype)
         feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,
-                 "dtype": p.proj_dtype, "token_budget": p.grad_tokens, "unit_rows": p.unit_rows}
-        out = {"pool": GradFeatures(**feats)}
+                 "dtype": p.proj_dtype, "grad_dtype": p.grad_dtype, "batch_tokens": p.grad_tokens,
+                 "unit_rows": p.unit_rows}
+        out = {}
+        m = shortlist_rows(p, req)
+        if m is not None:
+            vectors = lambda over=None: Embed(model=p.embedder, part="conversation", over=over)
+            out["shortlist"] = Shortlist(vectors=vectors(), m=m, targets=tuple(
+                vectors(TargetPool(path=str(t))) for t in req.targets))
+        out["pool"] = GradFeatures(**feats, rows=out.get("shortlist"))
         for i, t in enumerate(req.targets):
             out[f"target{i}"] = GradFeatures(**feats, over=TargetPool(path=str(t)))
         return out
@@ -169,12 +210,18 @@ class LessMethod(Method):
     def score(self, p: LessParams, inputs: Inputs) -> pl.DataFrame:
         pool = inputs["pool"]
         tasks, names = self._tasks(inputs)
-        cand = inputs.candidates.filter(~pl.Series(pool.no_loss()[inputs.candidates["row"].to_numpy()]))
-        scores, best = less_task_scores(pool.all(), tasks, pool.etas, cand["row"].to_numpy())
+        rows, listed = feature_rows(pool.positions(), inputs.candidates["row"].to_numpy())
+        keep = listed & ~pool.no_loss()[rows]
+        cand = inputs.candidates.filter(pl.Series(keep))
+        scores, best = less_task_scores(pool.all(), tasks, pool.etas, rows[keep])
         inputs.note("etas", [round(float(e), 6) for e in pool.etas])
         inputs.note("checkpoints", pool.info["checkpoints"])
         inputs.note("target_rows", {n: len(t[0]) for n, t in zip(names, tasks)})
-        inputs.note("unscored_rows", inputs.candidates.height - cand.height)
+        inputs.note("unscored_rows", int((listed & ~keep).sum()))
+        if "shortlist" in inputs.outputs:
+            inputs.note("shortlist", {"rows": int(listed.sum()), "outside": int((~listed).sum()),
+                                      "of_budget": p.shortlist, **{k: inputs["shortlist"].info.get(k)
+                                      for k in ("min_kept_cosine", "max_dropped_cosine")}})
         if cand.height == 0:
             raise ValueError("no pool row has a response token to score; check --param max_tokens")
         return cand.select("id").with_columns(

@@ -62,7 +62,7 @@ def direct(model, tok, row, response_only=True):
 
 def test_every_signal_matches_the_direct_formulas(tiny, rows):
     model, tok = tiny
-    got = run_forward(model, tok, rows, ALL, token_budget=2048)
+    got = run_forward(model, tok, rows, ALL, batch_tokens=2048)
     for i, row in enumerate(rows):
         ref = direct(model, tok, row)
         assert got["el2n"][i] == pytest.approx(ref["el2n"], rel=1e-4)
@@ -106,7 +106,7 @@ def test_weighted_pooling_by_hand_with_padding():
 
 def test_batched_equals_one_at_a_time_in_row_order(tiny, rows):
     model, tok = tiny
-    batched = run_forward(model, tok, rows, ALL, token_budget=4096)
+    batched = run_forward(model, tok, rows, ALL, batch_tokens=4096)
     lengths = batched["n_tokens"]
     assert len(length_batches(lengths, 4096)) < len(rows)      # really batched, with padding
     for i, row in enumerate(rows):
@@ -164,8 +164,8 @@ def test_peft_model_and_training_mode_restored(tiny, rows):
 def test_packed_rows_give_the_padded_per_row_signals(tiny, rows):
     """Block-diagonal causal attention over packed rows = each row alone (padded batches)."""
     model, tok = tiny
-    packed = run_forward(model, tok, rows, ALL, token_budget=1024, pack=True)
-    padded = run_forward(model, tok, rows, ALL, token_budget=1024, pack=False)
+    packed = run_forward(model, tok, rows, ALL, batch_tokens=1024, pack=True)
+    padded = run_forward(model, tok, rows, ALL, batch_tokens=1024, pack=False)
     assert len(engine.pack_rows(packed["n_tokens"], 1024)) < len(rows)   # really packed
     assert model.config._attn_implementation != engine.PACKED_ATTENTION  # restored after
     np.testing.assert_array_equal(packed["n_loss_tokens"], padded["n_loss_tokens"])
@@ -184,9 +184,9 @@ def test_batches_side_by_side_give_the_one_at_a_time_signals(tiny, rows):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        serial = run_forward(model, tok, rows, ALL, token_budget=256, workers=1)
+        serial = run_forward(model, tok, rows, ALL, batch_tokens=256, workers=1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
-            side = run_forward(model, tok, rows, ALL, token_budget=256, workers=2)
+            side = run_forward(model, tok, rows, ALL, batch_tokens=256, workers=2)
         assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
     finally:
         torch.set_num_threads(threads)

@@ -54,7 +54,7 @@ def direct(orig, pruned, tok, row):
 
 def test_jsd_matches_the_direct_computation(pair, rows):
     _, _, orig, pruned, tok = pair
-    out = JsdWorker(orig, pruned, tok, token_budget=256)(rows)
+    out = JsdWorker(orig, pruned, tok, batch_tokens=256)(rows)
     for i, row in enumerate(rows):
         want, n = direct(orig, pruned, tok, row)
         assert out["n_loss_tokens"][i] == n > 0
@@ -65,9 +65,9 @@ def test_jsd_matches_the_direct_computation(pair, rows):
 
 def test_batching_and_blocks_do_not_change_the_numbers(pair, rows, monkeypatch):
     _, _, orig, pruned, tok = pair
-    big = JsdWorker(orig, pruned, tok, token_budget=100_000)(rows)
+    big = JsdWorker(orig, pruned, tok, batch_tokens=100_000)(rows)
     monkeypatch.setattr(jsd_mod, "LOGIT_CHUNK", 3 * orig.config.vocab_size)   # 3 positions a block
-    small = JsdWorker(orig, pruned, tok, token_budget=64)(rows)
+    small = JsdWorker(orig, pruned, tok, batch_tokens=64)(rows)
     np.testing.assert_allclose(big["jsd_sum"], small["jsd_sum"], rtol=1e-4, atol=1e-7)
 
 

@@ -14,7 +14,7 @@ FOLDERS = ("pipeline", "scoring", "selectors", "flows")
 # modules below it ("pipeline" alone is only the package's own __init__).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("files", ("pipeline", "pipeline.io", "pipeline.artifacts", "pipeline.budget", "pipeline.params",
-               "pipeline.progress")),
+               "pipeline.progress", "pipeline.logs")),
     ("models", ("pipeline.models",)),
     # ingest quarantines rows no chat template can render (models/chat.py)
     ("ingest", ("pipeline.io.ingest",)),

@@ -5,6 +5,7 @@ end, on the tiny random Llama (conftest) with tiny d."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,14 @@ import polars as pl
 import pytest
 import torch
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.plan import make_plan
-from thresher.pipeline.stages.grad_features import (
+from thresher.pipeline.models.less_maths import (
     ROW_BLOCK,
-    GradFeatures,
     project,
     rademacher_block,
     rademacher_matrix,
 )
+from thresher.pipeline.plan import make_plan
+from thresher.pipeline.stages.grad_features import GradFeatures
 from thresher.pipeline.stages.proxy import warmup_proxy
 from thresher.pipeline.stages.targets import TargetPool
 from thresher.scoring.less import (
@@ -48,6 +49,10 @@ def test_projection_is_the_dense_rademacher_product():
     cos = torch.nn.functional.cosine_similarity(project(g, D, 3, torch.bfloat16), project(g, D, 3))
     assert cos.min() > 0.999
     assert torch.equal(rademacher_block(3, 1, 5, D, torch.bfloat16).float(), R[ROW_BLOCK:ROW_BLOCK + 5])
+    # the definition: bit 1 of default_rng([seed, block])'s bytes, most significant first, is -1
+    raw = np.random.default_rng([3, 1]).bytes(ROW_BLOCK * D // 8)
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:5 * D].reshape(5, D)
+    assert np.array_equal(R[ROW_BLOCK:ROW_BLOCK + 5].numpy(), 1.0 - 2.0 * bits)
 
 
 def test_projection_keeps_norms_and_angles_roughly():
@@ -88,7 +93,8 @@ def target_file(tmp_path_factory) -> Path:
 def _stages(pool, tiny_lm_dir, target):
     warm = warmup_proxy(pool.n_rows, str(tiny_lm_dir), part=0.05, min_rows=8, epochs=2, lr=2e-2,
                         batch_size=4, max_tokens=256)
-    common = {"proxy": warm, "d": D, "seed": 5, "max_tokens": 256, "dtype": "fp32", "project_rows": 4}
+    common = {"proxy": warm, "d": D, "seed": 5, "max_tokens": 256, "dtype": "fp32", "grad_dtype": "fp32",
+              "project_rows": 4}
     return GradFeatures(**common), GradFeatures(**common, over=TargetPool(path=str(target)))
 
 
@@ -100,7 +106,7 @@ def _run(stages, pool, store):
     return [outputs[s] for s in plan.roots], pool_stats
 
 
-def _manual(ckpt, rows, adam: bool) -> np.ndarray:
+def _manual(ckpt, rows, adam: bool, how: str = "loop") -> np.ndarray:
     """Unit float64 features of `rows` at `ckpt`, computed here from the saved state."""
     from thresher.pipeline.io.safestate import load_state
     from thresher.pipeline.models.chat import encode
@@ -111,7 +117,7 @@ def _manual(ckpt, rows, adam: bool) -> np.ndarray:
     params = select_params(model, "lora")
     enc = [encode(tok, r, 256) for r in rows]
     g = torch.zeros(len(rows), sum(p.numel() for p in params.values()))
-    for idx, grads in iter_grads(model, enc, params, how="loop"):
+    for idx, grads in iter_grads(model, enc, params, how=how):
         g[torch.as_tensor(idx)] = flatten(grads)
     if adam:
         st = load_state(ckpt, "state")["optimizer"]["state"]
@@ -256,3 +262,120 @@ def test_target_without_method_runs_the_measured_default(dyn_pool, tiny_lm_dir, 
     cap = math.ceil(defaults["max_share"] * 8)
     assert guard["max_share"] == defaults["max_share"] < 1 and guard["cap_rows"] == cap
     assert max(guard["rows_per_group"].values()) <= cap and sum(guard["rows_per_group"].values()) == 8
+
+
+def test_packed_bf16_features_match_vmap_fp32_and_select_the_same_rows(dyn_pool, tiny_lm_dir,
+                                                                       target_file, tmp_path):
+    """The default gradient pass (rows packed, bf16 autocast) against the float32 vmap path it
+    replaced: per-row cosine of the stored features, and the rows LESS keeps."""
+    from thresher.pipeline.io.pool import Pool
+
+    store = ArtifactStore(tmp_path / "w")
+    pool_st, tgt_st = (dataclasses_replace(s, grad_dtype="bf16")
+                       for s in _stages(dyn_pool, tiny_lm_dir, target_file))
+    (pool_fs, tgt_fs), _ = _run([pool_st, tgt_st], dyn_pool, store)
+    assert pool_fs.info["mode"] == "adam"
+    rows = list(dyn_pool.iter_rows())
+    target_rows = list(Pool(next((tmp_path / "w" / "target").glob("*/pool"))).iter_rows())
+    ok, tok_ok = ~pool_fs.no_loss(), ~tgt_fs.no_loss()
+    ref_pool, ref_tgt = [], []
+    for j, ckpt in enumerate(pool_fs.info["checkpoints"]):
+        ref = _manual(Path(ckpt), rows, adam=True, how="vmap")
+        got = np.asarray(pool_fs.features(j), dtype=np.float64)
+        cos = (got[ok] * ref[ok]).sum(1) / np.linalg.norm(got[ok], axis=1)
+        assert cos.min() >= 0.99, (j, cos.min())
+        ref_pool.append(ref)
+        tref = _manual(Path(ckpt), target_rows, adam=False, how="vmap")
+        tgot = np.asarray(tgt_fs.features(j), dtype=np.float64)
+        tcos = (tgot[tok_ok] * tref[tok_ok]).sum(1) / np.linalg.norm(tgot[tok_ok], axis=1)
+        assert tcos.min() >= 0.99, (j, tcos.min())
+        ref_tgt.append(tref[tok_ok])
+    new = less_scores(pool_fs.all(), [np.asarray(f)[tok_ok] for f in tgt_fs.all()], pool_fs.etas)
+    old = less_scores(ref_pool, ref_tgt, pool_fs.etas)
+    budget = ok.sum() // 2
+    top = lambda s: set(np.flatnonzero(ok)[np.argsort(-s[ok], kind="stable")[:budget]])
+    assert len(top(new) & top(old)) >= 0.95 * budget
+    assert len(top(new) & top(-old)) < 0.8 * budget           # the ranking means something
+
+
+def test_shortlist_takes_each_tasks_nearest_rows_in_turn():
+    from thresher.pipeline.stages.shortlist import nearest_scores, round_robin_top
+
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(40, 8)).astype(np.float16)
+    a, b = pool[[3, 4]] + 0.01, pool[[30]] + 0.01        # task a near rows 3, 4; task b near 30
+    sa, sb = nearest_scores(pool, a), nearest_scores(pool, b)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    manual = (unit(pool.astype(np.float64)) @ unit(a.astype(np.float64)).T).max(axis=1)
+    assert np.allclose(sa, manual, atol=2e-3)
+    assert set(round_robin_top([sa], 2)) == {3, 4}
+    two = round_robin_top([sa, sb], 3)                   # a's best, b's best, a's second
+    assert set(two) == {3, 4, 30} and list(two) == sorted(two)
+    assert len(round_robin_top([sa, sb], 40)) == 40 and len(round_robin_top([sa, sb], 7)) == 7
+    assert len(set(round_robin_top([sa, sa], 5))) == 5   # a row taken once, the turn walks down
+
+
+def test_two_stage_less_ranks_only_the_shortlist(dyn_pool, tiny_lm_dir, tiny_embedder,
+                                                 target_file, tmp_path):
+    """shortlist=2 with a budget of 4: the embedder's 8 rows nearest the target, LESS features
+    for those 8 only, the pick among them in the order full LESS scores them; every other row
+    counted in the manifest."""
+    from thresher.pipeline.cli import app
+    from typer.testing import CliRunner
+
+    work = tmp_path / "w"
+    common = ["--budget", "4", "--workdir", str(work), "--target", str(target_file),
+              "--param", f"model={tiny_lm_dir}", "--param", f"d={D}", "--param", "max_tokens=256",
+              "--param", "epochs=2", "--param", "proxy_min_rows=8", "--param", "proxy_lr=2e-2",
+              "--param", "proxy_batch_size=4", "--param", "grad_dtype=fp32",
+              "--param", f"embedder={tiny_embedder}"]
+    run = lambda out, *extra: CliRunner().invoke(app, ["select", str(dyn_pool.path), "--method",
+                                                       "less", "--out", str(out), *common, *extra])
+    res = run(tmp_path / "two.jsonl", "--param", "shortlist=2")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "two.jsonl.manifest.json").read_text())
+    note = m["config"]["method"]["shortlist"]
+    assert note["rows"] == 8 and note["outside"] == dyn_pool.n_rows - 8
+    kinds = [s["stage"] for s in m["stages"]]
+    assert {"embed", "shortlist", "grad_features"} <= set(kinds)
+    feats = next(d for d in (work / "grad_features").iterdir()
+                 if (d / "rows.npy").exists())
+    listed = np.load(feats / "rows.npy")
+    assert len(listed) == 8 and np.load(feats / "c000.npy").shape == (8, D)
+    ids = dyn_pool.frame(["id"])["id"].to_list()
+    picked = [json.loads(ln)["id"] for ln in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert len(picked) == 4 and {ids.index(i) for i in picked} <= set(listed.tolist())
+    side = pl.read_parquet(tmp_path / "two.jsonl.selection.parquet")
+    assert side.height == 4
+
+    # full LESS over the same pool: its scores of the shortlisted rows rank them the same way
+    res = run(tmp_path / "full.jsonl")
+    assert res.exit_code == 0, res.output
+    assert pl.read_parquet(tmp_path / "full.jsonl.selection.parquet").height == 4
+    scores = {}
+    for d in (work / "scores").iterdir():
+        sc = pl.read_parquet(d / "scores.parquet")
+        scores[sc.height] = dict(zip(sc["id"], sc["less"]))
+    short, whole = scores[min(scores)], scores[max(scores)]
+    assert len(short) <= 8 < len(whole)
+    for i in short:
+        assert abs(short[i] - whole[i]) < 1e-3
+    best4 = sorted(short, key=lambda i: -short[i])[:4]
+    assert set(picked) == set(best4)
+
+
+def test_shortlist_is_off_for_small_pools_and_unknown_budgets(dyn_pool, target_file):
+    from thresher.pipeline.method import Request
+    from thresher.scoring.less import LessMethod, LessParams
+
+    req = Request(pool=dyn_pool, targets=(target_file,), budget_rows=4)
+    on = LessMethod().needs(LessParams(shortlist=2), req)
+    assert on["shortlist"].m == 8 and on["pool"].rows == on["shortlist"]
+    above = LessMethod().needs(LessParams(shortlist=2, shortlist_above=dyn_pool.n_rows), req)
+    assert "shortlist" not in above and above["pool"].rows is None
+    unknown = LessMethod().needs(LessParams(shortlist=2), Request(pool=dyn_pool, targets=(target_file,)))
+    assert "shortlist" not in unknown
+    whole = LessMethod().needs(LessParams(shortlist=1000), req)        # the shortlist is the pool
+    assert "shortlist" not in whole
+    with pytest.raises(ValueError, match="shortlist"):
+        LessParams(shortlist=-1)

@@ -36,6 +36,8 @@ import resource
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from thresher.pipeline.logs import FILE_NAME as LOG_FILE
+
 WORKDIR_NAME = ".thresher-work"
 CACHE_MARKERS = ("_SPEC.json", "_COMPLETE.json")   # artifacts.py: every artifact directory
 
@@ -147,8 +149,9 @@ def check_workdir(workdir: Path, inputs: Iterable[Path] = (), label: str = "--wo
 
 
 def _holds_artifacts(d: Path) -> bool:
-    """Whether every entry of `d` is a stage folder of artifact directories (a work directory)."""
-    entries = list(d.iterdir())
+    """Whether every entry of `d` is a stage folder of artifact directories (a work directory;
+    the CLI's log file beside them)."""
+    entries = [e for e in d.iterdir() if not (e.name == LOG_FILE and e.is_file())]
     return bool(entries) and all(
         e.is_dir() and all(k.is_dir() and (any((k / m).exists() for m in CACHE_MARKERS)
                                            or (k / "units").is_dir()) for k in e.iterdir())

@@ -67,7 +67,7 @@ PACKED_ATTENTION = "thresher_packed"   # name under transformers' AttentionInter
 SCALARS = ("loss", "ppl", "entropy", "el2n")
 
 
-def default_token_budget(device) -> int:
+def default_batch_tokens(device) -> int:
     return GPU_TOKEN_BUDGET if str(device).startswith("cuda") else DEFAULT_TOKEN_BUDGET
 
 
@@ -81,15 +81,15 @@ def check_signals(signals) -> frozenset[str]:
     return signals
 
 
-def length_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
-    """Row indices grouped into batches, longest first, each padded size <= token_budget.
+def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Row indices grouped into batches, longest first, each padded size <= batch_tokens.
 
     A row longer than the budget forms a batch of its own."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, cur, longest = [], [], 0
     for i in order:
         n = int(lengths[i])
-        if cur and max(longest, n) * (len(cur) + 1) > token_budget:
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
             batches.append(np.asarray(cur))
             cur, longest = [], 0
         cur.append(int(i))
@@ -99,8 +99,8 @@ def length_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
     return batches
 
 
-def pack_rows(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
-    """Row indices grouped into packs of at most token_budget real tokens (no padding).
+def pack_rows(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Row indices grouped into packs of at most batch_tokens real tokens (no padding).
 
     Longest rows first; each pack is topped up with the shortest remaining rows (two pointers
     over the sorted lengths, O(n)). A row longer than the budget forms a pack of its own."""
@@ -110,11 +110,11 @@ def pack_rows(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
     while i <= j:
         cur, total = [int(order[i])], int(lengths[order[i]])
         i += 1
-        while i <= j and total + lengths[order[i]] <= token_budget:
+        while i <= j and total + lengths[order[i]] <= batch_tokens:
             cur.append(int(order[i]))
             total += int(lengths[order[i]])
             i += 1
-        while i <= j and total + lengths[order[j]] <= token_budget:
+        while i <= j and total + lengths[order[j]] <= batch_tokens:
             cur.append(int(order[j]))
             total += int(lengths[order[j]])
             j -= 1
@@ -355,7 +355,7 @@ def _run_pack(model, parts, encoded, batch, lengths, pad, device, want):
 
 
 def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = DEFAULT_MAX_TOKENS,
-                token_budget: int | None = None, response_only: bool = True,
+                batch_tokens: int | None = None, response_only: bool = True,
                 encoded: list[Encoded] | None = None, pack: bool | None = None,
                 workers: int | None = None) -> dict:
     """Signals for `rows` (canonical rows) from an already loaded causal LM, in row order.
@@ -382,7 +382,7 @@ def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = D
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _model_device(model)
-    token_budget = token_budget or default_token_budget(device.type)
+    batch_tokens = batch_tokens or default_batch_tokens(device.type)
     parts = _body_and_head(model)
     stats = bool(want & LOGIT_SIGNALS)
 
@@ -392,7 +392,7 @@ def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = D
     if pack is None:
         pack = device.type == "cpu"
     pack = bool(pack and parts is not None and packing_supported(parts[0]))
-    batches = (pack_rows if pack else length_batches)(lengths, token_budget)
+    batches = (pack_rows if pack else length_batches)(lengths, batch_tokens)
     run = functools.partial(_run_pack if pack else _run_padded, model, parts, encoded,
                             lengths=lengths, pad=pad, device=device, want=want)
     if workers is None:

@@ -10,15 +10,22 @@ inverse-Hessian-vector estimate: the shared math of GraNd, DEALRec and (later) L
 The loss of one sample is its mean token cross-entropy over the loss tokens (`chat.encode`'s
 mask: the response by default), the trainer's loss (`train.masked_loss`) for a batch of one.
 
-Batched per-sample gradients use `torch.func`: `vmap(grad(loss))` over `functional_call` with
-only the chosen parameters as inputs, so the rest of the model is a constant and nothing is
-back-propagated into it. Rows are right-padded within a length batch and run *without* an
-attention mask: under a causal mask a real position never attends to a later (padding)
-position, and padding positions carry no loss, so each sample's gradient is exactly its
-unpadded one (HF's mask construction branches on tensor values, which vmap cannot trace). The
-LM head runs only on the positions that predict a loss token (gathered with a fixed-size
-index, padded with weight-0 entries), as in the forward engine. `how="loop"` is the reference:
-one forward and backward call per sample (also the fallback when vmap cannot trace a model).
+Three ways to the same per-sample gradients (`how`):
+- "packed" (the default where it applies, `packed_grads.py`): rows packed into unpadded
+  sequences, one forward and one backward per pack, each row's gradient of a Linear layer formed
+  from the inputs and output gradients the layer saw on that row's tokens (LoRA A/B matrices
+  are Linear layers). Optional bf16 autocast (`dtype="bf16"`); float32 otherwise.
+- "vmap": `torch.func`'s `vmap(grad(loss))` over `functional_call` with only the chosen
+  parameters as inputs, so the rest of the model is a constant. Rows are right-padded within a
+  length batch and run *without* an attention mask: under a causal mask a real position never
+  attends to a later (padding) position, and padding positions carry no loss, so each sample's
+  gradient is exactly its unpadded one (HF's mask construction branches on tensor values, which
+  vmap cannot trace). The fallback for parameters that are not Linear weights (embeddings, a
+  tied LM head).
+- "loop": the reference, one forward and backward call per sample (also the fallback when vmap
+  cannot trace a model).
+In the vmap and loop ways the LM head runs only on the positions that predict a loss token
+(gathered with a fixed-size index, padded with weight-0 entries), as in the forward engine.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ from thresher.pipeline.models.engine import _body_and_head, length_batches
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRAD_TOKENS = 2048      # padded tokens per vmap batch (activations of B samples at once)
-How = Literal["auto", "vmap", "loop"]
+DEFAULT_GRAD_TOKENS = 2048      # tokens per batch (vmap: padded, its activations of B samples at
+                                # once; packed: real tokens of one packed sequence)
+How = Literal["auto", "packed", "vmap", "loop"]
 
 
 # ---------------------------------------------------------------- parameters
@@ -175,23 +183,66 @@ def _vmap_untraceable(err: RuntimeError) -> bool:
     return "vmap" in str(err) or "functorch" in str(err) or "Batching rule" in str(err)
 
 
+def _autocast_dtype(dtype):
+    """None (float32) or torch.bfloat16 from "bf16" / "fp32" / None / a torch dtype."""
+    import torch
+
+    if dtype in (None, "fp32", torch.float32):
+        return None
+    if dtype in ("bf16", torch.bfloat16):
+        return torch.bfloat16
+    raise ValueError(f"per-sample gradient dtype must be bf16 or fp32, got {dtype!r}")
+
+
+def resolve_how(model, params: dict, how: How = "auto") -> str:
+    """The way `iter_grads` takes: "auto" is "packed" where it applies, else "vmap"."""
+    from thresher.pipeline.models import packed_grads
+
+    if how not in ("auto", "packed", "vmap", "loop"):
+        raise ValueError(f"how must be auto, packed, vmap or loop, got {how!r}")
+    if how == "auto":
+        return "packed" if packed_grads.supported(model, params) else "vmap"
+    return how
+
+
 def iter_grads(model, encoded: list[Encoded], params: dict, how: How = "auto",
-               token_budget: int = DEFAULT_GRAD_TOKENS) -> Iterator[tuple[np.ndarray, dict]]:
-    """Per-sample gradients in length batches: yields (indices into `encoded`, {name: [B, ...]}).
+               batch_tokens: int = DEFAULT_GRAD_TOKENS, dtype=None,
+               workers: int | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+    """Per-sample gradients in batches: yields (indices into `encoded`, {name: [B, ...]}).
 
     The model runs in eval mode (no dropout) and its mode is restored; only `params` are
-    differentiated. Rows with no loss token get a zero gradient. `how="auto"` uses vmap and
-    falls back to the one-sample loop (with a warning) when vmap cannot trace the model."""
+    differentiated. Rows with no loss token get a zero gradient. `how="auto"` packs rows
+    (`packed_grads.py`) when every parameter is a Linear layer's, else uses vmap, which falls
+    back to the one-sample loop (with a warning) when it cannot trace the model. `dtype`
+    ("bf16" or "fp32"/None) is the packed forward's autocast; vmap and loop run in float32.
+    `workers` (packed only; default: torch's intra-op threads on a CPU, else 1) runs that many
+    packs at once, each on its share of the threads."""
+    how = resolve_how(model, params, how)
+    if how == "packed":
+        from thresher.pipeline.models.packed_grads import iter_packed_grads
+
+        device = next(model.parameters()).device
+        if workers is None:
+            import torch
+
+            workers = torch.get_num_threads() if device.type == "cpu" else 1
+        yield from iter_packed_grads(model, encoded, params, batch_tokens,
+                                     _autocast_dtype(dtype), workers)
+        return
+    yield from _iter_padded(model, encoded, params, how, batch_tokens)
+
+
+def _iter_padded(model, encoded, params, how, batch_tokens):
     names = list(params)
     module = _loss_module(model)
     device = next(model.parameters()).device
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     was_training = model.training
     model.eval()
-    mode = "loop" if how == "loop" else "vmap"
+    mode = how
     try:
         with only_grad(model, params):
-            for batch_idx in length_batches(lengths, token_budget):
+            for batch_idx in length_batches(lengths, batch_tokens):
                 batch = _pad([encoded[i] for i in batch_idx], device)
                 if mode == "vmap":
                     try:
@@ -210,10 +261,10 @@ def iter_grads(model, encoded: list[Encoded], params: dict, how: How = "auto",
 
 
 def grad_norms(model, encoded: list[Encoded], params: dict, how: How = "auto",
-               token_budget: int = DEFAULT_GRAD_TOKENS, progress=None) -> np.ndarray:
+               batch_tokens: int = DEFAULT_GRAD_TOKENS, progress=None, dtype=None) -> np.ndarray:
     """||grad_params loss(x_i)||_2 for every row (GraNd; DEALRec's effort score), float64 [N]."""
     out = np.zeros(len(encoded), dtype=np.float64)
-    for idx, g in iter_grads(model, encoded, params, how, token_budget):
+    for idx, g in iter_grads(model, encoded, params, how, batch_tokens, dtype):
         out[idx] = flatten(g).norm(dim=1).double().cpu().numpy()
         if progress is not None:
             progress(len(idx))
@@ -221,26 +272,26 @@ def grad_norms(model, encoded: list[Encoded], params: dict, how: How = "auto",
 
 
 def sum_grad(model, encoded: list[Encoded], params: dict, how: How = "auto",
-             token_budget: int = DEFAULT_GRAD_TOKENS):
+             batch_tokens: int = DEFAULT_GRAD_TOKENS, dtype=None):
     """sum_i grad loss(x_i), flat [P] float32 (DEALRec's v is the pool's sum over its count)."""
     total = None
-    for _, g in iter_grads(model, encoded, params, how, token_budget):
+    for _, g in iter_grads(model, encoded, params, how, batch_tokens, dtype):
         s = flatten(g).sum(0)
         total = s if total is None else total + s
     return total
 
 
 def mean_grad(model, encoded: list[Encoded], params: dict, how: How = "auto",
-              token_budget: int = DEFAULT_GRAD_TOKENS):
+              batch_tokens: int = DEFAULT_GRAD_TOKENS):
     """(1/n) sum_i grad loss(x_i), flat [P] float32 (DEALRec's v)."""
-    return sum_grad(model, encoded, params, how, token_budget) / len(encoded)
+    return sum_grad(model, encoded, params, how, batch_tokens) / len(encoded)
 
 
 def grad_dots(model, encoded: list[Encoded], params: dict, u, how: How = "auto",
-              token_budget: int = DEFAULT_GRAD_TOKENS, progress=None) -> np.ndarray:
+              batch_tokens: int = DEFAULT_GRAD_TOKENS, progress=None, dtype=None) -> np.ndarray:
     """u . grad loss(x_i) for every row (DEALRec's influence score), float64 [N]."""
     out = np.zeros(len(encoded), dtype=np.float64)
-    for idx, g in iter_grads(model, encoded, params, how, token_budget):
+    for idx, g in iter_grads(model, encoded, params, how, batch_tokens, dtype):
         out[idx] = (flatten(g) @ u.float()).double().cpu().numpy()
         if progress is not None:
             progress(len(idx))

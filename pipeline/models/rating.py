@@ -34,7 +34,7 @@ from thresher.pipeline.models.engine import (
     _in_workers,
     _model_device,
     _PackedAttention,
-    default_token_budget,
+    default_batch_tokens,
     length_batches,
     pack_rows,
     packing_supported,
@@ -151,13 +151,13 @@ class Rater:
     """A loaded causal LM and a rubric; `__call__(rows)` rates one shard of canonical rows."""
 
     def __init__(self, model, tokenizer, rubric: Rubric, max_tokens: int = 1024,
-                 part: str = "conversation", token_budget: int | None = None):
+                 part: str = "conversation", batch_tokens: int | None = None):
         self.model, self.tok, self.rubric, self.part = model.eval(), tokenizer, rubric, part
         self.max_tokens = max_tokens
         self.prompts = [Prompt(tokenizer, q, rubric.chat) for q in rubric.questions]
         self.parts = _body_and_head(model)
         self.device = _model_device(model)
-        self.token_budget = max(token_budget or default_token_budget(self.device.type), max_tokens)
+        self.batch_tokens = max(batch_tokens or default_batch_tokens(self.device.type), max_tokens)
         self.pack = (self.device.type == "cpu" and self.parts is not None
                      and packing_supported(self.parts[0]))
         self.n_params = sum(p.numel() for p in model.parameters())
@@ -184,7 +184,7 @@ class Rater:
         if not seqs:
             return out
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-        batches = (pack_rows if self.pack else length_batches)(lengths, self.token_budget)
+        batches = (pack_rows if self.pack else length_batches)(lengths, self.batch_tokens)
         qs = np.array([o[2] for o in owner])
         run = functools.partial(self._batch, seqs, lengths, qs)
         import torch

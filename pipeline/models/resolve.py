@@ -212,6 +212,9 @@ def check_hub_reachable(model: ResolvedModel, timeout: float = 5.0) -> None:
 @contextlib.contextmanager
 def _loading(model: ResolvedModel, what: str):
     """Loading errors become one clear user error naming the model and where it came from."""
+    from thresher.pipeline.logs import route_library_logs
+
+    route_library_logs()          # the CLI's: transformers' warnings and bars to the log file
     check_hub_reachable(model)
     try:
         yield

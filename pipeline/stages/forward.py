@@ -116,14 +116,14 @@ class Forward(Stage):
     max_tokens: int = DEFAULT_MAX_TOKENS
     response_only: bool = True
     dtype: str = "auto"          # resolved per device when planned (bind)
-    token_budget: int | None = field(default=None, compare=False, metadata={"key": False})
+    batch_tokens: int | None = field(default=None, compare=False, metadata={"key": False})
     threads: int | None = field(default=None, compare=False, metadata={"key": False})
 
     def __post_init__(self):
         if not (self.stats or self.rds):
             raise ValueError("a forward stage needs stats or rds")
-        if self.max_tokens < 2 or (self.token_budget is not None and self.token_budget < 1):
-            raise ValueError("max_tokens must be >= 2 and token_budget >= 1")
+        if self.max_tokens < 2 or (self.batch_tokens is not None and self.batch_tokens < 1):
+            raise ValueError("max_tokens must be >= 2 and batch_tokens >= 1")
 
     def bind(self, device: str) -> Forward:
         dtype = str(engine_dtype(device, self.dtype)).removeprefix("torch.")
@@ -153,7 +153,7 @@ class Forward(Stage):
 
     def run_shard(self, worker: ForwardWorker, rows: list[dict]) -> ShardResult:
         out = run_forward(worker.model, worker.tokenizer, rows, self.signals(),
-                          max_tokens=self.max_tokens, token_budget=self.token_budget,
+                          max_tokens=self.max_tokens, batch_tokens=self.batch_tokens,
                           response_only=self.response_only)
         tokens = int(out["n_tokens"].sum())
         arrays = {"rds": out["rds"].astype(np.float16)} if self.rds else {}
@@ -178,7 +178,7 @@ class Forward(Stage):
 
 
 def forward_signals(pool: Pool, store: ArtifactStore, model_name: str, signals,
-                    max_tokens: int = DEFAULT_MAX_TOKENS, token_budget: int | None = None,
+                    max_tokens: int = DEFAULT_MAX_TOKENS, batch_tokens: int | None = None,
                     response_only: bool = True, device: str | None = None,
                     dtype: str | None = None, threads: int | None = None) -> ForwardResult:
     """Run (or reuse) the forward stage over every shard of `pool` in this process."""
@@ -188,7 +188,7 @@ def forward_signals(pool: Pool, store: ArtifactStore, model_name: str, signals,
     want = check_signals(signals)
     stage = Forward(model=str(model_name), stats=bool(want & LOGIT_SIGNALS), rds="rds" in want,
                     max_tokens=max_tokens, response_only=response_only, dtype=dtype or "auto",
-                    token_budget=token_budget, threads=threads)
+                    batch_tokens=batch_tokens, threads=threads)
     return run_stage(stage, pool, store, pick_device(device))
 
 

@@ -6,11 +6,15 @@ checkpoint, every row's LoRA gradient, randomly projected to `d` dimensions and 
     target_feats = GradFeatures(proxy=warm, d=8192, over=TargetPool(path="t.jsonl"))   # SGD
     fs = run_stage(pool_feats, pool, store)                     # -> GradFeatureSet
     fs.features(j)   # float16 [N, d] memmap for checkpoint j, pool order, unit rows (0: no loss token)
+    GradFeatures(proxy=warm, rows=Shortlist(...))               # only the shortlist's rows
     fs.etas          # float64 [K]: each checkpoint's mean learning rate over its epoch, sum 1
 
 Per checkpoint theta_j (base + adapter from the trainer's `checkpoint-<step>/`):
 - g = per-sample gradient of the row's mean response-token loss over the LoRA matrices
-  (`pipeline/models/grads.py`, batched with vmap; LESS: one backward call per row);
+  (`pipeline/models/grads.py`: rows packed into unpadded sequences, one forward and backward
+  per pack, each row's LoRA gradients formed from what the layers saw on its tokens,
+  `packed_grads.py`; bf16 autocast on CPUs with native bf16 (`grad_dtype`), else float32;
+  LESS: one backward call per row);
 - pool rows (`grad="adam"`, the default without `over`): Gamma = m' / sqrt(v' + 1e-8) with
   m' = 0.9 m + 0.1 g and v' = 0.999 v + 0.001 g^2, m and v the checkpoint's AdamW moments
   (saved by the trainer in `state.safetensors`) (LESS `obtain_gradients_with_adam`); target rows
@@ -18,25 +22,31 @@ Per checkpoint theta_j (base + adapter from the trainer's `checkpoint-<step>/`):
 - x R with R a [P, d] Rademacher (+-1) matrix, seeded, never built whole: rows of R come in
   blocks of `ROW_BLOCK` parameters, block b drawn from numpy's `default_rng([seed, b])`
   (`rademacher_block`), so the same seed gives the same R for pool and targets on any machine;
-  pending gradients are gathered to `project_rows` rows so each block is drawn once per group;
+  pending gradients are gathered to `project_rows` (256) rows so each block is drawn once per
+  group (drawing a block costs about as much as multiplying 100 rows by it);
   the product runs in bf16 on CPUs with native bf16 (LESS/TRAK: fp16 input), else fp32;
 - then each projected vector is L2-normalised and stored as float16.
 
-Units: (checkpoint x `unit_rows` rows of a shard), each keyed by the checkpoint's adapter (and
-optimizer state) bytes, the shard's content, the row range and the settings; the executor runs
-them one checkpoint at a time (the model loaded once per worker), so a killed run resumes at the
-first missing unit and a pool that gains a shard computes only that shard's units. The
-checkpoints are known once the proxy stage (a dependency) has run; `assemble` concatenates the
-units into one `c<j>.npy` matrix per checkpoint, in pool order.
+Units: (checkpoint x at most `unit_rows` rows of a shard): every pool row, or only those of a
+`rows` stage such as a `Shortlist` (the two-stage selection). Each is keyed by the checkpoint's
+adapter (and optimizer state) bytes, the shard's content, the unit's rows and the settings; the
+executor runs them one checkpoint at a time (the model loaded once per worker), so a killed run
+resumes at the first missing unit and a pool that gains a shard computes only that shard's
+units. The checkpoints are known once the proxy stage (a dependency) has run; `assemble`
+concatenates the units into one `c<j>.npy` matrix per checkpoint, in pool order (`positions()`
+maps their rows to the pool's when a `rows` stage chose them).
 
-Deviations from LESS (docs/target-aware.md, "LESS"): the trainer's LoRA (r=8, alpha 16, lr 2e-4, cosine) instead
-of r=128, alpha 512, lr 2e-5, linear; vmap batches instead of batch size 1 (the same gradients);
+Deviations from LESS (docs/target-aware.md, "LESS"): the trainer's LoRA (r=8, alpha 16, lr 2e-4,
+cosine) instead of r=128, alpha 512, lr 2e-5, linear; packed batches instead of batch size 1 (the
+same gradients in float32; bf16 autocast by default on CPUs with native bf16, within cosine 0.998
+of them);
 numpy-drawn blocks instead of TRAK's fast_jl kernel (another +-1 matrix; equal in distribution).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,6 +56,14 @@ from typing import ClassVar, Literal
 import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir
 from thresher.pipeline.models.grads import DEFAULT_GRAD_TOKENS
+from thresher.pipeline.models.less_maths import (
+    ROW_BLOCK,
+    adam_moments,
+    adam_precondition,
+    checkpoint_etas,
+    normalize_rows,
+    project,
+)
 from thresher.pipeline.stage import (
     Resources,
     ShardResult,
@@ -60,113 +78,7 @@ from thresher.pipeline.stages.proxy import checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
 
-FEATURES_VERSION = 2
-ROW_BLOCK = 1024                 # parameters per block of R (part of R's definition)
-BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8     # LESS obtain_gradients_with_adam
-
-
-# ---------------------------------------------------------------- the random projection
-
-def rademacher_block(seed: int, block: int, rows: int, d: int, dtype=None):
-    """Rows [block*ROW_BLOCK, block*ROW_BLOCK + rows) of R: +-1 entries as a torch tensor
-    [rows, d] (bit 1 of `default_rng([seed, block])`'s bytes, most significant first, is -1)."""
-    import torch
-
-    n = ROW_BLOCK * d
-    raw = np.random.default_rng([seed, block]).bytes((n + 7) // 8)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:rows * d]
-    if dtype in (None, torch.float32):            # the sign bit on 1.0 (no float arithmetic)
-        words = bits.astype(np.uint32) << 31
-        words |= np.uint32(0x3F800000)
-        return torch.from_numpy(words.view(np.float32)).view(rows, d)
-    if dtype == torch.bfloat16:
-        words = bits.astype(np.uint16) << 15
-        words |= np.uint16(0x3F80)
-        return torch.from_numpy(words.view(np.int16)).view(torch.bfloat16).view(rows, d)
-    raise ValueError(f"rademacher_block: unsupported dtype {dtype}")
-
-
-def rademacher_matrix(n_params: int, d: int, seed: int = 0):
-    """R whole, float32 [n_params, d]: for tests and small P only."""
-    import torch
-
-    blocks = [rademacher_block(seed, b, min(ROW_BLOCK, n_params - b * ROW_BLOCK), d)
-              for b in range(-(-n_params // ROW_BLOCK))]
-    return torch.cat(blocks)
-
-
-def project(grads, d: int, seed: int = 0, dtype=None):
-    """grads [B, P] @ R -> float32 [B, d], block by block (R is never held whole); `dtype` is
-    the product's dtype (float32 or bfloat16; accumulation in float32 either way)."""
-    import torch
-
-    dtype = dtype or torch.float32
-    n_params = grads.shape[1]
-    out = torch.zeros(grads.shape[0], d, dtype=torch.float32, device=grads.device)
-    for b in range(-(-n_params // ROW_BLOCK)):
-        lo = b * ROW_BLOCK
-        hi = min(n_params, lo + ROW_BLOCK)
-        r = rademacher_block(seed, b, hi - lo, d, dtype).to(grads.device)
-        out += (grads[:, lo:hi].to(dtype) @ r).float()
-    return out
-
-
-def normalize_rows(x):
-    """Each row / its L2 norm (zero rows stay zero)."""
-    import torch
-
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
-
-
-# ---------------------------------------------------------------- Adam state and LRs
-
-def adam_moments(checkpoint: Path, params: dict):
-    """(m, v): the checkpoint's AdamW exp_avg / exp_avg_sq, flat float32 [P] in `params` order.
-
-    The trainer's optimizer holds exactly the LoRA parameters in model order, which is the order
-    `select_params(model, "lora")` gives for the reloaded model; shapes are checked."""
-    import torch
-    from thresher.pipeline.io.safestate import load_state
-
-    opt = load_state(checkpoint, "state")["optimizer"]
-    order = [i for g in opt["param_groups"] for i in g["params"]]
-    if len(order) != len(params):
-        raise ValueError(f"{checkpoint}: optimizer state has {len(order)} parameters, the model "
-                         f"{len(params)} LoRA parameters; LESS needs the trainer's own checkpoints")
-    m, v = [], []
-    for i, (name, p) in zip(order, params.items()):
-        st = opt["state"].get(i)
-        if st is None or st["exp_avg"].shape != p.shape:
-            raise ValueError(f"{checkpoint}: no matching Adam state for {name}")
-        m.append(st["exp_avg"].reshape(-1).float())
-        v.append(st["exp_avg_sq"].reshape(-1).float())
-    return torch.cat(m), torch.cat(v)
-
-
-def adam_precondition(g, m, v):
-    """LESS's Adam direction for per-sample gradients g [B, P]: m' / sqrt(v' + eps)."""
-    m2 = BETA1 * m + (1 - BETA1) * g
-    v2 = BETA2 * v + (1 - BETA2) * g * g
-    return m2 / (v2 + ADAM_EPS).sqrt()
-
-
-def checkpoint_etas(checkpoints: list[Path]) -> np.ndarray:
-    """eta_j: the mean learning rate over the steps after checkpoint j-1 up to checkpoint j
-    (an epoch with one checkpoint per epoch), renormalised to sum 1 (LESS matching.py)."""
-    from thresher.pipeline.io.safestate import load_state
-
-    history = load_state(checkpoints[-1], "state")["history"]
-    lr = {int(r["step"]): float(r["lr"]) for r in history}
-    steps = [int(Path(c).name.split("-")[1]) for c in checkpoints]
-    means, prev = [], 0
-    for s in steps:
-        window = [lr[k] for k in range(prev + 1, s + 1) if k in lr]
-        if not window:
-            raise ValueError(f"{checkpoints[-1]}: no learning rate logged for steps {prev + 1}..{s}")
-        means.append(np.mean(window))
-        prev = s
-    etas = np.asarray(means, dtype=np.float64)
-    return etas / etas.sum()
+FEATURES_VERSION = 3              # 3: packed per-sample gradients (bf16 autocast by default)
 
 
 # ---------------------------------------------------------------- one shard
@@ -184,8 +96,10 @@ class FeatureJob:
     dtype: object
     max_tokens: int
     response_only: bool
-    token_budget: int
+    batch_tokens: int
     project_rows: int
+    grad_dtype: str = "fp32"
+    how: str = "auto"                 # grads.iter_grads's way (packed where it applies)
     project_seconds: float = 0.0      # time spent in the projection (for the statistics)
 
 
@@ -208,7 +122,8 @@ def shard_features(job: FeatureJob, rows: list[dict]) -> tuple[np.ndarray, np.nd
         idx.clear()
         job.project_seconds += time.perf_counter() - t0
 
-    for batch_idx, g in iter_grads(job.model, enc, job.params, token_budget=job.token_budget):
+    for batch_idx, g in iter_grads(job.model, enc, job.params, job.how, job.batch_tokens,
+                                   dtype=job.grad_dtype):
         flat = flatten(g)
         if job.moments is not None:
             flat = adam_precondition(flat, *(t.to(flat.device) for t in job.moments))
@@ -246,6 +161,12 @@ class GradFeatureSet:
     def features(self, j: int) -> np.ndarray:
         return np.load(self.dir.path(f"c{j:03d}.npy"), mmap_mode="r")
 
+    def positions(self) -> np.ndarray | None:
+        """Pool positions of the feature rows when the stage ran over some rows only (a
+        shortlist), ascending; None when it covers every pool row in order."""
+        path = self.dir.path("rows.npy")
+        return np.load(path) if path.exists() else None
+
     def all(self) -> list[np.ndarray]:
         return [self.features(j) for j in range(self.n_checkpoints)]
 
@@ -261,6 +182,7 @@ class GradFeatures(Stage):
     kind: ClassVar[str] = "grad_features"
     loads_model: ClassVar[bool] = True
     proxy: Stage | None = None
+    rows: Stage | None = None         # only these pool rows (a `Shortlist` stage); None: all
     d: int = 8192
     seed: int = 0
     grad: Literal["auto", "adam", "sgd"] = "auto"
@@ -268,32 +190,37 @@ class GradFeatures(Stage):
     max_tokens: int = 512
     response_only: bool = True
     dtype: str | None = None          # the projection's: bf16 | fp32 (None: by device, `bind`)
-    token_budget: int = field(default=DEFAULT_GRAD_TOKENS, compare=False, metadata={"key": False})
-    project_rows: int = field(default=64, compare=False, metadata={"key": False})
+    grad_dtype: str | None = None     # the gradient pass's autocast: bf16 | fp32 (None: `bind`)
+    batch_tokens: int = field(default=DEFAULT_GRAD_TOKENS, compare=False, metadata={"key": False})
+    project_rows: int = field(default=256, compare=False, metadata={"key": False})
     unit_rows: int = 256              # rows per unit of work (a progress line and a resume point)
 
     def __post_init__(self):
         if self.proxy is None:
             raise ValueError("grad_features need a warm-up proxy stage (proxy=Proxy(...))")
-        if min(self.d, self.project_rows, self.token_budget, self.unit_rows) < 1:
-            raise ValueError(f"grad_features: d, project_rows, token_budget and unit_rows must be "
-                             f">= 1, got {self.d}, {self.project_rows}, {self.token_budget}, "
+        if min(self.d, self.project_rows, self.batch_tokens, self.unit_rows) < 1:
+            raise ValueError(f"grad_features: d, project_rows, batch_tokens and unit_rows must be "
+                             f">= 1, got {self.d}, {self.project_rows}, {self.batch_tokens}, "
                              f"{self.unit_rows}")
         if self.grad not in ("auto", "adam", "sgd"):
             raise ValueError(f"grad must be auto, adam or sgd, got {self.grad!r}")
         if self.dtype not in (None, "bf16", "fp32"):
             raise ValueError(f"projection dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.grad_dtype not in (None, "bf16", "fp32"):
+            raise ValueError(f"gradient dtype must be bf16 or fp32, got {self.grad_dtype!r}")
 
     def deps(self) -> tuple[Stage, ...]:
-        return (*super().deps(), self.proxy)
+        return (*super().deps(), self.proxy, *((self.rows,) if self.rows is not None else ()))
 
     def bind(self, device: str) -> GradFeatures:
-        if self.dtype is not None:
+        if self.dtype is not None and self.grad_dtype is not None:
             return self
         import torch
         from thresher.pipeline.models.engine import engine_dtype
 
-        return dataclasses.replace(self, dtype="bf16" if engine_dtype(device) == torch.bfloat16 else "fp32")
+        native = "bf16" if engine_dtype(device) == torch.bfloat16 else "fp32"
+        return dataclasses.replace(self, dtype=self.dtype or native,
+                                   grad_dtype=self.grad_dtype or native)
 
     def mode(self) -> str:
         """adam for the pool, sgd for a target set (LESS), unless `grad` says otherwise."""
@@ -309,18 +236,34 @@ class GradFeatures(Stage):
         return [Path(c) for c in run.deps[self.proxy].checkpoints]
 
 
+    def _chunks(self, run: StageRun, shard) -> list[tuple[tuple[int, int] | None, tuple | None]]:
+        """(row range, positions) of a shard's units: `unit_rows` rows at a time, of every row
+        or only of the rows the `rows` stage keeps (shard-local positions)."""
+        n = run.pool.shard_rows(shard)
+        if self.rows is None:
+            return [((lo, min(n, lo + self.unit_rows)), None) for lo in range(0, n, self.unit_rows)]
+        start = run.pool.shard_start(shard)
+        keep = run.deps[self.rows].rows
+        local = keep[(keep >= start) & (keep < start + n)] - start
+        return [(None, tuple(int(i) for i in local[lo:lo + self.unit_rows]))
+                for lo in range(0, len(local), self.unit_rows)]
+
     def units(self, run: StageRun) -> list[Unit]:
-        """(checkpoint x row chunk) units: `unit_rows` rows of one shard at one checkpoint."""
+        """(checkpoint x row chunk) units: at most `unit_rows` rows of one shard at one checkpoint."""
         out = []
         for j, ckpt in enumerate(self.checkpoints(run)):
             ck = checkpoint_fingerprint(ckpt, with_state=self.mode() == "adam")[:16]
             for shard in run.pool.shards:
-                base, n = run.shard_unit(shard), run.pool.shard_rows(shard)
-                for lo in range(0, n, self.unit_rows):
-                    hi = min(n, lo + self.unit_rows)
-                    out.append(Unit(f"{ck}-{base.key}-{lo}", base.shard, (lo, hi),
-                                    ("checkpoint", str(ckpt)), hi - lo,
-                                    f"checkpoint {j} {base.label}[{lo}:{hi}]"))
+                base = run.shard_unit(shard)
+                for span, picks in self._chunks(run, shard):
+                    if picks is None:
+                        key, size, where = f"{span[0]}", span[1] - span[0], f"[{span[0]}:{span[1]}]"
+                    else:
+                        digest = hashlib.sha256(np.asarray(picks, np.int64).tobytes()).hexdigest()
+                        key, size, where = f"p{digest[:16]}", len(picks), f"[{len(picks)} rows]"
+                    out.append(Unit(f"{ck}-{base.key}-{key}", base.shard, span,
+                                    ("checkpoint", str(ckpt)), size,
+                                    f"checkpoint {j} {base.label}{where}", positions=picks))
         return out
 
     def open_worker(self, device: str, key: tuple = ()) -> FeatureJob:
@@ -334,7 +277,8 @@ class GradFeatures(Stage):
         moments = adam_moments(ckpt, params) if self.mode() == "adam" else None
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
         return FeatureJob(model, tok, params, moments, self.d, self.seed, dtype, self.max_tokens,
-                          self.response_only, self.token_budget, self.project_rows)
+                          self.response_only, self.batch_tokens, self.project_rows,
+                          self.grad_dtype or "fp32")
 
     def run_shard(self, worker: FeatureJob, rows: list[dict]) -> ShardResult:
         worker.project_seconds = 0.0
@@ -343,18 +287,23 @@ class GradFeatures(Stage):
                            info={"project_seconds": round(worker.project_seconds, 4)})
 
     def assemble(self, run: StageRun) -> dict:
-        """Per checkpoint one float16 [N, d] matrix (`c<j>.npy`, pool order), and `no_loss.npy`."""
+        """Per checkpoint one float16 [N, d] matrix (`c<j>.npy`, pool order), `no_loss.npy`, and
+        with a `rows` stage the pool positions of the N rows (`rows.npy`)."""
         ckpts, units = self.checkpoints(run), self.units(run)
         per_ckpt = len(units) // max(1, len(ckpts))
         for j in range(len(ckpts)):
             part = units[j * per_ckpt:(j + 1) * per_ckpt]
             run.dir.concat_arrays([unit_file(run, u, "features.npy") for u in part], f"c{j:03d}.npy")
-        no_loss = gather_units(run, units[:per_ckpt], "noloss.npy")
+        no_loss = gather_units(run, units[:per_ckpt], "noloss.npy") if per_ckpt else \
+            np.zeros(0, dtype=bool)
         run.dir.save_array("no_loss.npy", no_loss)
+        if self.rows is not None:
+            run.dir.save_array("rows.npy", run.deps[self.rows].rows)
         infos = [unit_done(run, u) for u in units]
         seconds = sum(i["seconds"] for i in infos)
         proxy = run.deps[self.proxy]
-        return {"rows": run.pool.n_rows, "checkpoints": [str(c) for c in ckpts],
+        return {"rows": len(no_loss), "pool_rows": run.pool.n_rows,
+                "checkpoints": [str(c) for c in ckpts],
                 "steps": list(proxy.steps), "etas": checkpoint_etas(ckpts).tolist(),
                 "mode": self.mode(), "d": self.d, "no_loss_rows": int(no_loss.sum()),
                 "feature_seconds": round(seconds, 2),

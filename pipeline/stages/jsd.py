@@ -43,7 +43,7 @@ from thresher.pipeline.models.engine import (
     DEFAULT_MAX_TOKENS,
     LOGIT_CHUNK,
     _body_and_head,
-    default_token_budget,
+    default_batch_tokens,
     engine_dtype,
     length_batches,
 )
@@ -106,7 +106,7 @@ class JsdWorker:
     """Both models in memory (loaded once per process); `__call__(rows)` scores one shard."""
 
     def __init__(self, original, pruned, tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 token_budget: int | None = None, response_only: bool = True):
+                 batch_tokens: int | None = None, response_only: bool = True):
         if original.config.vocab_size != pruned.config.vocab_size:
             raise ValueError(f"the original and pruned models have different vocabularies "
                              f"({original.config.vocab_size} vs {pruned.config.vocab_size})")
@@ -115,7 +115,7 @@ class JsdWorker:
         self.tok, self.max_tokens, self.response_only = tokenizer, max_tokens, response_only
         self.device = next(original.parameters()).device
         self.n_params = sum(p.numel() for m in self.models for p in m.parameters())
-        self.token_budget = token_budget or default_token_budget(self.device.type)
+        self.batch_tokens = batch_tokens or default_batch_tokens(self.device.type)
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -126,7 +126,7 @@ class JsdWorker:
         jsd_sum = np.zeros(len(rows), dtype=np.float64)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         with torch.inference_mode():
-            for batch in length_batches(lengths, self.token_budget):
+            for batch in length_batches(lengths, self.batch_tokens):
                 T = int(lengths[batch].max())
                 ids = np.full((len(batch), T), pad, dtype=np.int64)
                 am = np.zeros((len(batch), T), dtype=np.int64)
@@ -181,7 +181,7 @@ class Jsd(Stage):
     max_tokens: int = DEFAULT_MAX_TOKENS
     response_only: bool = True
     dtype: str = "auto"          # resolved per device when planned (bind)
-    token_budget: int | None = field(default=None, compare=False, metadata={"key": False})
+    batch_tokens: int | None = field(default=None, compare=False, metadata={"key": False})
     threads: int | None = field(default=None, compare=False, metadata={"key": False})
 
     def __post_init__(self):
@@ -209,7 +209,7 @@ class Jsd(Stage):
         dtype = engine_dtype(device, self.dtype)
         o, p = resolve(self.original), resolve(self.pruned)
         return JsdWorker(load_causal_lm(o, device, dtype), load_causal_lm(p, device, dtype),
-                         load_tokenizer(o), self.max_tokens, self.token_budget, self.response_only)
+                         load_tokenizer(o), self.max_tokens, self.batch_tokens, self.response_only)
 
     def run_shard(self, worker: JsdWorker, rows: list[dict]) -> ShardResult:
         out = worker(rows)
@@ -228,7 +228,7 @@ class Jsd(Stage):
 
 
 def jsd_signals(pool: Pool, store: ArtifactStore, original: str, pruned: str,
-                max_tokens: int = DEFAULT_MAX_TOKENS, token_budget: int | None = None,
+                max_tokens: int = DEFAULT_MAX_TOKENS, batch_tokens: int | None = None,
                 response_only: bool = True, device: str | None = None, dtype: str | None = None,
                 threads: int | None = None) -> JsdResult:
     """Run (or reuse) the jsd stage over every shard of `pool` in this process."""
@@ -236,6 +236,6 @@ def jsd_signals(pool: Pool, store: ArtifactStore, original: str, pruned: str,
     from thresher.pipeline.plan import run_stage
 
     stage = Jsd(original=str(original), pruned=str(pruned), max_tokens=max_tokens,
-                response_only=response_only, dtype=dtype or "auto", token_budget=token_budget,
+                response_only=response_only, dtype=dtype or "auto", batch_tokens=batch_tokens,
                 threads=threads)
     return run_stage(stage, pool, store, pick_device(device))

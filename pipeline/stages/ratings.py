@@ -68,7 +68,7 @@ class LmRatings(Stage):
     seed: int = 0
     max_tokens: int = 1024
     dtype: str = "auto"
-    token_budget: int | None = field(default=None, compare=False, metadata={"key": False})
+    batch_tokens: int | None = field(default=None, compare=False, metadata={"key": False})
 
     def __post_init__(self):
         if not 0 < self.sample <= 1:
@@ -95,7 +95,7 @@ class LmRatings(Stage):
         resolved = resolve(self.model)
         model = load_causal_lm(resolved, device, engine_dtype(device, self.dtype))
         return Rater(model, load_tokenizer(resolved), load_rubric(self.rubric), self.max_tokens,
-                     self.part, self.token_budget)
+                     self.part, self.batch_tokens)
 
     def run_shard(self, worker: Rater, rows: list[dict]) -> ShardResult:
         picked = [i for i, r in enumerate(rows) if in_sample(r["id"], self.sample, self.seed)]
