@@ -27,8 +27,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from thresher.flows import prefect_env  # noqa: F401  (analytics off before prefect loads)
 from thresher.pipeline.recipe import load_recipe
+from thresher.pipeline.recipe_outputs import check_recipe
 from thresher.pipeline.run import (
-    check_recipe,
     describe_step,
     finish,
     ingest_step,

@@ -4,19 +4,16 @@
     lines = run_select(..., dry_run=True)["plan"]          # the plan, with what is cached
 
 The CLI, `thresher run` (recipes), the Prefect flows and library users all call this; nothing
-else decides what runs. The manifest records the plan's per-stage statistics (rows, tokens,
-seconds, device, FLOPs, cached), the method's parameters and notes, the selector, the model
-identities, and the counts, so each selection states what it cost.
+else decides what runs. The manifest (built by `pipeline/manifest.py`) records the plan's
+per-stage statistics (rows, tokens, seconds, device, FLOPs, cached), the method's parameters and
+notes, the selector, the model identities, and the counts, so each selection states what it cost.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata as md
 import json
 import os
-import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +41,7 @@ from thresher.pipeline.io.writers import (
     manifest_path,
     write_selection,
 )
+from thresher.pipeline.manifest import Tally, annotation_manifest, selection_manifest
 from thresher.pipeline.method import Inputs, Method, Request
 from thresher.pipeline.models.resolve import pick_device
 from thresher.pipeline.params import parse_params
@@ -51,9 +49,6 @@ from thresher.pipeline.plan import Plan, artifact_dirs, make_plan
 from thresher.pipeline.stage import Stage, StageStats
 from thresher.pipeline.stages.targets import check_targets
 from thresher.pipeline.stages.tokens import TokenCounts
-
-VERSIONED = ["thresher", "polars", "pyarrow", "numpy", "torch", "transformers", "peft",
-             "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12", "scikit-learn", "ray"]
 
 
 def default_workdir(pool: Path) -> Path:
@@ -70,16 +65,6 @@ def open_store(workdir: Path | str | None, pool: Pool, read_only: bool = False) 
     if not read_only:
         logs.log_to(store.root)      # the CLI's log file (library warnings, INFO lines)
     return store
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in VERSIONED:
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 @dataclass
@@ -255,14 +240,14 @@ def run_select(pool_path: Path | str, method: str, budget: str | Budget, out: Pa
     pool.check_unchanged()
     with OutputSet(**files) as outs:  # all renamed into place together, the manifest last
         t0 = time.perf_counter()
-        tally = _Tally(prep, inputs)   # sources and tokens of the rows as they stream past
+        tally = Tally(prep, inputs)   # sources and tokens of the rows as they stream past
         sidecar = out.with_name(out.name + ".selection.parquet")
         written = write_selection(pool, chosen["id"].to_list(), outs.temp(out), fmt, tally.add)
         chosen.with_row_index("rank").write_parquet(outs.temp(sidecar))
         stats.append(StageStats(stage="write", config={"format": fmt}, rows_in=chosen.height,
                                 rows_out=written, seconds=time.perf_counter() - t0))
-        manifest = _manifest(prep, inputs, scored, chosen, sel, tally, stats, budget, fmt, out,
-                             sidecar, scores_path, store, executor)
+        manifest = selection_manifest(prep, inputs, scored, chosen, sel, tally, stats, budget,
+                                      fmt, out, sidecar, scores_path, store, executor)
         manifest.update(label or {})
         if among is not None:
             manifest["counts"]["eligible"] = scored.height
@@ -289,42 +274,14 @@ def _write_annotations(prep: Prepared, inputs: Inputs, store: ArtifactStore,
         stats.append(StageStats(stage="write", config={"format": "parquet"},
                                 rows_in=table.height, rows_out=table.height,
                                 seconds=time.perf_counter() - t0))
-        pool = prep.request.pool
-        counts = {"read": pool.info["read"], "quarantined": pool.info["quarantined"],
-                  "duplicate_ids": pool.info["duplicate_ids"],
-                  "candidates": inputs.candidates.height, "scored": scores.height,
-                  "unscored": inputs.candidates.height - scores.height}
-        if "keep" in table.columns and table.schema["keep"] == pl.Boolean:
-            counts["keep"] = int(table["keep"].fill_null(False).sum())
-            counts["drop"] = table.height - counts["keep"]
-        manifest = {
-            "method": prep.method.name, "summary": prep.method.summary, "annotate_only": True,
-            "seed": inputs.seed, "format": "parquet", "output": str(out),
-            "scores": str(scores_path),
-            "config": {"method": {**dataclasses.asdict(prep.params), **inputs.notes},
-                       "targets": [str(t) for t in prep.request.targets]},
-            "plan": [s.describe() for s in prep.plan.stages],
-            "artifacts": {name: str(o.dir.dir) for name, o in inputs.outputs.items()
-                          if hasattr(getattr(o, "dir", None), "dir")},
-            "stages": [s.as_dict() for s in stats], "executor": executor,
-            "models": _models(stats),
-            "inputs": _inputs_record(pool),
-            "counts": counts, "versions": versions(), "workdir": str(store.root),
-            "command": sys.argv if sys.argv and "thresher" in Path(sys.argv[0]).name else None,
-            **(label or {}),
-        }
+        manifest = annotation_manifest(prep, inputs, table, scores, scores_path, stats, out,
+                                       store, executor)
+        manifest.update(label or {})
         manifest["timings"] = {s.stage: round(s.seconds, 3) for s in stats}
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
-        pool.check_unchanged()   # the rows annotated are the pool's the manifest names
+        prep.request.pool.check_unchanged()   # the rows annotated: the manifest's pool's
         write_json_atomic(outs.temp(manifest_path(out)), manifest)
     return manifest
-
-
-def _inputs_record(pool: Pool) -> dict:
-    """What a manifest says of its pool: its absolute path and fingerprint (`report` and
-    `verify` find the pool by them, and refuse another), and the files it was ingested from."""
-    return {"pool": str(pool.path.resolve()), "pool_fingerprint": pool.fingerprint,
-            "files": [{"path": i["path"], "sha256": i["sha256"]} for i in pool.info["inputs"]]}
 
 
 def stage_key(stage: str, config: dict) -> str:
@@ -336,87 +293,3 @@ def _ran_instead(s: StageStats, ran: dict[str, dict]) -> StageStats:
     if d is None or not s.cached:
         return s
     return StageStats(**{f.name: d[f.name] for f in dataclasses.fields(StageStats)})
-
-
-class _Tally:
-    """Rows per source, and tokens when no token-count stage ran, of rows seen one at a time."""
-
-    def __init__(self, prep: Prepared, inputs: Inputs):
-        from thresher.pipeline.models.resolve import load_tokenizer, resolve
-
-        self.by_source: dict[str, int] = {}
-        self.n_tokens = self.n_loss = 0
-        self.tok = None if "n_tokens" in inputs.candidates.columns else \
-            load_tokenizer(resolve(prep.method.tokenizer(prep.params)))
-
-    def add(self, row: dict) -> None:
-        from thresher.pipeline.models.chat import encode
-        from thresher.pipeline.stages.tokens import NO_LIMIT
-
-        self.by_source[row["source"]] = self.by_source.get(row["source"], 0) + 1
-        if self.tok is not None:
-            enc = encode(self.tok, row, NO_LIMIT)
-            self.n_tokens += len(enc.input_ids)
-            self.n_loss += int(enc.loss_mask.sum())
-
-
-def _selected_tokens(prep: Prepared, inputs: Inputs, chosen: pl.DataFrame, tally: _Tally) -> dict:
-    """Tokens of the selected rows, by the tokenizer only (never model weights)."""
-    name = prep.method.tokenizer(prep.params)
-    if "n_tokens" in inputs.candidates.columns:
-        picked = chosen.select("id").join(inputs.candidates, on="id", how="left")
-        n_tokens, n_loss = picked["n_tokens"].sum(), picked["n_loss_tokens"].sum()
-    else:
-        n_tokens, n_loss = tally.n_tokens, tally.n_loss
-    from thresher.pipeline.models.resolve import model_identity
-
-    return {"selected": int(n_tokens), "selected_loss": int(n_loss),
-            "tokenizer": model_identity(name)}
-
-
-def _models(stats: list[StageStats]) -> dict:
-    """Model identities the plan's stages used, by stage kind (no entry: no model loaded)."""
-    out = {}
-    for s in stats:
-        for key in ("model", "tokenizer"):
-            if key in s.config and isinstance(s.config[key], str):
-                out[f"{s.stage}.{key}" if s.stage != "embed" else "embedder"] = s.config[key]
-    return {("lm" if k == "forward.model" else k): v for k, v in out.items()}
-
-
-def _manifest(prep, inputs, scored, chosen, sel, tally, stats, budget, fmt, out, sidecar,
-              scores_path, store, executor) -> dict:
-    pool = prep.request.pool
-    return {
-        "method": prep.method.name,
-        "summary": prep.method.summary,
-        "budget": str(budget),
-        "seed": inputs.seed,
-        "format": fmt,
-        "output": str(out),
-        "selection": str(sidecar),
-        "scores": str(scores_path),
-        "config": {"method": {**dataclasses.asdict(prep.params), **inputs.notes,
-                              "decisions": str(scores_path)},
-                   "selector": {"name": type(sel).__name__,
-                                **({k: v for k, v in dataclasses.asdict(sel).items() if k != "notes"}
-                                   if dataclasses.is_dataclass(sel) else {})},
-                   "targets": [str(t) for t in prep.request.targets]},
-        "plan": [s.describe() for s in prep.plan.stages],
-        "artifacts": {name: str(o.dir.dir) for name, o in inputs.outputs.items()
-                      if hasattr(getattr(o, "dir", None), "dir")},
-        "stages": [s.as_dict() for s in stats],
-        "executor": executor,
-        "models": _models(stats),
-        "inputs": _inputs_record(pool),
-        "counts": {"read": pool.info["read"], "quarantined": pool.info["quarantined"],
-                   "duplicate_ids": pool.info["duplicate_ids"],
-                   "candidates": inputs.candidates.height, "scored": scored.height,
-                   "unscored": inputs.candidates.height - scored.height, "selected": chosen.height},
-        "tokens": {**_selected_tokens(prep, inputs, chosen, tally),
-                   **({"budget": int(budget.value)} if budget.kind == "tokens" else {})},
-        "by_source": dict(sorted(tally.by_source.items())),
-        "versions": versions(),
-        "workdir": str(store.root),
-        "command": sys.argv if sys.argv and "thresher" in Path(sys.argv[0]).name else None,
-    }

@@ -10,9 +10,10 @@ import torch
 from thresher.pipeline.artifacts import ArtifactStore
 from thresher.pipeline.io.ingest import ingest
 from thresher.pipeline.io.pool import Pool
-from thresher.pipeline.models import engine
+from thresher.pipeline.models import batching, engine
+from thresher.pipeline.models.batching import length_batches
 from thresher.pipeline.models.chat import encode
-from thresher.pipeline.models.engine import length_batches, run_forward
+from thresher.pipeline.models.engine import run_forward
 from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
 from thresher.pipeline.stages import forward
 from thresher.pipeline.stages.forward import forward_signals
@@ -166,7 +167,7 @@ def test_packed_rows_give_the_padded_per_row_signals(tiny, rows):
     model, tok = tiny
     packed = run_forward(model, tok, rows, ALL, batch_tokens=1024, pack=True)
     padded = run_forward(model, tok, rows, ALL, batch_tokens=1024, pack=False)
-    assert len(engine.pack_rows(packed["n_tokens"], 1024)) < len(rows)   # really packed
+    assert len(batching.pack_rows(packed["n_tokens"], 1024)) < len(rows)   # really packed
     assert model.config._attn_implementation != engine.PACKED_ATTENTION  # restored after
     np.testing.assert_array_equal(packed["n_loss_tokens"], padded["n_loss_tokens"])
     for k in ("loss", "entropy", "el2n"):
@@ -190,7 +191,7 @@ def test_batches_side_by_side_give_the_one_at_a_time_signals(tiny, rows):
         assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
     finally:
         torch.set_num_threads(threads)
-    assert len(engine.pack_rows(serial["n_tokens"], 256)) > 2              # several batches
+    assert len(batching.pack_rows(serial["n_tokens"], 256)) > 2              # several batches
     np.testing.assert_array_equal(side["n_loss_tokens"], serial["n_loss_tokens"])
     for k in ("loss", "entropy", "el2n"):
         np.testing.assert_allclose(side[k], serial[k], rtol=1e-5, atol=1e-6)
@@ -210,15 +211,15 @@ def test_workers_keep_the_callers_autocast_and_a_workers_error_surfaces():
         return x * 10
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert list(engine._in_workers(fn, [0, 1, 2], 2)) == [(0, 0), (1, 10), (2, 20)]
+        assert list(batching._in_workers(fn, [0, 1, 2], 2)) == [(0, 0), (1, 10), (2, 20)]
     assert calls and all(c == (True, True) for c in calls)
     with pytest.raises(KeyError, match="row 3"):
-        list(engine._in_workers(fn, [1, 2, 3, 4], 2))
+        list(batching._in_workers(fn, [1, 2, 3, 4], 2))
 
 
 def test_pack_rows_cover_every_row_within_budget():
     lengths = np.array([5, 300, 40, 41, 7, 1000, 2, 39, 60, 60])
-    packs = engine.pack_rows(lengths, 100)
+    packs = batching.pack_rows(lengths, 100)
     seen = np.concatenate(packs)
     assert sorted(seen.tolist()) == list(range(len(lengths)))
     for b in packs:

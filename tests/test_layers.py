@@ -27,9 +27,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("classifier training", ("pipeline.training.classifier",)),
     ("methods", ("scoring",)),
     ("registry", ("pipeline.registry",)),
-    ("select", ("pipeline.select", "pipeline.recipe")),
+    ("select", ("pipeline.select", "pipeline.manifest", "pipeline.recipe")),
     ("report", ("pipeline.report",)),
-    ("run", ("pipeline.run",)),
+    # where a recipe writes; its guard reads verify's and the report's file names
+    ("run", ("pipeline.run", "pipeline.recipe_outputs")),
     ("interfaces", ("pipeline.cli", "pipeline.api", "flows")),
 ]
 

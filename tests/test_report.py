@@ -250,8 +250,8 @@ def test_cuts_mark_only_the_ends_inside_the_range():
 
 
 def test_funnel_steps_count_dedup_from_the_method(tmp_path):
-    from thresher.pipeline.report.build import funnel_steps
     from thresher.pipeline.report.data import Selection
+    from thresher.pipeline.report.sections import funnel_steps
 
     m = {"counts": {"read": 100, "quarantined": 10, "candidates": 90, "selected": 40},
          "config": {"method": {"exact_duplicates": 5, "semantic_duplicates": 15}}}

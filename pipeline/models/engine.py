@@ -1,9 +1,5 @@
 """The fused forward-pass engine: one pass of a causal LM gives every per-sample signal the scorers need.
 
-(Over 400 lines: packing, the packed attention, the LM-head statistics and the batch loops are
-one kernel, measured together in bench/forward_throughput.py; split, a reader would chase one
-pass across files.)
-
 This module is the engine only (any loaded model, rows in memory); `pipeline/stages/forward.py` is the
 cached, resumable pool stage built on it.
 
@@ -25,15 +21,16 @@ plain-text row, or every token when `response_only=False`. Position t's loss sco
 of token t from the hidden state at t-1.
 
 How it stays cheap: rows are sorted by length and packed under a token budget into one
-sequence each (`pack_rows`: no padding at all; position ids restart at every row and attention
-is causal within each row only, `_packed_attention`), or, for models whose attention does not go
-through transformers' attention interface and on GPUs, into padded batches (`length_batches`:
-padding only to the longest row of the batch); the transformer body runs once; the LM head runs
-only on the positions that predict a loss token (prompt positions never reach the vocabulary
-projection), in chunks of at most HEAD_CHUNK logits, whose statistics are taken in float32
-blocks of STATS_CHUNK (one chunk of logits and two small float32 blocks exist at a time);
-hidden states are pooled straight from the body's output (no `output_hidden_states` copy of
-every layer).
+sequence each (`batching.pack_rows`: no padding at all; position ids restart at every row and
+attention is causal within each row only, `_packed_attention`), or, for models whose attention
+does not go through transformers' attention interface and on GPUs, into padded batches
+(`batching.length_batches`: padding only to the longest row of the batch), several batches at
+once on worker threads on a CPU (`batching._in_workers`); the transformer body runs once; the
+LM head runs only on the positions that predict a loss token (prompt positions never reach the
+vocabulary projection), in chunks of at most HEAD_CHUNK logits, whose statistics are taken in
+float32 blocks of STATS_CHUNK (one chunk of logits and two small float32 blocks exist at a
+time); hidden states are pooled straight from the body's output (no `output_hidden_states` copy
+of every layer).
 """
 
 from __future__ import annotations
@@ -44,6 +41,7 @@ import itertools
 import logging
 
 import numpy as np
+from thresher.pipeline.models.batching import _in_workers, length_batches, pack_rows
 from thresher.pipeline.models.chat import Encoded, encode
 
 log = logging.getLogger(__name__)
@@ -79,47 +77,6 @@ def check_signals(signals) -> frozenset[str]:
     if not signals:
         raise ValueError("no forward signals requested")
     return signals
-
-
-def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Row indices grouped into batches, longest first, each padded size <= batch_tokens.
-
-    A row longer than the budget forms a batch of its own."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches, cur, longest = [], [], 0
-    for i in order:
-        n = int(lengths[i])
-        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
-            batches.append(np.asarray(cur))
-            cur, longest = [], 0
-        cur.append(int(i))
-        longest = max(longest, n)
-    if cur:
-        batches.append(np.asarray(cur))
-    return batches
-
-
-def pack_rows(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Row indices grouped into packs of at most batch_tokens real tokens (no padding).
-
-    Longest rows first; each pack is topped up with the shortest remaining rows (two pointers
-    over the sorted lengths, O(n)). A row longer than the budget forms a pack of its own."""
-    lengths = np.asarray(lengths)
-    order = np.argsort(-lengths, kind="stable")
-    packs, i, j = [], 0, len(order) - 1
-    while i <= j:
-        cur, total = [int(order[i])], int(lengths[order[i]])
-        i += 1
-        while i <= j and total + lengths[order[i]] <= batch_tokens:
-            cur.append(int(order[i]))
-            total += int(lengths[order[i]])
-            i += 1
-        while i <= j and total + lengths[order[j]] <= batch_tokens:
-            cur.append(int(order[j]))
-            total += int(lengths[order[j]])
-            j -= 1
-        packs.append(np.asarray(cur))
-    return packs
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -290,46 +247,6 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
-def _in_workers(fn, items: list, workers: int):
-    """(item, fn(item)) for each item, in order: on `workers` Python threads of threads // workers
-    intra-op threads each when workers > 1, else in this thread.
-
-    Why (bench/RESULTS.md): on a CPU, the body of a ~1k-token batch of a small model is hundreds
-    of small ops per layer (norms, rotary, SiLU, per-row attention); with two intra-op threads
-    every one of them ends in a barrier, so a core idles through the serial parts and waits for
-    a preempted partner on a shared machine. Two batches side by side, one thread each, keep both
-    cores busy. Grad mode and autocast are thread-local: the workers run in inference mode with
-    the caller's autocast state. Each batch's numbers do not depend on which worker ran it."""
-    import torch
-
-    if workers <= 1 or len(items) <= 1:
-        with torch.inference_mode():
-            for item in items:
-                yield item, fn(item)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    threads = torch.get_num_threads()
-    autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
-                if torch.is_autocast_enabled(d)]
-
-    def start():
-        torch.set_num_threads(max(1, threads // workers))
-
-    def call(item):
-        with torch.inference_mode(), contextlib.ExitStack() as stack:
-            for d, dtype in autocast:
-                stack.enter_context(torch.autocast(d, dtype=dtype))
-            return fn(item)
-
-    pool = ThreadPoolExecutor(min(workers, len(items)), initializer=start)
-    try:
-        yield from zip(items, pool.map(call, items))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)      # the workers' setting also reaches MKL's global one
-
-
 def _run_padded(model, parts, encoded, batch, lengths, pad, device, want):
     import torch
 
@@ -365,7 +282,7 @@ def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = D
     tokenisation when the caller already has `chat.encode` results. `pack` (default: on a CPU,
     when the model supports it) runs rows packed into unpadded sequences, else padded batches.
     `workers` (default: torch's intra-op thread count on a CPU, 1 on a GPU) runs that many
-    batches at once, each on its own share of the threads (`_in_workers`).
+    batches at once, each on its own share of the threads (`batching._in_workers`).
 
     Returns numpy arrays of length len(rows): n_tokens, n_loss_tokens, truncated, plus per
     signal: loss and ppl (NaN where a row has no loss token), entropy, el2n, rds [N, d] float32;
@@ -415,10 +332,16 @@ def run_forward(model, tokenizer, rows: list[dict], signals, max_tokens: int = D
                     rds[batch] = res["rds"]
     finally:
         model.train(was_training)
+    return _results(want, encoded, lengths, n_loss, tok, rds)
 
+
+def _results(want: frozenset[str], encoded: list[Encoded], lengths: np.ndarray,
+             n_loss: np.ndarray, tok: dict[str, list], rds: np.ndarray | None) -> dict:
+    """`run_forward`'s return value from the per-row loss-token counts, the per-token statistics
+    `tok` (one array per row and statistic) and the RDS+ matrix."""
     out: dict = {"n_tokens": lengths,
                  "truncated": np.array([e.truncated for e in encoded], dtype=bool)}
-    if stats:
+    if want & LOGIT_SIGNALS:
         out["n_loss_tokens"] = n_loss
 
         def mean(k):

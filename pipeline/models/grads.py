@@ -37,8 +37,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
+from thresher.pipeline.models.batching import length_batches
 from thresher.pipeline.models.chat import Encoded
-from thresher.pipeline.models.engine import _body_and_head, length_batches
+from thresher.pipeline.models.engine import _body_and_head
 
 log = logging.getLogger(__name__)
 

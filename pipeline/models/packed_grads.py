@@ -4,7 +4,7 @@ For a Linear layer y_t = W x_t + b applied at every token t, the gradient of a l
 
     dL/dW = sum_t d_t x_t^T,    dL/db = sum_t d_t,    d_t = dL/dy_t.
 
-Rows are packed back to back into one unpadded sequence (`engine.pack_rows`), position ids
+Rows are packed back to back into one unpadded sequence (`batching.pack_rows`), position ids
 restarting at every row and attention kept inside each row (`packed_attention.py`), and
 L = sum_r L_r with L_r row r's mean loss over its loss tokens. Nothing crosses a row boundary,
 so at a token t of row r, d_t = dL_r/dy_t, and row r's own gradient is the sum over its segment
@@ -36,8 +36,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from thresher.pipeline.models.batching import pack_rows
 from thresher.pipeline.models.chat import Encoded
-from thresher.pipeline.models.engine import _body_and_head, pack_rows, packing_supported
+from thresher.pipeline.models.engine import _body_and_head, packing_supported
 from thresher.pipeline.models.packed_attention import PackedGradAttention
 
 _active = threading.local()      # the capture of the forward pass running in this thread
@@ -274,7 +275,7 @@ def iter_packed_grads(model, encoded: list[Encoded], params: dict, batch_tokens:
 
 def _in_threads(fn, items: list, workers: int):
     """(item, fn(item)) in order; on `workers` threads of threads // workers intra-op threads
-    each when workers > 1 (`engine._in_workers`, with autograd allowed)."""
+    each when workers > 1 (`batching._in_workers`, with autograd allowed)."""
     import torch
 
     if workers <= 1 or len(items) <= 1:

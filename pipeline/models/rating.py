@@ -18,7 +18,7 @@ a reason, which the stage counts; DEITA's 3.0 for a failure is not used.
 
 Long fields are cut (by tokens, the longest first) so the whole prompt fits `max_tokens`; the
 template and the answer prefix are never cut. Batching is the forward engine's
-(`engine.pack_rows` packed sequences on a CPU, `length_batches` padded batches elsewhere).
+(`batching.pack_rows` packed sequences on a CPU, `length_batches` padded batches elsewhere).
 """
 
 from __future__ import annotations
@@ -28,15 +28,13 @@ import functools
 
 import numpy as np
 from thresher.pipeline.io.schema import row_text
+from thresher.pipeline.models.batching import _in_workers, length_batches, pack_rows
 from thresher.pipeline.models.chat import FALLBACK_TEMPLATE
 from thresher.pipeline.models.engine import (
     _body_and_head,
-    _in_workers,
     _model_device,
     _PackedAttention,
     default_batch_tokens,
-    length_batches,
-    pack_rows,
     packing_supported,
 )
 from thresher.pipeline.models.rubrics import FIELDS, Question, Rubric

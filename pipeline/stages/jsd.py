@@ -18,7 +18,7 @@ Deviation from the released code: it scores the instruction text alone, without 
 or the output; here the divergence is over the response tokens of the rendered conversation (the
 paper's "output distributions"), and both reductions are kept (`--param jsd_reduce=sum|mean`).
 
-How it stays small: the forward engine's batching (`engine.length_batches`: length-sorted rows
+How it stays small: the forward engine's batching (`batching.length_batches`: length-sorted rows
 under a token budget) feeds each batch through BOTH models; each runs its body once
 (`engine._body_and_head`) and its LM head only on the positions that predict a response token,
 in blocks of at most `engine.LOGIT_CHUNK` elements ([block, V]); per position only the scalar
@@ -38,6 +38,7 @@ import polars as pl
 import pyarrow as pa
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
 from thresher.pipeline.io.pool import Pool
+from thresher.pipeline.models.batching import length_batches
 from thresher.pipeline.models.chat import encode
 from thresher.pipeline.models.engine import (
     DEFAULT_MAX_TOKENS,
@@ -45,7 +46,6 @@ from thresher.pipeline.models.engine import (
     _body_and_head,
     default_batch_tokens,
     engine_dtype,
-    length_batches,
 )
 from thresher.pipeline.models.resolve import DEFAULT_LM, model_identity
 from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file

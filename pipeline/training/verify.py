@@ -16,9 +16,10 @@ Both use the first `max_eval` rows of each eval set; generation stops at `max_ne
 (0 = no generation). The pool comes from `<subset>.manifest.json` (inputs.pool, an absolute
 path) or `pool=`; a pool whose fingerprint is not the manifest's is refused (`find_pool`).
 
-Writes OUT/verify.json, OUT/verify.md (the comparison table, also returned) and OUT/verify.png
-when matplotlib is installed (it is not a dependency; the table says when the plot is skipped),
-and (by `pipeline/run.verify_with_report`) OUT/report.html: the table, loss curves and the subsets' report.
+Writes (`pipeline/training/verify_output.py`) OUT/verify.json, OUT/verify.md (the comparison
+table, also returned) and OUT/verify.png when matplotlib is installed (it is not a dependency;
+the table says when the plot is skipped), and (by `pipeline/run.verify_with_report`)
+OUT/report.html: the table, loss curves and the subsets' report.
 Trained runs live in OUT/runs/<name>/; a rerun reuses the finished ones and their evaluations
 (RUN/evals.json, keyed by the run, the eval rows and the settings).
 
@@ -40,10 +41,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-from thresher.pipeline.artifacts import atomic_path, write_json_atomic
+from thresher.pipeline.artifacts import write_json_atomic
 from thresher.pipeline.io.pool import check_rows_file, load_rows
 from thresher.pipeline.training.evaluate import evaluate
 from thresher.pipeline.training.train import TrainConfig, load_trained, train
+from thresher.pipeline.training.verify_output import check_verify_outputs, write_results
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +93,6 @@ def find_pool(subsets: list[Path], pool: Path | str | None):
                              "re-ingested or is another one; the random baseline must come "
                              "from the subset's own pool")
     return the_pool
-
-
-VERIFY_FILES = ("verify.json", "verify.md", "verify.png", "report.html")
-
-
-def check_verify_outputs(out: Path, subsets: list[Path], evals: list[Path], the_pool) -> None:
-    """The output guard for OUT: never an input, never in a pool or a cache, and fixed file
-    names written into an existing folder only when it is an earlier verify's (verify.json)."""
-    from thresher.pipeline.io.guard import check_outputs, check_writes_into
-
-    inputs = [*subsets, *(Path(f"{s}.manifest.json") for s in subsets), *evals, the_pool.path,
-              *the_pool.input_files()]
-    check_outputs([out / f for f in VERIFY_FILES], inputs, [out / "runs"])
-    check_writes_into(out, [*VERIFY_FILES, "runs"], "verify.json")
 
 
 def random_subset(pool, n: int, seed: int) -> list[dict]:
@@ -171,7 +159,7 @@ def run_verify(subsets: list[Path | str], evals: list[Path | str], out: Path | s
         write_json_atomic(out / "verify.json", report)   # partial results survive a kill
     report["comparisons"] = compare_to_random(report)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
-    return _write_results(report, out)
+    return write_results(report, out)
 
 
 def _train_sets(subsets: list[Path], names: list[str], quarantine: dict) -> dict[str, list[dict]]:
@@ -246,20 +234,6 @@ def _trained_run(out: Path, name: str, rows: list[dict], s: int, seed: int, seed
             "eval_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _write_results(report: dict, out: Path) -> dict:
-    """OUT/verify.json, verify.md (the comparison table) and verify.png (when matplotlib is there)."""
-    table = comparison_table(report)
-    plot = _plot(report, out / "verify.png")
-    table += ("\n" + (f"Plot: {plot.name}" if plot else
-                      "Plot skipped: matplotlib is not installed (`pip install matplotlib`).") + "\n")
-    report["table"] = str(out / "verify.md")
-    write_json_atomic(out / "verify.json", report)
-    with atomic_path(out / "verify.md") as tmp:
-        tmp.write_text(table)
-    report["markdown"] = table
-    return report
-
-
 def _cached_evals(run_dir: Path, summary: dict, eval_sets: dict, max_tokens: int,
                   max_new_tokens: int, device: str) -> dict:
     """A trained run's evals, reused from RUN/evals.json when the run, the eval rows and the
@@ -329,77 +303,3 @@ def compare_to_random(report: dict) -> dict:
                 res["exact_match"] = {**m, "verdict": verdict(m, lower_is_better=False)}
             out.setdefault(name, {})[e] = res
     return out
-
-
-def _significance_table(report: dict) -> str:
-    comps = report.get("comparisons") or {}
-    if not comps:
-        return ""
-    k = len(report.get("seeds", [report["seed"]]))
-    title = (f"Subset minus random (mean over {k} seed(s) per eval row; paired bootstrap, "
-             "95% interval over eval rows; 'better' only when the interval excludes 0):")
-    lines = ["", title, "",
-             "| subset | eval | Δ loss [95% CI] | loss verdict | Δ EM [95% CI] | EM verdict |",
-             "|---|---|---|---|---|---|"]
-    for name, per_eval in comps.items():
-        for e, r in per_eval.items():
-            lo = r["loss"]
-            cells = [name, e, f"{lo['diff']:+.4f} [{lo['lo']:+.4f}, {lo['hi']:+.4f}]", lo["verdict"]]
-            em = r.get("exact_match")
-            cells += ([f"{em['diff']:+.3f} [{em['lo']:+.3f}, {em['hi']:+.3f}]", em["verdict"]]
-                      if em else ["-", "-"])
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def comparison_table(report: dict) -> str:
-    evals = list(next(iter(report["runs"].values()))["evals"])
-    head = ["run", "rows"]
-    for e in evals:
-        head += [f"{e} loss", f"{e} ppl"]
-        if any("exact_match" in r["evals"][e] for r in report["runs"].values()):
-            head.append(f"{e} EM")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in report["runs"].items():
-        cells = [name, str(r["rows"])]
-        for e in evals:
-            ev = r["evals"][e]
-            sd = f" ± {ev['loss_sd']:.4f}" if "loss_sd" in ev else ""
-            cells += [f"{ev['loss']:.4f}{sd}", f"{ev['ppl']:.2f}"]
-            if f"{e} EM" in head:
-                em_sd = f" ± {ev['exact_match_sd']:.3f}" if "exact_match_sd" in ev else ""
-                cells.append(f"{ev['exact_match']:.3f}{em_sd} ({ev['correct']}/{ev['n']})"
-                             if "exact_match" in ev else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    seeds = report.get("seeds", [report["seed"]])
-    seed_text = (f"seed {report['seed']}" if len(seeds) == 1 else
-                 f"seeds {seeds[0]}..{seeds[-1]} (mean ± sd over {len(seeds)} runs; a fresh random "
-                 "subset per seed)")
-    note = (f"\nTrained with LoRA r={report['config']['lora_r']}, lr={report['config']['lr']}, "
-            f"{report['config']['epochs']} epoch(s), {seed_text}; eval on the first "
-            f"{report['max_eval']} rows of each set; base = {report['config']['model']} with no "
-            "training; original = the untrained model it was pruned from; random = seeded random "
-            f"{report['subset_rows']} rows of {report['pool']}.\n")
-    return "\n".join(lines) + "\n" + note + _significance_table(report)
-
-
-def _plot(report: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    runs = list(report["runs"])
-    evals = list(report["runs"][runs[0]]["evals"])
-    fig, axes = plt.subplots(1, len(evals), figsize=(4 * len(evals), 3), squeeze=False)
-    for ax, e in zip(axes[0], evals):
-        ax.bar(runs, [report["runs"][r]["evals"][e]["loss"] for r in runs])
-        ax.set_title(f"{e}: held-out loss")
-        ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
