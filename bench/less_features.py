@@ -17,7 +17,7 @@ Compare (the default): the first --rows pool rows' features (Adam-preconditioned
 --d dimensions, unit length), computed in every round by
   (v) the former path: vmap per-sample gradients in float32, length batches of 512 padded tokens
       (the former `grad_tokens` default), projection in bf16 gathered 64 rows at a time;
-  (p) the packed path: rows packed into sequences of 1,024 tokens, bf16 autocast, two packs side
+  (p) the packed path: rows packed into sequences of 512 tokens (`less`'s default on a CPU), bf16 autocast, two packs side
       by side on one thread each, projection gathered 256 rows at a time (the `less` defaults).
 On a GPU (`--device cuda`, `bench/gpu.sh`) the packed path runs packs of 8,192 tokens, one at
 a time. A bf16 GEMM timing opens each round; the order of (v) and (p) alternates by round. Printed:
@@ -128,6 +128,7 @@ def compare(a) -> dict:
     from thresher.pipeline.models.grads import n_params
     from thresher.pipeline.plan import make_plan
     from thresher.pipeline.stages.grad_features import GradFeatures, shard_features
+    from thresher.scoring.less import grad_batch_tokens
 
     pool_dir, target = build(a.out, a.data, a.pool_rows, a.targets)
     pool = Pool(pool_dir)
@@ -136,7 +137,8 @@ def compare(a) -> dict:
     ckpt = Path(outputs[proxy].checkpoints[-1])
     stage = GradFeatures(proxy=proxy, d=a.d, max_tokens=a.max_tokens, dtype="bf16", grad_dtype="bf16")
     packed = dataclasses.replace(stage.open_worker(a.device, ("checkpoint", str(ckpt))), project_rows=256, how="packed",
-                                 batch_tokens=1024 if a.device == "cpu" else 8192, grad_dtype="bf16")
+                                 batch_tokens=grad_batch_tokens(a.device),
+                                 grad_dtype="bf16")
     vmap = dataclasses.replace(packed, batch_tokens=512, project_rows=64, how="vmap", grad_dtype="fp32")
     rows = list(pool.iter_rows(["id", "kind", "messages", "text"]))[:a.rows]
     encs = [encode(packed.tok, r, a.max_tokens) for r in rows]
@@ -190,7 +192,7 @@ def overlap(a) -> dict:
     from thresher.pipeline.models.less_maths import checkpoint_etas
     from thresher.pipeline.plan import make_plan
     from thresher.pipeline.stages.grad_features import GradFeatures, shard_features
-    from thresher.scoring.less import less_scores
+    from thresher.scoring.less import grad_batch_tokens, less_scores
 
     pool_dir, target = build(a.out, a.data, a.pool_rows, a.targets)
     pool = Pool(pool_dir)
@@ -205,7 +207,8 @@ def overlap(a) -> dict:
     for ckpt in ckpts:
         stage = GradFeatures(proxy=proxy, d=a.d, max_tokens=a.max_tokens, dtype="bf16", grad_dtype="bf16")
         base = stage.open_worker(a.device, ("checkpoint", str(ckpt)))
-        for name, kw in (("packed", {"batch_tokens": 1024, "how": "packed", "grad_dtype": "bf16"}),
+        for name, kw in (("packed", {"batch_tokens": grad_batch_tokens(a.device), "how": "packed",
+                                     "grad_dtype": "bf16"}),
                          ("vmap", {"batch_tokens": 512, "how": "vmap", "grad_dtype": "fp32",
                                    "project_rows": 64})):
             job = dataclasses.replace(base, **kw)

@@ -84,6 +84,17 @@ class _LazyFile(logging.FileHandler):
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
         return super()._open()
 
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)           # opening the file is not guarded by logging itself
+        except OSError:
+            self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A log file that cannot be written (a read-only or full disk) is dropped without a
+        traceback: the command's own writes report that failure as its one-line error."""
+        logging.getLogger().removeHandler(self)
+
 
 def log_to(directory: Path | str) -> Path | None:
     """Also write every record (INFO and above; DEBUG at THRESHER_LOG=DEBUG) to

@@ -132,6 +132,13 @@ def feature_rows(positions: np.ndarray | None, pool_rows: np.ndarray) -> tuple[n
     return at, listed
 
 
+def grad_batch_tokens(device: str) -> int:
+    """Tokens per packed gradient batch by device: on a 2-core CPU packs of 384-512 tokens ran
+    10-15% faster than 1,024 or 2,048 (bench/RESULTS.md, "LESS: packed per-sample gradients");
+    a GPU wants large packs."""
+    return 512 if device == "cpu" else 8192
+
+
 @dataclass(frozen=True)
 class LessParams:
     model: str = field(default=DEFAULT_LM, metadata={"help": "causal LM (LoRA warm-up and gradients)"})
@@ -150,8 +157,9 @@ class LessParams:
         "help": "warm-up autocast: bf16 or fp32 (default by CPU)"})
     unit_rows: int = field(default=256, metadata={
         "help": "rows per unit of gradient work (a progress line and a resume point each)"})
-    grad_tokens: int = field(default=1024, metadata={
-        "help": "tokens per packed per-sample-gradient batch (peak memory grows with it; scores do not change)"})
+    grad_tokens: int | None = field(default=None, metadata={
+        "help": "tokens per packed per-sample-gradient batch (default: 512 on a CPU, 8192 on a "
+                "GPU; peak memory grows with it; scores do not change)"})
     grad_dtype: Literal["bf16", "fp32"] | None = field(default=None, metadata={
         "help": "per-sample gradient pass: bf16 autocast (default on CPUs with native bf16) or fp32"})
     max_share: Share = field(default=1.0, metadata={
@@ -183,7 +191,7 @@ class LessMethod(Method):
         warm = warmup_proxy(req.n_rows, p.model, p.proxy_part, p.proxy_min_rows, p.epochs,
                             p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens, p.proxy_dtype)
         feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,
-                 "dtype": p.proj_dtype, "grad_dtype": p.grad_dtype, "batch_tokens": p.grad_tokens,
+                 "dtype": p.proj_dtype, "grad_dtype": p.grad_dtype, "batch_tokens": p.grad_tokens or grad_batch_tokens(req.device),
                  "unit_rows": p.unit_rows}
         out = {}
         m = shortlist_rows(p, req)

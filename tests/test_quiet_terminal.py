@@ -81,3 +81,31 @@ def test_configure_leaves_thresher_warnings_and_library_errors_on_the_terminal(c
         root.setLevel(before[1])
         logging.captureWarnings(False)
         logs._configured = False
+
+
+def test_a_log_file_that_cannot_be_written_is_dropped_without_a_traceback(tmp_path, capsys):
+    import logging
+
+    from thresher.pipeline import logs
+
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    try:
+        logs.configure()
+        path = logs.log_to(blocker / "work")          # its directory can never be made
+        assert path is not None and any(getattr(h, "_thresher", "") == "file" for h in root.handlers)
+        logging.getLogger("thresher.x").info("a unit done")
+        err = capsys.readouterr().err
+        assert "Logging error" not in err and "Traceback" not in err
+        assert not any(getattr(h, "_thresher", "") == "file" for h in root.handlers)
+        logging.getLogger("thresher.x").warning("still shown")
+        assert "still shown" in capsys.readouterr().err
+    finally:
+        for h in root.handlers[:]:
+            if h not in before[0]:
+                root.removeHandler(h)
+        root.setLevel(before[1])
+        logging.captureWarnings(False)
+        logs._configured = False

@@ -237,3 +237,49 @@ def test_targets_and_models_are_checked_before_any_stage(small, monkeypatch, cap
     line = one_line(*run_cli(monkeypatch, capsys, args + (["--dry-run"] if dry else []))[::2])
     assert message.format(d=small) in line
     assert not (small / ".thresher-work").exists() and not (small / "o.jsonl").exists()
+
+
+def test_a_read_only_output_disk_is_one_line_and_the_inputs_are_untouched(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Every write under RO/ fails as a read-only file system does (EROFS at open and mkdir;
+    file modes cannot stand in for it: the suite may run as root)."""
+    import builtins
+
+    from thresher.pipeline.io.ingest import ingest
+
+    (tmp_path / "in.jsonl").write_text(rows(6))
+    ingest([tmp_path / "in.jsonl"], tmp_path / "pool")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def refuse(path):
+        if str(os.fspath(path)).startswith(str(ro)):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def ro_open(file, mode="r", *a, **k):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+            refuse(file)
+        return real_open(file, mode, *a, **k)
+
+    def ro_os_open(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real_os_open(path, flags, *a, **k)
+
+    def ro_mkdir(path, *a, **k):
+        refuse(path)
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", ro_open)
+    monkeypatch.setattr(os, "open", ro_os_open)
+    monkeypatch.setattr(os, "mkdir", ro_mkdir)
+    code, _, err = run_cli(monkeypatch, capsys, [
+        "select", str(tmp_path / "pool"), "--method", "random", "--budget", "3",
+        "--out", str(ro / "subset.jsonl"), "--workdir", str(tmp_path / "work")])
+    line = one_line(code, err)
+    assert str(ro) in line and "read-only" in line.lower(), line
+    assert list(ro.iterdir()) == []
+    assert {p: p.read_bytes() for p in before} == before       # the pool and input unchanged
