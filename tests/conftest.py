@@ -28,7 +28,7 @@ def sample_pool_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_pool(tmp_path_factory, sample_pool_dir):
-    """The bundled sample ingested once per session (read-only for tests)."""
+    """The bundled sample ingested once per test run (read-only for tests)."""
     from thresher.pipeline.io.ingest import ingest
     from thresher.pipeline.io.pool import Pool
 
