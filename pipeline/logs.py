@@ -43,6 +43,19 @@ def _level() -> int:
 _configured = False
 
 
+class _Terminal(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stderr` is when a record comes (a command run in-process
+    again, e.g. from a notebook or a test, never writes to a stream closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def route_library_logs() -> None:
     """transformers' records through the root logger instead of its own stderr handler, and its
     progress bars off; only after `configure` (a program that imports thresher keeps its own
@@ -61,7 +74,7 @@ def configure() -> None:
     root = logging.getLogger()
     level = _level()
     if not any(getattr(h, "_thresher", "") == "terminal" for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _Terminal()
         handler._thresher = "terminal"
         handler.setFormatter(logging.Formatter(FORMAT))
         if level > logging.DEBUG:
@@ -104,9 +117,12 @@ def log_to(directory: Path | str) -> Path | None:
         return None
     path = (Path(directory) / FILE_NAME).resolve()
     root = logging.getLogger()
-    for h in root.handlers:
-        if getattr(h, "_thresher", "") == "file" and Path(h.baseFilename) == path:
-            return path
+    for h in root.handlers[:]:
+        if getattr(h, "_thresher", "") == "file":
+            if Path(h.baseFilename) == path:
+                return path
+            root.removeHandler(h)            # one log file: the current command's
+            h.close()
     handler = _LazyFile(path, encoding="utf-8", delay=True)
     handler._thresher = "file"
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
