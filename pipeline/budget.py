@@ -43,15 +43,19 @@ class Budget:
 
     def rows(self, candidates: pl.DataFrame) -> int:
         """The budget as a row count over these candidates (tokens: by their mean length)."""
-        n = candidates.height
+        if self.kind != "tokens":
+            return self.rows_of(candidates.height)
+        if "n_tokens" not in candidates.columns:
+            raise ValueError("a token budget needs token counts (n_tokens) for the candidates")
+        return self.rows_of(candidates.height, candidates["n_tokens"].mean())
+
+    def rows_of(self, n: int, mean_tokens: float | None = None) -> int:
+        """The budget as a row count over n rows (tokens: rows of `mean_tokens` tokens each)."""
         if self.kind == "rows":
             return min(n, int(self.value))
         if self.kind == "fraction":
             return min(n, math.ceil(self.value * n))
-        if "n_tokens" not in candidates.columns:
-            raise ValueError("a token budget needs token counts (n_tokens) for the candidates")
-        mean = max(1.0, candidates["n_tokens"].mean() or 1.0)
-        return min(n, max(1, int(self.value // mean)))
+        return min(n, max(1, int(self.value // max(1.0, mean_tokens or 1.0))))
 
     def cut(self, ranked: pl.DataFrame, candidates: pl.DataFrame) -> pl.DataFrame:
         """Rows budget: the first rows of `ranked`. Token budget: down the ranking, every row

@@ -86,9 +86,9 @@ def budget_rows(budget: Budget | None, pool: Pool) -> int | None:
     if budget is None:
         return None
     if budget.kind != "tokens":
-        return budget.rows(pool.frame(["id"]))
+        return budget.rows_of(pool.n_rows)            # from pool.json: no column read
     mean_chars = pool.frame(["n_chars"])["n_chars"].mean() or 4.0
-    return min(pool.n_rows, max(1, int(budget.value // max(1.0, mean_chars / 4))))
+    return budget.rows_of(pool.n_rows, mean_chars / 4)
 
 
 def prepare(pool: Pool, method: str, params: dict | None = None, selector: str | None = None,

@@ -111,15 +111,6 @@ class Pool:
             entry["rows"] = pq.read_metadata(shard).num_rows
         return int(entry["rows"])
 
-    def shard_start(self, shard: Path | str) -> int:
-        """Pool position of a shard's first row."""
-        at = 0
-        for s in self.shards:
-            if Path(s) == Path(shard):
-                return at
-            at += self.shard_rows(s)
-        raise ValueError(f"{shard}: not a shard of pool {self.path}")
-
     @property
     def fingerprint(self) -> str:
         return self.info["fingerprint"]

@@ -236,34 +236,37 @@ class GradFeatures(Stage):
         return [Path(c) for c in run.deps[self.proxy].checkpoints]
 
 
-    def _chunks(self, run: StageRun, shard) -> list[tuple[tuple[int, int] | None, tuple | None]]:
-        """(row range, positions) of a shard's units: `unit_rows` rows at a time, of every row
-        or only of the rows the `rows` stage keeps (shard-local positions)."""
-        n = run.pool.shard_rows(shard)
-        if self.rows is None:
-            return [((lo, min(n, lo + self.unit_rows)), None) for lo in range(0, n, self.unit_rows)]
-        start = run.pool.shard_start(shard)
-        keep = run.deps[self.rows].rows
-        local = keep[(keep >= start) & (keep < start + n)] - start
-        return [(None, tuple(int(i) for i in local[lo:lo + self.unit_rows]))
-                for lo in range(0, len(local), self.unit_rows)]
+    def _chunks(self, run: StageRun) -> list[tuple[Unit, str, tuple | None, tuple | None, int, str]]:
+        """(shard unit, key part, row range, positions, size, label part) of every row chunk in
+        pool order: `unit_rows` rows of a shard at a time, of every row or only of the rows the
+        `rows` stage keeps (shard-local positions). The same for every checkpoint."""
+        keep = None if self.rows is None else run.deps[self.rows].rows
+        out, start = [], 0
+        for shard in run.pool.shards:
+            base, n = run.shard_unit(shard), run.pool.shard_rows(shard)
+            if keep is None:
+                for lo in range(0, n, self.unit_rows):
+                    hi = min(n, lo + self.unit_rows)
+                    out.append((base, f"{lo}", (lo, hi), None, hi - lo, f"[{lo}:{hi}]"))
+            else:
+                local = keep[(keep >= start) & (keep < start + n)] - start
+                for lo in range(0, len(local), self.unit_rows):
+                    picks = tuple(int(i) for i in local[lo:lo + self.unit_rows])
+                    digest = hashlib.sha256(np.asarray(picks, np.int64).tobytes()).hexdigest()
+                    out.append((base, f"p{digest[:16]}", None, picks, len(picks),
+                                f"[{len(picks)} rows]"))
+            start += n
+        return out
 
     def units(self, run: StageRun) -> list[Unit]:
         """(checkpoint x row chunk) units: at most `unit_rows` rows of one shard at one checkpoint."""
-        out = []
+        chunks, out = self._chunks(run), []
         for j, ckpt in enumerate(self.checkpoints(run)):
             ck = checkpoint_fingerprint(ckpt, with_state=self.mode() == "adam")[:16]
-            for shard in run.pool.shards:
-                base = run.shard_unit(shard)
-                for span, picks in self._chunks(run, shard):
-                    if picks is None:
-                        key, size, where = f"{span[0]}", span[1] - span[0], f"[{span[0]}:{span[1]}]"
-                    else:
-                        digest = hashlib.sha256(np.asarray(picks, np.int64).tobytes()).hexdigest()
-                        key, size, where = f"p{digest[:16]}", len(picks), f"[{len(picks)} rows]"
-                    out.append(Unit(f"{ck}-{base.key}-{key}", base.shard, span,
-                                    ("checkpoint", str(ckpt)), size,
-                                    f"checkpoint {j} {base.label}{where}", positions=picks))
+            for base, key, span, picks, size, where in chunks:
+                out.append(Unit(f"{ck}-{base.key}-{key}", base.shard, span,
+                                ("checkpoint", str(ckpt)), size,
+                                f"checkpoint {j} {base.label}{where}", positions=picks))
         return out
 
     def open_worker(self, device: str, key: tuple = ()) -> FeatureJob:
