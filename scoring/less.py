@@ -172,6 +172,10 @@ class LessParams:
     embedder: str = field(default=DEFAULT_EMBEDDER, metadata={"help": "sentence embedder of the shortlist"})
 
     def __post_init__(self):
+        if self.grad_tokens is not None and self.grad_tokens < 1:
+            raise ValueError(f"grad_tokens must be >= 1 (or null: by device), got {self.grad_tokens}")
+        if self.unit_rows < 1:
+            raise ValueError(f"unit_rows must be >= 1, got {self.unit_rows}")
         if self.shortlist < 0 or self.shortlist_above < 0:
             raise ValueError(f"shortlist and shortlist_above must be >= 0, got {self.shortlist} "
                              f"and {self.shortlist_above}")
@@ -191,7 +195,7 @@ class LessMethod(Method):
         warm = warmup_proxy(req.n_rows, p.model, p.proxy_part, p.proxy_min_rows, p.epochs,
                             p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens, p.proxy_dtype)
         feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,
-                 "dtype": p.proj_dtype, "grad_dtype": p.grad_dtype, "batch_tokens": p.grad_tokens or grad_batch_tokens(req.device),
+                 "dtype": p.proj_dtype, "grad_dtype": p.grad_dtype, "batch_tokens": p.grad_tokens if p.grad_tokens is not None else grad_batch_tokens(req.device),
                  "unit_rows": p.unit_rows}
         out = {}
         m = shortlist_rows(p, req)

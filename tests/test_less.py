@@ -379,3 +379,14 @@ def test_shortlist_is_off_for_small_pools_and_unknown_budgets(dyn_pool, target_f
     assert "shortlist" not in whole
     with pytest.raises(ValueError, match="shortlist"):
         LessParams(shortlist=-1)
+
+
+@pytest.mark.parametrize("bad,match", [({"grad_tokens": 0}, "grad_tokens must be >= 1"),
+                                       ({"grad_tokens": -5}, "grad_tokens must be >= 1"),
+                                       ({"unit_rows": 0}, "unit_rows must be >= 1")])
+def test_gradient_batch_and_unit_sizes_must_be_positive(bad, match):
+    """0 is a mistake, not "the default": the value is refused, never replaced silently."""
+    from thresher.scoring.less import LessParams
+
+    with pytest.raises(ValueError, match=match):
+        LessParams(**bad)
