@@ -66,6 +66,8 @@ METHODS = {   # label -> (method, params); random is always run
     "rds-embed-cap25": ("rds", {"vectors": "embed", "max_share": 0.25}),   # an earlier default
     "less": ("less", {"epochs": 2}),        # LESS gradient features, 2 warm-up checkpoints (LESS: 4)
     "less-cap50": ("less", {"epochs": 2, "max_share": 0.5}),
+    "less-cap50-short4": ("less", {"epochs": 2, "max_share": 0.5, "shortlist": 4}),
+    "less-cap50-short2": ("less", {"epochs": 2, "max_share": 0.5, "shortlist": 2}),
 }
 QUICK = {"families": ["t0_heldout", "self_instruct"], "methods": ["less-cap50"],
          "per_source": 12, "budget": 24, "seeds": 1, "targets": 16, "eval": 32, "epochs": 2}

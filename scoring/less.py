@@ -16,6 +16,12 @@ LoRA gradients point where the target examples' gradients point, over the warm-u
    more than that share of the budget; the ranking walks down past rows of full sources, and
    the manifest's `config.method.guard` reports the cap and the rows each source got.
 
+Two-stage (`shortlist` > 0, not in LESS; issue 23): a `Shortlist` stage first keeps the
+`shortlist` x budget rows nearest the targets by sentence-embedder vectors (RDS+'s score over
+`rds --param vectors=embed`), and LESS runs with that shortlist as its pool: the warm-up trains
+on `proxy_part` of the shortlist (at least `proxy_min_rows` rows) and only shortlisted rows get
+gradient features, so LESS's cost follows the budget, not the pool.
+
 `less_scores`, `less_task_scores`, `less_similarity` and `less_representation` are the same
 arithmetic for other methods (RDS+ with gradient representations): the representation is the
 concatenation of sqrt(eta_i) * feature_i, unit length, whose inner products are LESS's sum.
@@ -192,17 +198,19 @@ class LessMethod(Method):
     needs_targets = True
 
     def needs(self, p: LessParams, req: Request) -> dict[str, Stage]:
-        warm = warmup_proxy(req.n_rows, p.model, p.proxy_part, p.proxy_min_rows, p.epochs,
-                            p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens, p.proxy_dtype)
-        feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,
-                 "dtype": p.proj_dtype, "grad_dtype": p.grad_dtype, "batch_tokens": p.grad_tokens if p.grad_tokens is not None else grad_batch_tokens(req.device),
-                 "unit_rows": p.unit_rows}
         out = {}
         m = shortlist_rows(p, req)
-        if m is not None:
+        if m is not None:     # two-stage: LESS over the shortlist, its warm-up included
             vectors = lambda over=None: Embed(model=p.embedder, part="conversation", over=over)
             out["shortlist"] = Shortlist(vectors=vectors(), m=m, targets=tuple(
                 vectors(TargetPool(path=str(t))) for t in req.targets))
+        warm = warmup_proxy(m or req.n_rows, p.model, p.proxy_part, p.proxy_min_rows, p.epochs,
+                            p.proxy_seed, p.proxy_lr, p.proxy_batch_size, p.max_tokens,
+                            p.proxy_dtype, rows=out.get("shortlist"))
+        tokens = p.grad_tokens if p.grad_tokens is not None else grad_batch_tokens(req.device)
+        feats = {"proxy": warm, "d": p.d, "seed": p.proj_seed, "max_tokens": p.max_tokens,
+                 "dtype": p.proj_dtype, "grad_dtype": p.grad_dtype, "batch_tokens": tokens,
+                 "unit_rows": p.unit_rows}
         out["pool"] = GradFeatures(**feats, rows=out.get("shortlist"))
         for i, t in enumerate(req.targets):
             out[f"target{i}"] = GradFeatures(**feats, over=TargetPool(path=str(t)))

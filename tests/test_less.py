@@ -315,12 +315,14 @@ def test_shortlist_takes_each_tasks_nearest_rows_in_turn():
     assert len(set(round_robin_top([sa, sa], 5))) == 5   # a row taken once, the turn walks down
 
 
-def test_two_stage_less_ranks_only_the_shortlist(dyn_pool, tiny_lm_dir, tiny_embedder,
-                                                 target_file, tmp_path):
-    """shortlist=2 with a budget of 4: the embedder's 8 rows nearest the target, LESS features
-    for those 8 only, the pick among them in the order full LESS scores them; every other row
-    counted in the manifest."""
+def test_two_stage_less_is_less_over_the_shortlist(dyn_pool, tiny_lm_dir, tiny_embedder,
+                                                    target_file, tmp_path):
+    """shortlist=2 with a budget of 4: the embedder's 8 rows nearest the target, then LESS with
+    those 8 rows as its pool (warm-up included): the same picks and scores as full LESS run on a
+    pool of just those rows; every other row counted in the manifest."""
     from thresher.pipeline.cli import app
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.pool import Pool
     from typer.testing import CliRunner
 
     work = tmp_path / "w"
@@ -329,39 +331,40 @@ def test_two_stage_less_ranks_only_the_shortlist(dyn_pool, tiny_lm_dir, tiny_emb
               "--param", "epochs=2", "--param", "proxy_min_rows=8", "--param", "proxy_lr=2e-2",
               "--param", "proxy_batch_size=4", "--param", "grad_dtype=fp32",
               "--param", f"embedder={tiny_embedder}"]
-    run = lambda out, *extra: CliRunner().invoke(app, ["select", str(dyn_pool.path), "--method",
-                                                       "less", "--out", str(out), *common, *extra])
-    res = run(tmp_path / "two.jsonl", "--param", "shortlist=2")
+    run = lambda pool, out, *extra: CliRunner().invoke(app, ["select", str(pool), "--method",
+                                                             "less", "--out", str(out), *common, *extra])
+    res = run(dyn_pool.path, tmp_path / "two.jsonl", "--param", "shortlist=2")
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "two.jsonl.manifest.json").read_text())
     note = m["config"]["method"]["shortlist"]
     assert note["rows"] == 8 and note["outside"] == dyn_pool.n_rows - 8
     kinds = [s["stage"] for s in m["stages"]]
-    assert {"embed", "shortlist", "grad_features"} <= set(kinds)
+    assert {"embed", "shortlist", "proxy", "grad_features"} <= set(kinds)
     feats = next(d for d in (work / "grad_features").iterdir()
                  if (d / "rows.npy").exists())
     listed = np.load(feats / "rows.npy")
     assert len(listed) == 8 and np.load(feats / "c000.npy").shape == (8, D)
-    ids = dyn_pool.frame(["id"])["id"].to_list()
+    frame = dyn_pool.frame(["id", "source", "kind", "messages", "text"])
+    ids = frame["id"].to_list()
     picked = [json.loads(ln)["id"] for ln in (tmp_path / "two.jsonl").read_text().splitlines()]
     assert len(picked) == 4 and {ids.index(i) for i in picked} <= set(listed.tolist())
-    side = pl.read_parquet(tmp_path / "two.jsonl.selection.parquet")
-    assert side.height == 4
+    assert pl.read_parquet(tmp_path / "two.jsonl.selection.parquet").height == 4
 
-    # full LESS over the same pool: its scores of the shortlisted rows rank them the same way
-    res = run(tmp_path / "full.jsonl")
+    # full LESS over a pool of only the shortlisted rows (pool order): the same warm-up rows,
+    # checkpoints, features, scores and picks
+    with open(tmp_path / "short.jsonl", "w") as f:
+        for r in frame[listed.tolist()].to_dicts():
+            body = {"messages": r["messages"]} if r["kind"] == "chat" else {"text": r["text"]}
+            f.write(json.dumps({"id": r["id"], "source": r["source"], **body}) + "\n")
+    ingest([tmp_path / "short.jsonl"], tmp_path / "short", rows_per_shard=8)
+    res = run(Pool(tmp_path / "short").path, tmp_path / "sub.jsonl")
     assert res.exit_code == 0, res.output
-    assert pl.read_parquet(tmp_path / "full.jsonl.selection.parquet").height == 4
-    scores = {}
-    for d in (work / "scores").iterdir():
-        sc = pl.read_parquet(d / "scores.parquet")
-        scores[sc.height] = dict(zip(sc["id"], sc["less"]))
-    short, whole = scores[min(scores)], scores[max(scores)]
-    assert len(short) <= 8 < len(whole)
-    for i in short:
-        assert abs(short[i] - whole[i]) < 1e-3
-    best4 = sorted(short, key=lambda i: -short[i])[:4]
-    assert set(picked) == set(best4)
+    sub = [json.loads(ln)["id"] for ln in (tmp_path / "sub.jsonl").read_text().splitlines()]
+    assert sub == picked
+    score = lambda name: dict(pl.read_parquet(tmp_path / f"{name}.jsonl.selection.parquet")
+                              .select("id", "less").iter_rows())
+    two, whole = score("two"), score("sub")
+    assert all(abs(two[i] - whole[i]) < 1e-4 for i in picked)
 
 
 def test_shortlist_is_off_for_small_pools_and_unknown_budgets(dyn_pool, target_file):

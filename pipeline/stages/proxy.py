@@ -80,9 +80,14 @@ class ProxyRun:
         return self.dir if (self.dir / "adapter").is_dir() else self.checkpoints[-1]
 
 
-def proxy_rows(pool: Pool, fraction: float, seed: int) -> list[dict]:
-    """The proxy's training rows: the whole pool, or a seeded uniform fraction (pool order)."""
-    rows = list(pool.iter_rows(["id", "source", "kind", "messages", "text"]))
+def proxy_rows(pool: Pool, fraction: float, seed: int, keep: np.ndarray | None = None) -> list[dict]:
+    """The proxy's training rows: the whole pool (or the pool positions `keep`), or a seeded
+    uniform fraction of them (pool order)."""
+    rows = pool.iter_rows(["id", "source", "kind", "messages", "text"])
+    if keep is not None:
+        wanted = set(np.asarray(keep).tolist())
+        rows = (r for i, r in enumerate(rows) if i in wanted)
+    rows = list(rows)
     if fraction >= 1:
         return rows
     n = max(1, round(fraction * len(rows)))
@@ -118,14 +123,15 @@ def train_proxy(pool: Pool, store: ArtifactStore, spec: ProxySpec, device: str |
     return run_stage(Proxy(**asdict(spec)), pool, store, pick_device(device))
 
 
-def train_run(pool: Pool, spec: ProxySpec, run_dir: Path, device: str) -> dict:
+def train_run(pool: Pool, spec: ProxySpec, run_dir: Path, device: str,
+              keep: np.ndarray | None = None) -> dict:
     """Train the proxy into `run_dir` (a killed run resumes from its newest checkpoint) and
-    return what its `ProxyRun` is loaded from."""
+    return what its `ProxyRun` is loaded from; `keep`: train on these pool positions only."""
     from thresher.pipeline.models.resolve import load_tokenizer, resolve
     from thresher.pipeline.training.batches import make_examples
     from thresher.pipeline.training.train import TrainConfig, checkpoints, train
 
-    rows = proxy_rows(pool, spec.fraction, spec.seed)
+    rows = proxy_rows(pool, spec.fraction, spec.seed, keep)
     examples, _, _ = make_examples(load_tokenizer(resolve(spec.model)), rows, spec.max_tokens)
     if not examples:
         raise ValueError(f"no pool row has a response token within max_tokens={spec.max_tokens}")
@@ -185,15 +191,28 @@ def _spec_fields() -> list[str]:
 @dataclass(frozen=True)
 class Proxy(Stage, ProxySpec):
     """A proxy LoRA run on the pool: one whole-pool unit, the training run (resumable from its
-    checkpoints); loads a `ProxyRun`. Its fields are `ProxySpec`'s (validated there)."""
+    checkpoints); loads a `ProxyRun`. Its fields are `ProxySpec`'s (validated there), plus
+    `rows`: a stage whose `.rows` are the pool positions to train on (a `Shortlist`: LESS's
+    warm-up in the two-stage selection); None, the pool."""
 
     kind: ClassVar[str] = "proxy"
     per_shard: ClassVar[bool] = False
     loads_model: ClassVar[bool] = True
     counts: ClassVar[str] = "rows"
+    rows: Stage | None = None
 
     def spec(self) -> ProxySpec:
         return ProxySpec(**{n: getattr(self, n) for n in _spec_fields()})
+
+    def deps(self) -> tuple[Stage, ...]:
+        return (*super().deps(), *((self.rows,) if self.rows is not None else ()))
+
+    def key_config(self) -> dict:
+        """A whole-pool proxy keeps the key it had before `rows` existed (its cache stays valid)."""
+        out = super().key_config()
+        if self.rows is None:
+            del out["rows"]
+        return out
 
     def key_extra(self) -> dict:
         from thresher.pipeline.models.resolve import model_identity
@@ -204,7 +223,8 @@ class Proxy(Stage, ProxySpec):
         return Resources(cpus=2, gpus=1, memory_gb=6)
 
     def run_whole(self, run: StageRun) -> dict:
-        return train_run(run.pool, self.spec(), run.dir.path("run"), run.device)
+        keep = None if self.rows is None else run.deps[self.rows].rows
+        return train_run(run.pool, self.spec(), run.dir.path("run"), run.device, keep)
 
     def load(self, run: StageRun) -> ProxyRun:
         info, run_dir = run.dir.info(), run.dir.path("run")
@@ -273,9 +293,10 @@ def early_proxies(p: EarlyParams) -> list[Proxy]:
 
 def warmup_proxy(n_rows: int, model: str | None = None, part: float = 0.05, min_rows: int = 32,
                  epochs: int = 4, seed: int = 0, lr: float = 2e-4, batch_size: int = 8,
-                 max_tokens: int = 512, dtype: str | None = None) -> Stage:
+                 max_tokens: int = 512, dtype: str | None = None, rows: Stage | None = None) -> Stage:
     """LESS's warm-up as a `Proxy` stage: LoRA on a seeded random `part` of the pool (at least
-    `min_rows` rows), `epochs` epochs, a checkpoint at the end of each epoch."""
+    `min_rows` rows), `epochs` epochs, a checkpoint at the end of each epoch. With `rows` (a
+    stage keeping `n_rows` pool rows, e.g. a `Shortlist`) the part is of those rows."""
     from thresher.pipeline.models.resolve import DEFAULT_LM
 
     if not 0 < part <= 1 or min_rows < 1 or epochs < 1:
@@ -283,4 +304,5 @@ def warmup_proxy(n_rows: int, model: str | None = None, part: float = 0.05, min_
                          f"part={part}, min_rows={min_rows}, epochs={epochs}")
     share = min(1.0, max(part, min_rows / max(1, n_rows)))
     return Proxy(model=model or DEFAULT_LM, fraction=share, seed=seed, epochs=epochs, lr=lr,
-                 batch_size=batch_size, max_tokens=max_tokens, checkpoints=epochs, dtype=dtype)
+                 batch_size=batch_size, max_tokens=max_tokens, checkpoints=epochs, dtype=dtype,
+                 rows=rows)
