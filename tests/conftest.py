@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the bundled sample, and a tiny random causal LM built in code.
+"""Shared fixtures: paths to the bundled sample, and a tiny random causal LM built in code; and
+the helpers several test files use (`from conftest import run_cli`).
 
 The tiny LM uses the real SmolLM2 tokenizer (so chat templates and masks are realistic) with a
 2-layer, 64-wide Llama body, so forward passes and training steps take milliseconds on a CPU.
@@ -126,3 +127,33 @@ def dedup_then_pick_recipe(name: str, out, sources, embedder: str, pick: int, fm
             f"    params: {{eps: 0.001, embedder: {embedder}, k: 2}}\n    budget: 100%\n"
             f"  - name: pick\n    method: random\n    from: dedup\n    budget: {pick}\n"
             + (f"    format: {fmt}\n" if fmt else ""))
+
+
+def chat_jsonl(n: int, start: int = 0, word: str = "question") -> str:
+    """JSONL text of `n` two-turn chat rows, ids r<start>..: "<word> <i>", "answer <i>"."""
+    import json
+
+    return "".join(json.dumps({"id": f"r{i}", "messages": [
+        {"role": "user", "content": f"{word} {i}"},
+        {"role": "assistant", "content": f"answer {i}"}]}) + "\n" for i in range(start, start + n))
+
+
+def run_cli(monkeypatch, capsys, args):
+    """`thresher *args` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from thresher.pipeline import cli
+
+    monkeypatch.setattr(sys, "argv", ["thresher", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def snapshot(d: Path) -> dict[str, str]:
+    """Every file under d with the hash of its bytes (the cache included)."""
+    import hashlib
+
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}

@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+from conftest import run_cli
 from thresher.pipeline import cli
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -31,14 +32,6 @@ def ws(tmp_path_factory):
     (d / "afile.txt").write_text("not a pool")
     (d / "adir").mkdir()
     return d
-
-
-def run_cli(monkeypatch, capsys, args):
-    monkeypatch.setattr(sys, "argv", ["thresher", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 SEL = ["select", "{d}/pool", "--method", "random", "--budget", "3", "--out", "{d}/o.jsonl"]

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from thresher.pipeline import cli
 from thresher.pipeline.io.guard import write_error
 
@@ -19,14 +20,6 @@ def rows(n, start=0):
     return "".join(json.dumps({"id": f"r{i}", "messages": [
         {"role": "user", "content": f"question number {i} about topic {i % 3}"},
         {"role": "assistant", "content": f"answer {i}"}]}) + "\n" for i in range(start, start + n))
-
-
-def run_cli(monkeypatch, capsys, args):
-    monkeypatch.setattr(sys, "argv", ["thresher", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def one_line(code, err):

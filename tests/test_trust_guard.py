@@ -2,13 +2,10 @@
 or into what it reads, into a pool or a work directory's cache, or over a folder of files thresher
 did not write; the refusal is one `error:` line, exit 2, and nothing on disk changes."""
 
-import hashlib
-import json
 import os
-import sys
 
 import pytest
-from thresher.pipeline import cli
+from conftest import chat_jsonl, run_cli, snapshot
 from thresher.pipeline.io.guard import (
     check_outputs,
     check_replace_dir,
@@ -20,12 +17,6 @@ from thresher.pipeline.io.guard import (
 )
 
 
-def rows(n, start=0):
-    return "".join(json.dumps({"id": f"r{i}", "messages": [
-        {"role": "user", "content": f"question {i}"},
-        {"role": "assistant", "content": f"answer {i}"}]}) + "\n" for i in range(start, start + n))
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """in.jsonl, its pool, a selection r.jsonl of it, the default work directory with one
@@ -35,7 +26,7 @@ def ws(tmp_path_factory):
     from thresher.pipeline.select import run_select
 
     d = tmp_path_factory.mktemp("guard")
-    (d / "in.jsonl").write_text(rows(12))
+    (d / "in.jsonl").write_text(chat_jsonl(12))
     ingest([d / "in.jsonl"], d / "pool")
     run_select(d / "pool", "random", "4", d / "r.jsonl")
     art = ArtifactStore(d / ".thresher-work").dir("embed", ["x"], {"model": "m"})
@@ -51,20 +42,6 @@ def ws(tmp_path_factory):
         (d / "notes" / name).write_text(f"someone's {name}")
     (d / "afile.txt").write_text("not a report")
     return d
-
-
-def snapshot(d):
-    """Every file under d with the hash of its bytes (the cache included)."""
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def run_cli(monkeypatch, capsys, args):
-    monkeypatch.setattr(sys, "argv", ["thresher", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 SEL = ["select", "{d}/pool", "--method", "random", "--budget", "3"]

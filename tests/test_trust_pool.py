@@ -3,28 +3,12 @@ command is caught before anything is written, and report and verify use the pool
 records (an absolute path) and refuse one whose fingerprint differs."""
 
 import json
-import sys
 
 import pytest
-from thresher.pipeline import cli
+from conftest import chat_jsonl, run_cli
 from thresher.pipeline.io.ingest import ingest
 from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.io.poolfile import check_pool_json
-
-
-def rows(n, start=0, word="question"):
-    return "".join(json.dumps({"id": f"r{i}", "messages": [
-        {"role": "user", "content": f"{word} {i}"},
-        {"role": "assistant", "content": f"answer {i}"}]}) + "\n" for i in range(start, start + n))
-
-
-def run_cli(monkeypatch, capsys, args):
-    monkeypatch.setattr(sys, "argv", ["thresher", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
 
 GOOD = {"format_version": 2, "fingerprint": "f" * 32, "read": 3, "kept": 2, "quarantined": 1,
         "duplicate_ids": 0, "inputs": [{"path": "a.jsonl", "sha256": "0" * 64}],
@@ -57,7 +41,7 @@ def test_a_damaged_pool_json_is_named(tmp_path, info, message):
 
 @pytest.mark.parametrize("text", ["{broken", "\xff\xfe", "", "null", "[1, 2]"])
 def test_damaged_pool_json_through_the_cli_is_one_line(tmp_path, monkeypatch, capsys, text):
-    (tmp_path / "in.jsonl").write_text(rows(4))
+    (tmp_path / "in.jsonl").write_text(chat_jsonl(4))
     ingest([tmp_path / "in.jsonl"], tmp_path / "pool")
     (tmp_path / "pool" / "pool.json").write_text(text)
     code, _, err = run_cli(monkeypatch, capsys, ["select", str(tmp_path / "pool"), "--method",
@@ -73,8 +57,8 @@ def test_a_pool_replaced_under_a_running_select_writes_nothing(tmp_path, monkeyp
     from thresher.pipeline import plan
     from thresher.pipeline.select import run_select
 
-    (tmp_path / "a.jsonl").write_text(rows(20))
-    (tmp_path / "b.jsonl").write_text(rows(30, 100))
+    (tmp_path / "a.jsonl").write_text(chat_jsonl(20))
+    (tmp_path / "b.jsonl").write_text(chat_jsonl(30, 100))
     ingest([tmp_path / "a.jsonl"], tmp_path / "pool")
     real = plan.Plan.run
 
@@ -91,7 +75,7 @@ def test_a_pool_replaced_under_a_running_select_writes_nothing(tmp_path, monkeyp
 
 
 def test_reads_of_a_replaced_pool_stop(tmp_path):
-    (tmp_path / "a.jsonl").write_text(rows(20))
+    (tmp_path / "a.jsonl").write_text(chat_jsonl(20))
     ingest([tmp_path / "a.jsonl"], tmp_path / "pool", rows_per_shard=5)
     pool = Pool(tmp_path / "pool")
     it = pool.iter_rows(["id"])
@@ -111,7 +95,7 @@ def two_pools(tmp_path, monkeypatch):
 
     for d, word in (("here", "question"), ("there", "other")):
         (tmp_path / d).mkdir()
-        (tmp_path / d / "in.jsonl").write_text(rows(12, word=word))
+        (tmp_path / d / "in.jsonl").write_text(chat_jsonl(12, word=word))
         ingest([tmp_path / d / "in.jsonl"], tmp_path / d / "pool")
     monkeypatch.chdir(tmp_path / "here")
     (tmp_path / "here" / "sel").mkdir()

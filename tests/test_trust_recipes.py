@@ -2,31 +2,9 @@
 file before any step runs (and by --dry-run the same), outputs never overlap, and a recipe's own
 outputs are never read back as its sources."""
 
-import hashlib
-import json
-import sys
 
 import pytest
-from thresher.pipeline import cli
-
-
-def rows(n, start=0):
-    return "".join(json.dumps({"id": f"r{i}", "messages": [
-        {"role": "user", "content": f"question {i}"},
-        {"role": "assistant", "content": f"answer {i}"}]}) + "\n" for i in range(start, start + n))
-
-
-def snapshot(d):
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def run_cli(monkeypatch, capsys, args):
-    monkeypatch.setattr(sys, "argv", ["thresher", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+from conftest import chat_jsonl, run_cli, snapshot
 
 
 def recipe(d, body: str):
@@ -40,9 +18,9 @@ def src(tmp_path):
     """d15/code/code.jsonl and d15/math/math.jsonl, plus a target and an eval file."""
     (tmp_path / "d15" / "code").mkdir(parents=True)
     (tmp_path / "d15" / "math").mkdir()
-    (tmp_path / "d15" / "code" / "code.jsonl").write_text(rows(5))
-    (tmp_path / "d15" / "math" / "math.jsonl").write_text(rows(5, 5))
-    (tmp_path / "t.jsonl").write_text(rows(2, 50))
+    (tmp_path / "d15" / "code" / "code.jsonl").write_text(chat_jsonl(5))
+    (tmp_path / "d15" / "math" / "math.jsonl").write_text(chat_jsonl(5, 5))
+    (tmp_path / "t.jsonl").write_text(chat_jsonl(2, 50))
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     (tmp_path / "notes").mkdir()
