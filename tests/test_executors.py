@@ -32,17 +32,6 @@ def small_sample(tmp_path_factory, sample_pool_dir):
     return Pool(d / "pool")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster of 2 CPUs on loopback, started here and stopped after the module."""
-    import ray  # installed by `make setup` (the ray extra)
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
-
-
 def _run(pool, tmp, method, executor, params, name):
     out = tmp / f"{name}-{executor}.jsonl"
     m = run_select(pool.path, method, "40%", out, workdir=tmp / f"work-{executor}", params=params,

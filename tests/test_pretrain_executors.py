@@ -13,16 +13,6 @@ from thresher.pipeline.select import run_select
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray  # installed by `make setup` (the ray extra)
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def text_pool(tmp_path_factory, sample_pool_dir):
     """The sample's C4 texts and chat rows, with near-copies, in 60-row shards."""
     import polars as pl

@@ -14,16 +14,6 @@ from thresher.pipeline.select import run_select
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pool(tmp_path_factory, sample_pool):
     from conftest import mixed_pool
 

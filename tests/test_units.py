@@ -51,16 +51,6 @@ def target(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
-
-
 def _args(method, pool, out, work, tiny_lm_dir, target, executor="local"):
     params, _ = METHODS[method]
     args = ["select", str(pool.path), "--method", method, "--budget", "6", "--out", str(out),
