@@ -105,20 +105,28 @@ def tiny_embedder(tmp_path_factory):
 
 def mixed_pool(d: Path, sample_pool, per_source: int, max_chars: int, rows_per_shard: int):
     """A pool in `d` of the first `per_source` rows under `max_chars` of every sample source."""
-    import json
-
     import polars as pl
-    from thresher.pipeline.io.ingest import ingest
-    from thresher.pipeline.io.pool import Pool
 
     frame = sample_pool.frame(["id", "source", "kind", "messages", "text", "n_chars"])
     frame = frame.filter(pl.col("n_chars") < max_chars)
+    rows = [r for src in sorted(set(frame["source"]))
+            for r in frame.filter(pl.col("source") == src).head(per_source).to_dicts()]
+    return pool_of_rows(d, rows, rows_per_shard)
+
+
+def pool_of_rows(d: Path, rows: list[dict], rows_per_shard: int):
+    """A pool in `d/pool` of `rows` (pool rows: id, source, kind, and messages or text), ingested
+    from `d/rows.jsonl`."""
+    import json
+
+    from thresher.pipeline.io.ingest import ingest
+    from thresher.pipeline.io.pool import Pool
+
     with open(d / "rows.jsonl", "w") as f:
-        for src in sorted(set(frame["source"])):
-            for r in frame.filter(pl.col("source") == src).head(per_source).to_dicts():
-                rec = {"id": r["id"], "source": r["source"]}
-                rec.update({"messages": r["messages"]} if r["kind"] == "chat" else {"text": r["text"]})
-                f.write(json.dumps(rec) + "\n")
+        for r in rows:
+            rec = {"id": r["id"], "source": r["source"]}
+            rec.update({"messages": r["messages"]} if r["kind"] == "chat" else {"text": r["text"]})
+            f.write(json.dumps(rec) + "\n")
     ingest([d / "rows.jsonl"], d / "pool", rows_per_shard=rows_per_shard)
     return Pool(d / "pool")
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from conftest import pool_of_rows
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.io.ingest import ingest
-from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.models import batching, engine
 from thresher.pipeline.models.batching import length_batches
 from thresher.pipeline.models.chat import encode
@@ -238,14 +235,7 @@ def test_length_batches_cover_every_row_within_budget():
 
 @pytest.fixture
 def small_pool(tmp_path, rows):
-    src = tmp_path / "rows.jsonl"
-    with open(src, "w") as f:
-        for r in rows:
-            rec = {"id": r["id"], "source": r["source"]}
-            rec.update({"messages": r["messages"]} if r["kind"] == "chat" else {"text": r["text"]})
-            f.write(json.dumps(rec) + "\n")
-    ingest([src], tmp_path / "pool", rows_per_shard=2)
-    return Pool(tmp_path / "pool")
+    return pool_of_rows(tmp_path, rows, 2)
 
 
 def test_pool_stage_is_deterministic_and_aligned(tmp_path, small_pool, tiny_lm_dir, rows):

@@ -3,14 +3,11 @@ cached and resumable per shard."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from conftest import pool_of_rows
 from thresher.pipeline.artifacts import ArtifactStore
-from thresher.pipeline.io.ingest import ingest
-from thresher.pipeline.io.pool import Pool
 from thresher.pipeline.models.chat import encode
 from thresher.pipeline.models.resolve import load_causal_lm, load_tokenizer, resolve
 from thresher.pipeline.stages import jsd as jsd_mod
@@ -89,14 +86,7 @@ def test_different_vocabularies_are_refused(pair, tiny_lm_dir):
 
 def test_pool_stage_is_cached_and_resumes_per_shard(tmp_path, pair, rows, monkeypatch):
     o, p, orig, pruned, tok = pair
-    src = tmp_path / "rows.jsonl"
-    with open(src, "w") as f:
-        for r in rows:
-            rec = {"id": r["id"], "source": r["source"]}
-            rec.update({"messages": r["messages"]} if r["kind"] == "chat" else {"text": r["text"]})
-            f.write(json.dumps(rec) + "\n")
-    ingest([src], tmp_path / "pool", rows_per_shard=3)
-    pool = Pool(tmp_path / "pool")
+    pool = pool_of_rows(tmp_path, rows, 3)
     store = ArtifactStore(tmp_path / "work")
     first = jsd_signals(pool, store, o.name, p.name, dtype="fp32").scores()
     assert first["id"].to_list() == [r["id"] for r in rows]
