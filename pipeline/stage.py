@@ -38,6 +38,7 @@ import numpy as np
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore, config_key
 
 if TYPE_CHECKING:
+    import polars as pl
     from thresher.pipeline.io.pool import Pool
 
 
@@ -319,3 +320,24 @@ def gather_units(run: StageRun, units: list[Unit], name: str) -> np.ndarray:
 def shard_file(run: StageRun, shard: Path, name: str) -> Path:
     """Path of one output of a per-shard stage's unit for `shard`."""
     return unit_file(run, run.shard_unit(shard), name)
+
+
+def concat_shard_tables(run: StageRun, name: str, out: str | None = None,
+                        columns: list[str] | None = None) -> pl.DataFrame:
+    """Every shard's `name` table of a per-shard stage (e.g. "scores.parquet"; only `columns` when
+    given) as one polars DataFrame in pool order, written as the stage's `out` (default `name`)."""
+    import polars as pl
+
+    frame = pl.concat([pl.read_parquet(shard_file(run, s, name), columns=columns)
+                       for s in run.pool.shards])
+    with run.dir.writing(out or name) as tmp:
+        frame.write_parquet(tmp)
+    return frame
+
+
+def reason_counts(frame: pl.DataFrame) -> dict[str, int]:
+    """How many rows of `frame` give each (non-null) `reason`."""
+    import polars as pl
+
+    counts = frame.filter(pl.col("reason").is_not_null())["reason"].value_counts()
+    return dict(zip(counts["reason"].to_list(), counts["count"].to_list()))

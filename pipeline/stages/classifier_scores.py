@@ -35,7 +35,14 @@ from thresher.pipeline.models.classifiers import (
     file_identity,
     part_text,
 )
-from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file
+from thresher.pipeline.stage import (
+    Resources,
+    ShardResult,
+    Stage,
+    StageRun,
+    concat_shard_tables,
+    reason_counts,
+)
 
 SCORE = "quality_score"
 
@@ -191,13 +198,9 @@ class ClassifierScores(Stage):
                            tokens=getattr(worker, "tokens", 0) - before)
 
     def assemble(self, run: StageRun) -> dict:
-        frame = pl.concat([pl.read_parquet(shard_file(run, s, "quality.parquet"))
-                           for s in run.pool.shards])
-        with run.dir.writing("quality.parquet") as tmp:
-            frame.write_parquet(tmp)
-        reasons = frame.filter(pl.col("reason").is_not_null())["reason"].value_counts()
+        frame = concat_shard_tables(run, "quality.parquet")
         return {"rows": frame.height, "scored": int(frame[SCORE].is_not_null().sum()),
-                "reasons": dict(zip(reasons["reason"].to_list(), reasons["count"].to_list()))}
+                "reasons": reason_counts(frame)}
 
     def load(self, run: StageRun) -> ClassifierResult:
         return ClassifierResult(run.dir)

@@ -36,7 +36,14 @@ from thresher.pipeline.models.engine import (
     run_forward,
 )
 from thresher.pipeline.models.resolve import DEFAULT_LM, model_identity
-from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file
+from thresher.pipeline.stage import (
+    Resources,
+    ShardResult,
+    Stage,
+    StageRun,
+    concat_shard_tables,
+    shard_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +171,10 @@ class Forward(Stage):
     def assemble(self, run: StageRun) -> dict:
         scalar_cols = ["id", "n_tokens", "truncated"] + (
             ["n_loss_tokens", *SCALARS] if self.stats else [])
-        frames = [pl.read_parquet(shard_file(run, s, "scores.parquet"), columns=scalar_cols)
-                  for s in run.pool.shards]
-        with run.dir.writing("scores.parquet") as tmp:
-            pl.concat(frames).write_parquet(tmp)
+        frame = concat_shard_tables(run, "scores.parquet", columns=scalar_cols)
         if self.rds:
             run.dir.concat_arrays([shard_file(run, s, "rds.npy") for s in run.pool.shards], "rds.npy")
-        return {"rows": sum(f.height for f in frames)}
+        return {"rows": frame.height}
 
     def load(self, run: StageRun) -> ForwardResult:
         return ForwardResult(run.dir, [shard_file(run, s, "scores.parquet") for s in run.pool.shards],

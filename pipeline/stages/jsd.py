@@ -48,7 +48,13 @@ from thresher.pipeline.models.engine import (
     engine_dtype,
 )
 from thresher.pipeline.models.resolve import DEFAULT_LM, model_identity
-from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file
+from thresher.pipeline.stage import (
+    Resources,
+    ShardResult,
+    Stage,
+    StageRun,
+    concat_shard_tables,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +224,7 @@ class Jsd(Stage):
                            flops=2.0 * worker.n_params * tokens)
 
     def assemble(self, run: StageRun) -> dict:
-        frames = [pl.read_parquet(shard_file(run, s, "jsd.parquet")) for s in run.pool.shards]
-        with run.dir.writing("scores.parquet") as tmp:
-            pl.concat(frames).write_parquet(tmp)
-        return {"rows": sum(f.height for f in frames)}
+        return {"rows": concat_shard_tables(run, "jsd.parquet", out="scores.parquet").height}
 
     def load(self, run: StageRun) -> JsdResult:
         return JsdResult(run.dir)

@@ -26,7 +26,14 @@ from thresher.pipeline.models.engine import engine_dtype
 from thresher.pipeline.models.rating import RATING_VERSION, Rater
 from thresher.pipeline.models.resolve import DEFAULT_LM, model_identity
 from thresher.pipeline.models.rubrics import load_rubric
-from thresher.pipeline.stage import Resources, ShardResult, Stage, StageRun, shard_file
+from thresher.pipeline.stage import (
+    Resources,
+    ShardResult,
+    Stage,
+    StageRun,
+    concat_shard_tables,
+    reason_counts,
+)
 
 NOT_SAMPLED = "not in the rating sample"
 PARTS = ("first_user", "conversation", "response")
@@ -123,13 +130,9 @@ class LmRatings(Stage):
                            flops=2.0 * worker.n_params * tokens)
 
     def assemble(self, run: StageRun) -> dict:
-        frame = pl.concat([pl.read_parquet(shard_file(run, s, "ratings.parquet"))
-                           for s in run.pool.shards])
-        with run.dir.writing("ratings.parquet") as tmp:
-            frame.write_parquet(tmp)
-        reasons = frame.filter(pl.col("reason").is_not_null())["reason"].value_counts()
+        frame = concat_shard_tables(run, "ratings.parquet")
         return {"rows": frame.height, "rated": int(frame["rating"].is_not_null().sum()),
-                "reasons": dict(zip(reasons["reason"].to_list(), reasons["count"].to_list())),
+                "reasons": reason_counts(frame),
                 "columns": [c for c in frame.columns if c not in ("id", "reason")]}
 
     def load(self, run: StageRun) -> Ratings:

@@ -20,7 +20,7 @@ from thresher.pipeline.models.resolve import (
     model_identity,
     resolve,
 )
-from thresher.pipeline.stage import ShardResult, Stage, StageRun, shard_file
+from thresher.pipeline.stage import ShardResult, Stage, StageRun, concat_shard_tables
 
 NO_LIMIT = 1 << 30
 
@@ -57,11 +57,7 @@ class TokenCounts(Stage):
         return ShardResult(tables={"counts": table}, tokens=sum(len(e.input_ids) for e in encs))
 
     def assemble(self, run: StageRun) -> dict:
-        frame = pl.concat([pl.read_parquet(shard_file(run, s, "counts.parquet"))
-                           for s in run.pool.shards])
-        with run.dir.writing("counts.parquet") as tmp:
-            frame.write_parquet(tmp)
-        return {"rows": frame.height}
+        return {"rows": concat_shard_tables(run, "counts.parquet").height}
 
     def load(self, run: StageRun) -> TokenCountsResult:
         return TokenCountsResult(run.dir)
