@@ -1,7 +1,8 @@
 """How the forward passes group rows and run batches: length-sorted padded batches
-(`length_batches`), unpadded packs (`pack_rows`), and batches side by side on worker threads
-(`_in_workers`). Used by the forward engine (`pipeline/models/engine.py`), the LM rater, the
-gradient features and the JSD stage; none of it loads a model.
+(`length_batches`, their arrays `padded_batch`), unpadded packs (`pack_rows`), and batches side
+by side on worker threads (`_in_workers`). Used by the forward engine
+(`pipeline/models/engine.py`), the LM rater, the gradient features and the JSD stage; none of it
+loads a model.
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     if cur:
         batches.append(np.asarray(cur))
     return batches
+
+
+def padded_batch(encoded: list, batch: np.ndarray, lengths: np.ndarray,
+                 pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input ids, attention mask, loss mask), each [len(batch), longest row], of the `batch` rows
+    of `encoded` (`chat.encode` results), right-padded with the token `pad`."""
+    T = int(lengths[batch].max())
+    ids = np.full((len(batch), T), pad, dtype=np.int64)
+    am = np.zeros((len(batch), T), dtype=np.int64)
+    loss_mask = np.zeros((len(batch), T), dtype=bool)
+    for j, i in enumerate(batch):
+        L = lengths[i]
+        ids[j, :L], am[j, :L], loss_mask[j, :L] = encoded[i].input_ids, 1, encoded[i].loss_mask
+    return ids, am, loss_mask
 
 
 def pack_rows(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:

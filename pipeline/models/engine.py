@@ -41,7 +41,12 @@ import itertools
 import logging
 
 import numpy as np
-from thresher.pipeline.models.batching import _in_workers, length_batches, pack_rows
+from thresher.pipeline.models.batching import (
+    _in_workers,
+    length_batches,
+    pack_rows,
+    padded_batch,
+)
 from thresher.pipeline.models.chat import Encoded, encode
 
 log = logging.getLogger(__name__)
@@ -250,15 +255,9 @@ def _model_device(model):
 def _run_padded(model, parts, encoded, batch, lengths, pad, device, want):
     import torch
 
-    T = int(lengths[batch].max())
-    ids = np.full((len(batch), T), pad, dtype=np.int64)
-    am = np.zeros((len(batch), T), dtype=np.int64)
-    loss_mask = np.zeros((len(batch), T), dtype=bool)
-    for j, i in enumerate(batch):
-        L = lengths[i]
-        ids[j, :L], am[j, :L], loss_mask[j, :L] = encoded[i].input_ids, 1, encoded[i].loss_mask
-    return _forward_batch(model, parts, torch.from_numpy(ids).to(device),
-                          torch.from_numpy(am).to(device), torch.from_numpy(loss_mask).to(device), want)
+    ids, am, loss_mask = (torch.from_numpy(a).to(device)
+                          for a in padded_batch(encoded, batch, lengths, pad))
+    return _forward_batch(model, parts, ids, am, loss_mask, want)
 
 
 def _run_pack(model, parts, encoded, batch, lengths, pad, device, want):

@@ -38,7 +38,7 @@ import polars as pl
 import pyarrow as pa
 from thresher.pipeline.artifacts import ArtifactDir, ArtifactStore
 from thresher.pipeline.io.pool import Pool
-from thresher.pipeline.models.batching import length_batches
+from thresher.pipeline.models.batching import length_batches, padded_batch
 from thresher.pipeline.models.chat import encode
 from thresher.pipeline.models.engine import (
     DEFAULT_MAX_TOKENS,
@@ -133,14 +133,8 @@ class JsdWorker:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         with torch.inference_mode():
             for batch in length_batches(lengths, self.batch_tokens):
-                T = int(lengths[batch].max())
-                ids = np.full((len(batch), T), pad, dtype=np.int64)
-                am = np.zeros((len(batch), T), dtype=np.int64)
-                lm = np.zeros((len(batch), T), dtype=bool)
-                for j, i in enumerate(batch):
-                    L = lengths[i]
-                    ids[j, :L], am[j, :L], lm[j, :L] = enc[i].input_ids, 1, enc[i].loss_mask
-                t = [torch.from_numpy(a).to(self.device) for a in (ids, am, lm)]
+                t = [torch.from_numpy(a).to(self.device)
+                     for a in padded_batch(enc, batch, lengths, pad)]
                 flat = batch_jsd(self.models, self.parts, *t)
                 bounds = np.concatenate([[0], np.cumsum(n_loss[batch])])
                 for j, i in enumerate(batch):
