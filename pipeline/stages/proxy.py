@@ -83,11 +83,12 @@ class ProxyRun:
 def proxy_rows(pool: Pool, fraction: float, seed: int, keep: np.ndarray | None = None) -> list[dict]:
     """The proxy's training rows: the whole pool (or the pool positions `keep`), or a seeded
     uniform fraction of them (pool order)."""
-    rows = pool.iter_rows(["id", "source", "kind", "messages", "text"])
-    if keep is not None:
-        wanted = set(np.asarray(keep).tolist())
-        rows = (r for i, r in enumerate(rows) if i in wanted)
-    rows = list(rows)
+    columns = ["id", "source", "kind", "messages", "text"]
+    if keep is None:
+        rows = list(pool.iter_rows(columns))
+    else:      # only the kept rows become Python objects (a shortlist of a large pool)
+        ids = pool.frame(["id"])["id"].gather(np.asarray(keep)).to_list()
+        rows = [r for _, table in pool.iter_selected(ids) for r in table.select(columns).to_pylist()]
     if fraction >= 1:
         return rows
     n = max(1, round(fraction * len(rows)))
